@@ -1,0 +1,5 @@
+import sys
+
+from swarmfold.cli import main
+
+sys.exit(main())

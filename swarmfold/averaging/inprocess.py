@@ -1,0 +1,43 @@
+"""An in-process group: the reference reduction that the live swarm must equal bit for bit.
+
+It runs the same steps as the butterfly all-reduce, on whole vectors instead of spans:
+decode what a sender would put on the wire, aggregate in canonical order in float64,
+encode the aggregate once and hand every member the decoded form of those bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from swarmfold.averaging import codec
+from swarmfold.averaging.aggregate import Contribution, aggregate
+from swarmfold.averaging.base import AverageRequest, AverageResult, butterfly_bytes
+
+
+def group_id_for(swarm_id: str, round_idx: int, attempt: int, members: list[str]) -> str:
+    blob = json.dumps([swarm_id, round_idx, attempt, sorted(members)], separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:32]
+
+
+def reduce_in_process(requests: dict[str, AverageRequest], *, swarm_id: str, compression: str, rule: str,
+                      trim_fraction: float) -> dict[str, AverageResult]:
+    members = sorted(requests)
+    if len(members) == 1:
+        (pid,) = members
+        return {pid: AverageResult(status="alone", aggregate=requests[pid].delta, members=members,
+                                   included=members, reason="group of one")}
+    contributions = {pid: Contribution(codec.roundtrip(compression, r.delta), r.weight)
+                     for pid, r in requests.items()}
+    agg = codec.roundtrip(compression, aggregate(contributions, rule, trim_fraction=trim_fraction))
+    round_idx = requests[members[0]].round
+    gid = group_id_for(swarm_id, round_idx, 0, members)
+    numel = agg.numel()
+    n = len(members)
+    out = {}
+    for i, pid in enumerate(members):
+        sent = butterfly_bytes(numel, n, i, compression)
+        out[pid] = AverageResult(status="committed", aggregate=agg, group_id=gid, members=members,
+                                 included=members, bytes_sent=sent, bytes_received=sent,
+                                 compressed=compression != "none")
+    return out

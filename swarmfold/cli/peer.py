@@ -1,0 +1,177 @@
+"""Single-peer commands: init, data, train, eval, generate, export, simulate."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+def _add_threads(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=int(os.environ.get("SWARMFOLD_THREADS", "2")),
+                   help="intra-op CPU threads; part of the determinism contract (default 2)")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("init", help="write a spec file with every field explained")
+    p.add_argument("--preset", choices=["tiny", "small"], default="tiny")
+    p.add_argument("--out", required=True, type=Path, help="where to write the TOML spec")
+    p.add_argument("--force", action="store_true", help="overwrite an existing file")
+    p.set_defaults(handler=cmd_init)
+
+    p = sub.add_parser("data", help="prepare data shards")
+    dsub = p.add_subparsers(dest="data_command", required=True, metavar="SOURCE")
+    s = dsub.add_parser("stdlib", help="the running Python's standard library, split by top-level module")
+    s.add_argument("--shards", type=int, required=True)
+    s.add_argument("--out", type=Path, required=True)
+    s.set_defaults(handler=cmd_data_stdlib)
+
+    p = sub.add_parser("train", help="train alone: rounds of H inner steps + the outer step on its own delta")
+    p.add_argument("--spec", required=True, type=Path)
+    p.add_argument("--data", required=True, nargs="+", help="files, folders or globs of this peer's shard")
+    p.add_argument("--workdir", required=True, type=Path)
+    p.add_argument("--rounds", required=True, type=int, help="train until this many rounds are done")
+    p.add_argument("--peer-id", default="local", help="seed-schedule identity of this peer (default 'local')")
+    p.add_argument("--keep", type=int, default=3, help="checkpoints to keep (default 3)")
+    _add_threads(p)
+    p.set_defaults(handler=cmd_train)
+
+    p = sub.add_parser("eval", help="validation loss and perplexity of a checkpoint on shards")
+    p.add_argument("target", help="a workdir (its newest checkpoint) or a checkpoint folder")
+    p.add_argument("--data", required=True, nargs="+")
+    p.add_argument("--max-windows", type=int, default=None, help="evaluate at most this many windows")
+    p.add_argument("--json", action="store_true")
+    _add_threads(p)
+    p.set_defaults(handler=cmd_eval)
+
+    p = sub.add_parser("generate", help="sample text from a checkpoint")
+    p.add_argument("target")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(handler=cmd_generate)
+
+    p = sub.add_parser("export", help="write a transformers model folder (from_pretrained loads it)")
+    p.add_argument("target")
+    p.add_argument("--out", required=True, type=Path)
+    p.set_defaults(handler=cmd_export)
+
+    p = sub.add_parser("simulate", help="one peer per shard in one process, averaged in-process")
+    p.add_argument("--spec", required=True, type=Path)
+    p.add_argument("--data", required=True, nargs="+", help="one path per peer (a shard folder or file)")
+    p.add_argument("--rounds", required=True, type=int)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--peer-ids", nargs="+", default=None, help="seed-schedule ids, one per shard")
+    _add_threads(p)
+    p.set_defaults(handler=cmd_simulate)
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from swarmfold.spec import preset, to_toml
+
+    if args.out.exists() and not args.force:
+        print(f"swarmfold init: {args.out} exists; pass --force to overwrite", file=sys.stderr)
+        return 2
+    spec = preset(args.preset)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_name(f".{args.out.name}.tmp")
+    tmp.write_text(to_toml(spec), encoding="utf-8")
+    os.replace(tmp, args.out)
+    print(f"wrote {args.out} (preset {args.preset}, swarm id {spec.swarm_id})")
+    return 0
+
+
+def cmd_data_stdlib(args: argparse.Namespace) -> int:
+    from swarmfold.peer.corpus import write_stdlib_shards
+
+    for path in write_stdlib_shards(args.shards, args.out):
+        print(path)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from swarmfold.averaging.base import SoloAverager
+    from swarmfold.peer.local import LocalPeer
+    from swarmfold.peer.trainer import set_threads
+    from swarmfold.spec import load_spec
+
+    spec = load_spec(args.spec)
+    set_threads(args.threads)
+    peer = LocalPeer(spec, args.data, peer_id=args.peer_id, threads=args.threads, workdir=args.workdir,
+                     keep_checkpoints=args.keep)
+    if peer.resume():
+        print(f"resuming at round {peer.round}")
+    averager = SoloAverager()
+    while peer.round < args.rounds:
+        report = peer.run_round(averager)
+        peer.save()
+        print(f"round {report.round:4d}  loss {report.train_loss:.4f}  {report.tokens_per_second:,.0f} tokens/s")
+    val = peer.evaluate(max_windows=256)
+    print(f"done: {peer.round} rounds, validation loss {val:.4f}, model sha256 {peer.theta_sha256[:16]}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import math
+
+    from swarmfold.peer.checkpoint import resolve_checkpoint
+    from swarmfold.peer.data import Shard
+    from swarmfold.peer.local import evaluate_model, model_from_checkpoint
+    from swarmfold.peer.tokenizer import load_tokenizer
+    from swarmfold.peer.trainer import set_threads
+
+    set_threads(args.threads)
+    ckpt = resolve_checkpoint(args.target)
+    spec, model = model_from_checkpoint(ckpt)
+    shard = Shard(args.data, load_tokenizer(spec.tokenizer), seq_len=spec.data.seq_len,
+                  val_fraction=spec.data.val_fraction)
+    loss = evaluate_model(model, shard, spec.inner.batch_size, args.max_windows)
+    result = {"checkpoint": str(ckpt.path), "round": ckpt.round, "val_loss": loss,
+              "perplexity": math.exp(loss), "val_windows": len(shard.val_windows),
+              "manifest_hash": shard.manifest_hash}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"round {ckpt.round}: validation loss {loss:.4f}, perplexity {math.exp(loss):.2f}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from swarmfold.peer.checkpoint import resolve_checkpoint
+    from swarmfold.peer.inference import generate
+
+    text = generate(resolve_checkpoint(args.target), args.prompt, tokens=args.tokens,
+                    temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+    print(args.prompt + text)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from swarmfold.peer.checkpoint import resolve_checkpoint
+    from swarmfold.peer.inference import export
+
+    out = export(resolve_checkpoint(args.target), args.out)
+    print(f"exported to {out}; load with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from swarmfold.peer.simulate import simulate
+    from swarmfold.peer.trainer import set_threads
+    from swarmfold.spec import load_spec
+
+    spec = load_spec(args.spec)
+    set_threads(args.threads)
+    peers, _ = simulate(spec, [[d] for d in args.data], rounds=args.rounds, threads=args.threads,
+                        out=args.out, peer_ids=args.peer_ids)
+    for p in peers:
+        print(f"{p.peer_id}: round {p.round}, validation loss {p.evaluate(max_windows=256):.4f}, "
+              f"model sha256 {p.theta_sha256[:16]}")
+    return 0

@@ -1,0 +1,1 @@
+"""Running in the background: lifecycle, signals, control API, metrics, dashboard, settings."""

@@ -1,0 +1,143 @@
+"""The live state of a running peer, shared by the round loop, the control API, metrics and `status`.
+
+The round loop (daemon/runner.py) is the only writer; readers take a JSON-able snapshot.
+Everything is guarded by one lock, so a snapshot is always consistent.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+STATES = ("starting", "syncing", "training", "averaging", "paused", "waiting", "stopping", "stopped")
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    status: str  # committed | alone | rolled_back
+    train_loss: float
+    tokens: int
+    tokens_per_second: float
+    group_size: int
+    model_sha256: str
+    timings: dict[str, float]  # train, matchmaking, allreduce, commit (seconds)
+    finished_at: float
+    val_loss: float | None = None
+
+
+@dataclass
+class PeerStatus:
+    peer_id: str = ""
+    swarm_id: str = ""
+    spec_hash: str = ""
+    state: str = "starting"
+    reason: str = ""
+    round: int = 0
+    loss: float | None = None
+    tokens_per_second: float = 0.0
+    tokens_total: int = 0
+    model_sha256: str = ""
+    last_checkpoint_time: float | None = None
+    last_checkpoint_path: str = ""
+    visible_maddrs: list[str] = field(default_factory=list)
+    rounds: Counter = field(default_factory=Counter)  # committed / alone / rolled_back / failed
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    rejected: Counter = field(default_factory=Counter)  # named error -> count
+    allreduce_seconds: list[float] = field(default_factory=list)  # every observation, for histograms
+    history: deque = field(default_factory=lambda: deque(maxlen=500))
+    swarm: dict[str, dict[str, Any]] = field(default_factory=dict)  # peer id -> its published record
+    paused: bool = False
+    started_at: float = field(default_factory=time.time)
+    _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+
+    def set_state(self, state: str, reason: str = "") -> None:
+        if state not in STATES:
+            raise ValueError(f"unknown peer state {state!r}")
+        with self._lock:
+            self.state, self.reason = state, reason
+
+    def update(self, **fields: Any) -> None:
+        with self._lock:
+            for k, v in fields.items():
+                if not hasattr(self, k) or k.startswith("_"):
+                    raise AttributeError(f"PeerStatus has no field {k!r}")
+                setattr(self, k, v)
+
+    def on_round(self, record: RoundRecord, *, bytes_sent: int, bytes_received: int,
+                 rejected: dict[str, str], allreduce_seconds: float | None) -> None:
+        with self._lock:
+            self.history.append(record)
+            self.round = record.round + 1
+            self.loss = record.train_loss
+            self.tokens_per_second = record.tokens_per_second
+            self.tokens_total += record.tokens
+            self.model_sha256 = record.model_sha256
+            self.rounds[record.status] += 1
+            self.bytes_sent += bytes_sent
+            self.bytes_received += bytes_received
+            for reason in rejected.values():
+                self.rejected[reason.split(":", 1)[0]] += 1
+            if allreduce_seconds is not None:
+                self.allreduce_seconds.append(allreduce_seconds)
+
+    def on_failure(self, kind: str = "failed") -> None:
+        with self._lock:
+            self.rounds[kind] += 1
+
+    def on_checkpoint(self, path: str, when: float) -> None:
+        with self._lock:
+            self.last_checkpoint_path, self.last_checkpoint_time = path, when
+
+    def set_swarm(self, records: dict[str, dict[str, Any]]) -> None:
+        with self._lock:
+            self.swarm = dict(records)
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            now = time.time()
+            return {
+                "peer_id": self.peer_id, "swarm_id": self.swarm_id, "spec_hash": self.spec_hash,
+                "state": self.state, "reason": self.reason, "round": self.round, "loss": self.loss,
+                "tokens_per_second": self.tokens_per_second, "tokens_total": self.tokens_total,
+                "model_sha256": self.model_sha256,
+                "last_checkpoint_time": self.last_checkpoint_time,
+                "last_checkpoint_age_s": None if self.last_checkpoint_time is None
+                else now - self.last_checkpoint_time,
+                "last_checkpoint_path": self.last_checkpoint_path,
+                "visible_maddrs": list(self.visible_maddrs),
+                "rounds": dict(self.rounds), "bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received,
+                "rejected": dict(self.rejected), "paused": self.paused,
+                "uptime_s": now - self.started_at,
+                "peers_seen": len(self.swarm),
+                "swarm": {pid: dict(rec) for pid, rec in self.swarm.items()},
+                "history": [vars(r) for r in self.history],
+            }
+
+
+class Controls:
+    """Requests from signals and the control API to the round loop."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.resume_event = threading.Event()
+        self.resume_event.set()
+        self.reload = threading.Event()  # SIGHUP: re-read settings
+
+    @property
+    def paused(self) -> bool:
+        return not self.resume_event.is_set()
+
+    def pause(self) -> None:
+        self.resume_event.clear()
+
+    def resume(self) -> None:
+        self.resume_event.set()
+
+    def request_stop(self) -> None:
+        self.stop.set()
+        self.resume_event.set()  # wake a paused loop so it can exit

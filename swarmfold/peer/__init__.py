@@ -1,0 +1,1 @@
+"""What one computer does alone: model, data, seed schedule, inner loop, rounds, checkpoints."""

@@ -1,0 +1,67 @@
+"""Using a trained model: evaluation on shards, sampling text, and export to a transformers folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from swarmfold.peer.checkpoint import Checkpoint
+from swarmfold.peer.local import model_from_checkpoint
+from swarmfold.peer.seeds import make_generator
+from swarmfold.peer.tokenizer import load_tokenizer
+
+
+@torch.no_grad()
+def generate(ckpt: Checkpoint, prompt: str, *, tokens: int = 200, temperature: float = 0.8, top_k: int = 40,
+             seed: int = 0) -> str:
+    """Sample a continuation of `prompt` (seeded, so the same call gives the same text)."""
+    if tokens < 1:
+        raise ValueError("--tokens must be at least 1")
+    spec, model = model_from_checkpoint(ckpt)
+    tok = load_tokenizer(spec.tokenizer)
+    ids = [int(i) for i in tok.encode(prompt)] or [tok.eos_id]
+    g = make_generator(seed)
+    window = spec.data.seq_len
+    out: list[int] = []
+    for _ in range(tokens):
+        ctx = torch.tensor([(ids + out)[-window:]], dtype=torch.long)
+        logits = model(input_ids=ctx).logits[0, -1].float()
+        if temperature <= 0:
+            nxt = int(torch.argmax(logits))
+        else:
+            logits = logits / temperature
+            if top_k > 0:
+                kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+                logits = torch.where(logits < kth, torch.full_like(logits, -float("inf")), logits)
+            nxt = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=g))
+        if nxt == tok.eos_id:
+            break
+        out.append(nxt)
+    return tok.decode(out)
+
+
+def export(ckpt: Checkpoint, out: Path) -> Path:
+    """Write a folder that `AutoModelForCausalLM.from_pretrained(out)` loads (safetensors weights).
+
+    The folder appears whole or not at all.
+    """
+    spec, model = model_from_checkpoint(ckpt)
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    if spec.tokenizer.kind == "hf":
+        load_tokenizer(spec.tokenizer)._tok.save_pretrained(str(tmp))  # type: ignore[attr-defined]
+    info = {"swarmfold_round": ckpt.round, "model_sha256": ckpt.meta.get("model_sha256"),
+            "spec_hash": ckpt.meta.get("spec_hash"), "tokenizer": spec.tokenizer.kind,
+            "note": "byte-level tokenizer: token i < 256 is byte i, 256 is end-of-text"
+            if spec.tokenizer.kind == "bytes" else "tokenizer files included"}
+    (tmp / "swarmfold.json").write_text(json.dumps(info, indent=1))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out

@@ -1,0 +1,280 @@
+"""One peer's rounds: train H inner steps from θ_r, hand Δ to an averager, apply the outer step.
+
+This is the only round code. `swarmfold train` runs it with a SoloAverager, `simulate`
+with an in-process group, and `swarmfold run` with the swarm's all-reduce. The round is
+split into `train_phase` and `finish_round` so that `simulate` can run many peers'
+training before it averages them, through exactly the same steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+
+from swarmfold.averaging import codec
+from swarmfold.averaging.base import AverageRequest, AverageResult, Averager
+from swarmfold.averaging.outer import OuterOptimizer
+from swarmfold.peer.checkpoint import Checkpoint, CheckpointError, load_latest, save_checkpoint
+from swarmfold.peer.data import Shard
+from swarmfold.peer.model import build_model, flat_params, set_flat_params, tensor_sha256
+from swarmfold.peer.seeds import batch_order
+from swarmfold.peer.tokenizer import Tokenizer, load_tokenizer
+from swarmfold.peer.trainer import InnerTrainer, StepStats, lm_loss
+from swarmfold.spec import Spec, spec_from_dict
+
+logger = logging.getLogger(__name__)
+
+
+def environment(threads: int) -> dict[str, Any]:
+    """What the determinism contract depends on, recorded in checkpoints and receipts."""
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "threads": threads,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "machine": platform.machine(),
+    }
+
+
+@dataclass
+class TrainPhase:
+    """The output of a round's training: what goes to the averager."""
+
+    round: int
+    delta: torch.Tensor  # θ_r − θ_local (+ compression residual), flat float32
+    weight: float
+    stats: StepStats
+    seconds: float
+
+
+@dataclass
+class RoundReport:
+    round: int  # the round that just finished
+    status: str
+    train_loss: float
+    tokens: int
+    tokens_per_second: float
+    model_sha256: str  # θ_{r+1}
+    result: AverageResult
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class LocalPeer:
+    """The whole state of one peer: spec, shard, model at θ_r, inner and outer optimizers."""
+
+    def __init__(self, spec: Spec, data: Sequence[str | Path], *, peer_id: str, threads: int,
+                 workdir: Path | None = None, keep_checkpoints: int = 3, tokenizer: Tokenizer | None = None,
+                 shard: Shard | None = None):
+        self.spec = spec
+        self.peer_id = peer_id
+        self.threads = threads
+        self.workdir = Path(workdir) if workdir else None
+        self.keep_checkpoints = keep_checkpoints
+        self.tokenizer = tokenizer or load_tokenizer(spec.tokenizer)
+        self.shard = shard or Shard(data, self.tokenizer, seq_len=spec.data.seq_len,
+                                    val_fraction=spec.data.val_fraction)
+        self.model = build_model(spec, self.tokenizer.vocab_size, self.tokenizer.eos_id)
+        self.trainer = InnerTrainer(self.model, spec.inner)
+        self.theta = flat_params(self.model)  # θ_r, the round's shared starting point
+        self.outer = OuterOptimizer(kind=spec.outer.kind, lr=spec.outer.lr, momentum=spec.outer.momentum,
+                                    numel=self.theta.numel())
+        self.round = 0
+        self.tokens_total = 0
+        self.carried_tokens = 0  # tokens of a rolled-back delta still held in the local weights
+        self.residual: torch.Tensor | None = None  # compression error feedback
+        self.theta_sha256 = tensor_sha256(self.theta)
+        self.last_checkpoint_time: float | None = None
+
+    # ---- the round -----------------------------------------------------------------
+    def batches_for_round(self, round_idx: int) -> list[torch.Tensor]:
+        order = batch_order(self.spec.seed, round_idx, self.peer_id,
+                            num_windows=len(self.shard.train_windows),
+                            steps=self.spec.round.inner_steps, batch_size=self.spec.inner.batch_size)
+        return [self.shard.train_batch(row) for row in order]
+
+    def train_phase(self) -> TrainPhase:
+        t0 = time.perf_counter()
+        stats = self.trainer.run(self.batches_for_round(self.round))
+        delta = self.theta - flat_params(self.model)
+        if self.residual is not None:
+            delta = delta + self.residual
+        tokens = stats.tokens + self.carried_tokens
+        weight = float(min(tokens, self.spec.token_cap))
+        logger.info("[%s] round %d: trained %d steps, loss %.4f, %.0f tokens/s",
+                    self.peer_id[-8:], self.round, len(stats.losses), stats.mean_loss, stats.tokens_per_second)
+        return TrainPhase(round=self.round, delta=delta, weight=weight, stats=stats,
+                          seconds=time.perf_counter() - t0)
+
+    def request(self, phase: TrainPhase) -> AverageRequest:
+        return AverageRequest(round=phase.round, delta=phase.delta, weight=phase.weight,
+                              model_sha256=self.theta_sha256)
+
+    def finish_round(self, phase: TrainPhase, result: AverageResult) -> RoundReport:
+        """Apply the outcome: outer step on the aggregate, or keep θ_r and carry Δ after a rollback."""
+        if result.status in ("committed", "alone"):
+            if result.aggregate is None:
+                raise ValueError("averager returned no aggregate for a committed round")
+            self.theta = self.outer.step(self.theta, result.aggregate)
+            set_flat_params(self.model, self.theta)
+            self.theta_sha256 = tensor_sha256(self.theta)
+            self.carried_tokens = 0
+            compression = self.spec.averaging.compression
+            if result.compressed and compression != "none":
+                self.residual = phase.delta - codec.roundtrip(compression, phase.delta)
+            else:
+                self.residual = None
+        else:  # rolled back: θ_r stays, the local weights (and so Δ) carry into the next round
+            self.carried_tokens += phase.stats.tokens
+        self.tokens_total += phase.stats.tokens
+        report = RoundReport(round=self.round, status=result.status, train_loss=phase.stats.mean_loss,
+                             tokens=phase.stats.tokens, tokens_per_second=phase.stats.tokens_per_second,
+                             model_sha256=self.theta_sha256, result=result,
+                             timings=dict(result.timings, train=phase.seconds))
+        self.round += 1
+        return report
+
+    def run_round(self, averager: Averager) -> RoundReport:
+        phase = self.train_phase()
+        return self.finish_round(phase, averager.average(self.request(phase)))
+
+    # ---- state ---------------------------------------------------------------------
+    @property
+    def carrying(self) -> bool:
+        return self.carried_tokens > 0 or self.residual is not None
+
+    def load_shared_state(self, round_idx: int, theta: torch.Tensor, outer_state: dict[str, torch.Tensor]) -> None:
+        """Adopt θ_r and outer state downloaded from a peer (late join / catch-up)."""
+        if theta.shape != self.theta.shape or theta.dtype != torch.float32:
+            raise ValueError(f"downloaded weights have shape {tuple(theta.shape)}/{theta.dtype}, "
+                             f"this spec's model needs ({self.theta.numel()},)/float32")
+        self.outer.load_state_dict(outer_state)
+        self.theta = theta.clone()
+        set_flat_params(self.model, self.theta)
+        self.theta_sha256 = tensor_sha256(self.theta)
+        self.round = round_idx
+        self.carried_tokens = 0
+        self.residual = None
+
+    def meta(self) -> dict[str, Any]:
+        return {
+            "step": self.trainer.step_count,
+            "peer_id": self.peer_id,
+            "spec_hash": self.spec.spec_hash,
+            "spec": self.spec.to_dict(),
+            "manifest_hash": self.shard.manifest_hash,
+            "manifest": self.shard.manifest_json(),
+            "model_sha256": self.theta_sha256,
+            "tokens_total": self.tokens_total,
+            "carried_tokens": self.carried_tokens,
+            "data_cursor": {"round": self.round, "step_in_round": 0, "seed_inputs": {
+                "genesis_seed": self.spec.seed, "round": self.round, "peer_id": self.peer_id}},
+            "rng": {"torch_cpu": torch.get_rng_state().numpy().tobytes().hex()},
+            "vocab_size": self.tokenizer.vocab_size,
+            "eos_id": self.tokenizer.eos_id,
+            "environment": environment(self.threads),
+            "written_at": time.time(),
+        }
+
+    def save(self) -> Path:
+        if self.workdir is None:
+            raise ValueError("this peer has no workdir to save checkpoints in")
+        names = [n for n, _ in self.model.named_parameters()]
+        model_tensors = dict(zip(names, _split(self.theta, self.model), strict=True))
+        local: dict[str, torch.Tensor] | None = None
+        if self.carrying:
+            local = {"local_params": flat_params(self.model)}
+            if self.residual is not None:
+                local["ef_residual"] = self.residual.clone()
+        path = save_checkpoint(self.workdir, round_idx=self.round, model=model_tensors,
+                               inner=self.trainer.state_tensors(), outer=self.outer.state_dict(), local=local,
+                               meta=self.meta(), keep=self.keep_checkpoints)
+        self.last_checkpoint_time = time.time()
+        return path
+
+    def restore(self, ckpt: Checkpoint) -> None:
+        """Continue exactly where a checkpoint left off (bit-identical to never stopping)."""
+        meta = ckpt.meta
+        if meta.get("spec_hash") != self.spec.spec_hash:
+            raise CheckpointError(f"{ckpt.path}: written for spec {str(meta.get('spec_hash'))[:12]}…, "
+                                  f"this run's spec is {self.spec.spec_hash[:12]}…; use a fresh --workdir "
+                                  "or the spec that wrote it")
+        names = [n for n, _ in self.model.named_parameters()]
+        missing = [n for n in names if n not in ckpt.model]
+        if missing:
+            raise CheckpointError(f"{ckpt.path}: model.safetensors lacks {missing[:3]}; not this spec's model")
+        theta = torch.cat([ckpt.model[n].reshape(-1) for n in names]).to(torch.float32)
+        self.theta = theta
+        self.theta_sha256 = tensor_sha256(theta)
+        self.outer.load_state_dict(ckpt.outer)
+        self.trainer.load_state_tensors(ckpt.inner, int(meta["step"]))
+        self.round = ckpt.round
+        self.tokens_total = int(meta.get("tokens_total", 0))
+        self.carried_tokens = int(meta.get("carried_tokens", 0))
+        set_flat_params(self.model, ckpt.local.get("local_params", theta))
+        self.residual = ckpt.local.get("ef_residual")
+        rng = meta.get("rng", {}).get("torch_cpu")
+        if rng:
+            torch.set_rng_state(torch.frombuffer(bytearray(bytes.fromhex(rng)), dtype=torch.uint8))
+        logger.info("[%s] resumed from %s (round %d, step %d)", self.peer_id[-8:], ckpt.path, self.round,
+                    self.trainer.step_count)
+
+    def resume(self) -> bool:
+        """Load the newest sound checkpoint in the workdir, if any."""
+        if self.workdir is None:
+            return False
+        ckpt = load_latest(self.workdir)
+        if ckpt is None:
+            return False
+        self.restore(ckpt)
+        return True
+
+    # ---- evaluation ----------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, shard: Shard | None = None, max_windows: int | None = None) -> float:
+        return evaluate_model(self.model, shard or self.shard, self.spec.inner.batch_size, max_windows)
+
+
+def _split(flat: torch.Tensor, model: torch.nn.Module) -> list[torch.Tensor]:
+    out, offset = [], 0
+    for p in model.parameters():
+        out.append(flat[offset : offset + p.numel()].view_as(p).clone())
+        offset += p.numel()
+    return out
+
+
+@torch.no_grad()
+def evaluate_model(model: torch.nn.Module, shard: Shard, batch_size: int, max_windows: int | None = None) -> float:
+    """Mean validation loss over the shard's held-out windows (token-weighted)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for windows in shard.val_batches(batch_size, max_windows):
+        n = windows.shape[0] * (windows.shape[1] - 1)
+        total += float(lm_loss(model, windows)) * n
+        count += n
+    model.train(was_training)
+    return total / count
+
+
+def model_from_checkpoint(ckpt: Checkpoint) -> tuple[Spec, torch.nn.Module]:
+    """Rebuild the spec and the model at θ_r from a checkpoint alone."""
+    spec = spec_from_dict(ckpt.meta["spec"], str(ckpt.path))
+    model = build_model(spec, int(ckpt.meta["vocab_size"]), int(ckpt.meta["eos_id"]))
+    names = [n for n, _ in model.named_parameters()]
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n not in ckpt.model or ckpt.model[n].shape != p.shape:
+                raise CheckpointError(f"{ckpt.path}: tensor {n} missing or mis-shaped in model.safetensors")
+            p.copy_(ckpt.model[n])
+    del names
+    model.eval()
+    return spec, model

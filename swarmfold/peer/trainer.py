@@ -1,0 +1,134 @@
+"""The inner loop: AdamW with linear warm-up and global-norm gradient clipping.
+
+One inner step is: forward, float32 cross-entropy on the shifted window, backward,
+clip, AdamW. Everything runs on the CPU with a fixed thread count, which (with the
+torch build) is part of the determinism contract and is recorded in checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from swarmfold.spec import InnerSpec
+
+logger = logging.getLogger(__name__)
+
+
+def set_threads(threads: int) -> None:
+    """Fix intra-op threads (part of the determinism contract)."""
+    if threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {threads}")
+    torch.set_num_threads(threads)
+
+
+def lm_loss(model: torch.nn.Module, windows: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of (B, T+1) windows, computed in float32."""
+    inputs, targets = windows[:, :-1], windows[:, 1:]
+    logits = model(input_ids=inputs).logits
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def make_optimizer(model: torch.nn.Module, inner: InnerSpec) -> torch.optim.AdamW:
+    """AdamW; matrices get weight decay, norms and biases do not."""
+    decay = [p for _, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for _, p in model.named_parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": inner.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=inner.lr, betas=(inner.beta1, inner.beta2), eps=inner.eps)
+
+
+def lr_at(inner: InnerSpec, step: int) -> float:
+    """Linear warm-up over `warmup_steps`, then constant (rounds never end, so no decay)."""
+    if inner.warmup_steps and step < inner.warmup_steps:
+        return inner.lr * (step + 1) / inner.warmup_steps
+    return inner.lr
+
+
+@dataclass
+class StepStats:
+    losses: list[float] = field(default_factory=list)
+    tokens: int = 0
+    seconds: float = 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def mean_loss(self) -> float:
+        return sum(self.losses) / len(self.losses) if self.losses else math.nan
+
+
+class InnerTrainer:
+    """Owns the model's AdamW state and the count of inner steps taken (for the lr schedule)."""
+
+    def __init__(self, model: torch.nn.Module, inner: InnerSpec):
+        self.model = model
+        self.inner = inner
+        self.optimizer = make_optimizer(model, inner)
+        self.step_count = 0
+        self._params = [p for p in model.parameters()]
+
+    def step(self, windows: torch.Tensor) -> float:
+        lr = lr_at(self.inner, self.step_count)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss = lm_loss(self.model, windows)
+        loss.backward()
+        if self.inner.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self._params, self.inner.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step_count += 1
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise FloatingPointError(f"training loss became {value} at inner step {self.step_count}; "
+                                     "lower inner.lr or raise inner.warmup_steps")
+        return value
+
+    def run(self, batches: list[torch.Tensor]) -> StepStats:
+        stats = StepStats()
+        t0 = time.perf_counter()
+        for windows in batches:
+            stats.losses.append(self.step(windows))
+            stats.tokens += windows.shape[0] * (windows.shape[1] - 1)
+        stats.seconds = time.perf_counter() - t0
+        return stats
+
+    # ---- state as flat named tensors (for safetensors; no pickle) -----------------------
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        for p in self._params:
+            st = self.optimizer.state.get(p)
+            if not st:
+                continue
+            n = names[id(p)]
+            out[f"{n}.exp_avg"] = st["exp_avg"].detach().clone()
+            out[f"{n}.exp_avg_sq"] = st["exp_avg_sq"].detach().clone()
+            out[f"{n}.step"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1).clone()
+        return out
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor], step_count: int) -> None:
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        self.optimizer.state.clear()
+        for p in self._params:
+            n = names[id(p)]
+            if f"{n}.exp_avg" not in tensors:
+                continue
+            ea, eas = tensors[f"{n}.exp_avg"], tensors[f"{n}.exp_avg_sq"]
+            if ea.shape != p.shape or eas.shape != p.shape:
+                raise ValueError(f"inner optimizer state for {n} has shape {tuple(ea.shape)}, "
+                                 f"model has {tuple(p.shape)}; the checkpoint belongs to another spec")
+            self.optimizer.state[p] = {
+                "step": tensors[f"{n}.step"].reshape(()).clone(),
+                "exp_avg": ea.clone(),
+                "exp_avg_sq": eas.clone(),
+            }
+        self.step_count = step_count

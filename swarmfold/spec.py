@@ -1,0 +1,404 @@
+"""The swarm spec: a typed tree loaded from TOML, validated as a whole, hashed into the swarm id.
+
+Every peer of a swarm runs the same spec. Its canonical hash (sha256 over a canonical
+JSON form of every field that decides the training) is the swarm id: peers with a
+different hash are refused. The `network` section (bootstrap addresses) is not part of
+the hash, so that publishing a new bootstrap list does not fork the swarm.
+
+Loading never stops at the first problem: every error is collected and reported at
+once, each with a hint that says how to fix it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+SPEC_VERSION = 1
+
+
+def _doc(text: str, **kw: Any) -> Any:
+    """Attach a one-line explanation to a field; `swarmfold init` writes it as a comment."""
+    return field(metadata={"doc": text}, **kw)
+
+
+@dataclass(kw_only=True)
+class ModelSpec:
+    architecture: str = _doc(
+        "transformers causal-LM architecture: llama, mistral or qwen2", default="llama"
+    )
+    hidden_size: int = _doc("width of the residual stream", default=128)
+    intermediate_size: int = _doc("width of the MLP hidden layer", default=352)
+    num_layers: int = _doc("number of transformer blocks", default=4)
+    num_heads: int = _doc("attention heads (hidden_size must divide by it)", default=4)
+    num_kv_heads: int = _doc("key/value heads for grouped-query attention", default=4)
+    init_std: float = _doc("std of the normal genesis initialisation of weight matrices", default=0.02)
+    rope_theta: float = _doc("RoPE base frequency", default=10000.0)
+    tie_embeddings: bool = _doc("share input embedding and output head", default=False)
+
+
+@dataclass(kw_only=True)
+class TokenizerSpec:
+    kind: str = _doc("'bytes' (256 byte values + end-of-text, nothing to download) or 'hf'", default="bytes")
+    path: str = _doc("local Hugging Face tokenizer folder, used when kind = 'hf'", default="")
+
+
+@dataclass(kw_only=True)
+class DataSpec:
+    seq_len: int = _doc("tokens per training sequence", default=128)
+    val_fraction: float = _doc("fraction of each shard held out for validation", default=0.05)
+
+
+@dataclass(kw_only=True)
+class InnerSpec:
+    lr: float = _doc("AdamW peak learning rate of the inner (local) steps", default=2e-3)
+    beta1: float = _doc("AdamW beta1", default=0.9)
+    beta2: float = _doc("AdamW beta2", default=0.95)
+    eps: float = _doc("AdamW epsilon", default=1e-8)
+    weight_decay: float = _doc("AdamW decoupled weight decay", default=0.1)
+    warmup_steps: int = _doc("linear learning-rate warm-up, in inner steps of this peer", default=20)
+    grad_clip: float = _doc("clip the global gradient norm to this (0 = no clipping)", default=1.0)
+    batch_size: int = _doc("sequences per inner step", default=16)
+
+
+@dataclass(kw_only=True)
+class RoundSpec:
+    inner_steps: int = _doc("H: inner steps between two averagings", default=20)
+    max_tokens_per_round: int = _doc(
+        "cap on the weight (tokens) one peer may claim for a round; 0 = H * batch * seq_len",
+        default=0,
+    )
+
+
+@dataclass(kw_only=True)
+class OuterSpec:
+    kind: str = _doc("'sgd' or 'nesterov'; sgd with lr 1 and momentum 0 is plain averaging", default="sgd")
+    lr: float = _doc("outer learning rate applied to the averaged pseudo-gradient", default=1.0)
+    momentum: float = _doc("outer momentum (0 for plain averaging)", default=0.0)
+
+
+@dataclass(kw_only=True)
+class AveragingSpec:
+    group_size: int = _doc("G: at most this many peers average together", default=8)
+    min_group_size: int = _doc(
+        "a group smaller than this does not average; 1 lets a lonely peer step alone, more makes it wait",
+        default=1,
+    )
+    matchmaking_timeout: float = _doc("seconds a ready peer waits for others to join its group", default=15.0)
+    join_timeout: float = _doc("seconds to wait for a group leader's answer", default=5.0)
+    allreduce_timeout: float = _doc("seconds a reducer or member waits for tensor parts", default=60.0)
+    commit_timeout: float = _doc("seconds a member waits for the others' digests", default=10.0)
+    state_sync_timeout: float = _doc("seconds to download the model from a peer when joining", default=120.0)
+    max_attempts: int = _doc("how many times a round's all-reduce is redone after a failure", default=3)
+    max_message_bytes: int = _doc("largest accepted message (bytes), tensor parts included", default=256 * 2**20)
+    compression: str = _doc("pseudo-gradient wire format: none, fp16 or int8", default="none")
+    aggregation: str = _doc("how a reducer combines contributions: mean, trimmed_mean or median", default="mean")
+    trim_fraction: float = _doc("fraction cut from each end per coordinate by trimmed_mean", default=0.2)
+    record_ttl: float = _doc("seconds a published DHT record (round, model hash, metrics) lives", default=120.0)
+
+
+@dataclass(kw_only=True)
+class NetworkSpec:
+    bootstrap_peers: list[str] = _doc(
+        "multiaddrs of public peers to join (not part of the swarm id)", default_factory=list
+    )
+
+
+@dataclass(kw_only=True)
+class Spec:
+    name: str = _doc("human-readable swarm name (part of the swarm id)", default="swarmfold")
+    seed: int = _doc("genesis seed: weights and every random draw derive from it", default=1234)
+    model: ModelSpec = field(default_factory=ModelSpec)
+    tokenizer: TokenizerSpec = field(default_factory=TokenizerSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    inner: InnerSpec = field(default_factory=InnerSpec)
+    round: RoundSpec = field(default_factory=RoundSpec)
+    outer: OuterSpec = field(default_factory=OuterSpec)
+    averaging: AveragingSpec = field(default_factory=AveragingSpec)
+    network: NetworkSpec = field(default_factory=NetworkSpec)
+
+    # ---- derived values -------------------------------------------------------------
+    @property
+    def tokens_per_step(self) -> int:
+        return self.inner.batch_size * self.data.seq_len
+
+    @property
+    def token_cap(self) -> int:
+        return self.round.max_tokens_per_round or self.round.inner_steps * self.tokens_per_step
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def hashed_dict(self) -> dict[str, Any]:
+        """The fields that define the swarm (everything but `network`)."""
+        d = self.to_dict()
+        d.pop("network")
+        d["spec_version"] = SPEC_VERSION
+        return d
+
+    @property
+    def spec_hash(self) -> str:
+        """sha256 of the canonical JSON of `hashed_dict()`: the swarm id."""
+        return canonical_hash(self.hashed_dict())
+
+    @property
+    def swarm_id(self) -> str:
+        return self.spec_hash[:16]
+
+    def replace(self, **sections: Any) -> Spec:
+        """Copy with some fields replaced: `spec.replace(round={"inner_steps": 5})`."""
+        d = self.to_dict()
+        for key, value in sections.items():
+            if isinstance(value, dict):
+                d[key].update(value)
+            else:
+                d[key] = value
+        return spec_from_dict(d)
+
+
+def canonical_hash(obj: Any) -> str:
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+class SpecError(ValueError):
+    """A spec failed to load. `errors` lists every problem, each with a fix hint."""
+
+    def __init__(self, errors: list[str], source: str = "spec"):
+        self.errors = errors
+        lines = [f"{source}: {len(errors)} problem(s):"] + [f"  - {e}" for e in errors]
+        super().__init__("\n".join(lines))
+
+
+# ---- presets -------------------------------------------------------------------------
+
+def preset(name: str) -> Spec:
+    """`tiny` (~0.87M parameters, seconds per round on a laptop CPU) or `small` (~10M)."""
+    if name == "tiny":
+        return Spec()
+    if name == "small":
+        return Spec(
+            model=ModelSpec(hidden_size=384, intermediate_size=1024, num_layers=6, num_heads=6, num_kv_heads=6),
+            data=DataSpec(seq_len=256),
+            inner=InnerSpec(lr=1e-3, batch_size=16, warmup_steps=50),
+            round=RoundSpec(inner_steps=50),
+        )
+    raise SpecError([f"preset: unknown preset {name!r}; choose 'tiny' or 'small'"])
+
+
+PRESETS = ("tiny", "small")
+
+
+# ---- loading and validation ----------------------------------------------------------
+
+def _coerce(value: Any, typ: Any, where: str, errors: list[str]) -> Any:
+    """Check a TOML value against a field type; ints are accepted for floats."""
+    if typ in ("int", int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            errors.append(f"{where}: expected an integer, got {value!r}; write e.g. {where.split('.')[-1]} = 4")
+            return None
+        return value
+    if typ in ("float", float):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            errors.append(f"{where}: expected a number, got {value!r}; write e.g. {where.split('.')[-1]} = 0.5")
+            return None
+        if not math.isfinite(value):
+            errors.append(f"{where}: must be finite, got {value!r}")
+            return None
+        return float(value)
+    if typ in ("bool", bool):
+        if not isinstance(value, bool):
+            errors.append(f"{where}: expected true or false, got {value!r}")
+            return None
+        return value
+    if typ in ("str", str):
+        if not isinstance(value, str):
+            errors.append(f"{where}: expected a string, got {value!r}; quote it: \"...\"")
+            return None
+        return value
+    if typ in ("list[str]", list[str]):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            errors.append(f"{where}: expected a list of strings, got {value!r}")
+            return None
+        return list(value)
+    raise TypeError(f"unsupported spec field type {typ!r}")  # programming error, not input
+
+
+def _load_section(cls: type, raw: Any, where: str, errors: list[str]) -> Any:
+    if not isinstance(raw, dict):
+        errors.append(f"{where}: expected a table [{where}], got {raw!r}")
+        return cls()
+    known = {f.name: f for f in fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in known:
+            errors.append(
+                f"{where}.{key}: unknown field; known fields are {', '.join(sorted(known))} "
+                "(run `swarmfold init` to see a complete spec)"
+            )
+            continue
+        f = known[key]
+        section = _SECTIONS.get(key) if cls is Spec else None
+        if section is not None:
+            kwargs[key] = _load_section(section, value, key, errors)
+            continue
+        coerced = _coerce(value, f.type, f"{where}.{key}" if where else key, errors)
+        if coerced is not None:
+            kwargs[key] = coerced
+    return cls(**kwargs)
+
+
+_SECTIONS: dict[str, type] = {
+    "model": ModelSpec, "tokenizer": TokenizerSpec, "data": DataSpec, "inner": InnerSpec,
+    "round": RoundSpec, "outer": OuterSpec, "averaging": AveragingSpec, "network": NetworkSpec,
+}
+
+
+def spec_from_dict(raw: dict[str, Any], source: str = "spec") -> Spec:
+    errors: list[str] = []
+    spec = _load_section(Spec, raw, "", errors)
+    errors.extend(validate(spec))
+    if errors:
+        raise SpecError(errors, source)
+    return spec
+
+
+def load_spec(path: str | Path) -> Spec:
+    """Load and validate a TOML spec. Raises SpecError listing every problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError([f"{path}: no such file; create one with `swarmfold init --preset tiny --out {path}`"], str(path))
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise SpecError([f"not valid TOML: {e}; compare with `swarmfold init` output"], str(path)) from e
+    return spec_from_dict(raw, str(path))
+
+
+def validate(s: Spec) -> list[str]:
+    """Every cross-field rule, each message with a fix."""
+    e: list[str] = []
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            e.append(msg)
+
+    m = s.model
+    need(m.architecture in ("llama", "mistral", "qwen2"),
+         f"model.architecture: {m.architecture!r} is not supported; use 'llama', 'mistral' or 'qwen2'")
+    for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
+        need(getattr(m, name) > 0, f"model.{name}: must be positive, got {getattr(m, name)}")
+    if m.num_heads > 0 and m.hidden_size > 0:
+        need(m.hidden_size % m.num_heads == 0,
+             f"model.hidden_size ({m.hidden_size}) must be divisible by model.num_heads ({m.num_heads}); "
+             "choose sizes where hidden_size / num_heads is a whole number")
+        head_dim = m.hidden_size // m.num_heads
+        need(head_dim % 2 == 0, f"model: head size hidden_size/num_heads = {head_dim} must be even for RoPE")
+    if m.num_kv_heads > 0 and m.num_heads > 0:
+        need(m.num_heads % m.num_kv_heads == 0,
+             f"model.num_heads ({m.num_heads}) must be a multiple of model.num_kv_heads ({m.num_kv_heads})")
+    need(0 < m.init_std < 1, f"model.init_std: must be in (0, 1), got {m.init_std}")
+    need(m.rope_theta > 0, f"model.rope_theta: must be positive, got {m.rope_theta}")
+
+    t = s.tokenizer
+    need(t.kind in ("bytes", "hf"), f"tokenizer.kind: {t.kind!r} is unknown; use 'bytes' or 'hf'")
+    if t.kind == "hf":
+        need(bool(t.path), "tokenizer.path: required when tokenizer.kind = 'hf'; point it at a local tokenizer folder")
+
+    d = s.data
+    need(d.seq_len >= 8, f"data.seq_len: must be at least 8, got {d.seq_len}")
+    need(0 < d.val_fraction < 0.5, f"data.val_fraction: must be in (0, 0.5), got {d.val_fraction}; 0.05 is typical")
+
+    i = s.inner
+    need(i.lr > 0, f"inner.lr: must be positive, got {i.lr}; 1e-3 is a safe start")
+    need(0 <= i.beta1 < 1 and 0 <= i.beta2 < 1, f"inner.beta1/beta2: must be in [0, 1), got {i.beta1}, {i.beta2}")
+    need(i.eps > 0, f"inner.eps: must be positive, got {i.eps}")
+    need(i.weight_decay >= 0, f"inner.weight_decay: must be >= 0, got {i.weight_decay}")
+    need(i.warmup_steps >= 0, f"inner.warmup_steps: must be >= 0, got {i.warmup_steps}")
+    need(i.grad_clip >= 0, f"inner.grad_clip: must be >= 0 (0 disables clipping), got {i.grad_clip}")
+    need(i.batch_size > 0, f"inner.batch_size: must be positive, got {i.batch_size}")
+
+    r = s.round
+    need(r.inner_steps > 0, f"round.inner_steps: must be positive, got {r.inner_steps}; 20 suits the tiny preset")
+    need(r.max_tokens_per_round >= 0, f"round.max_tokens_per_round: must be >= 0, got {r.max_tokens_per_round}")
+    if r.max_tokens_per_round and r.inner_steps > 0 and i.batch_size > 0:
+        full = r.inner_steps * i.batch_size * d.seq_len
+        need(r.max_tokens_per_round >= full,
+             f"round.max_tokens_per_round ({r.max_tokens_per_round}) is below one round's tokens ({full}); "
+             f"set it to at least {full}, or 0 for that value")
+
+    o = s.outer
+    need(o.kind in ("sgd", "nesterov"), f"outer.kind: {o.kind!r} is unknown; use 'sgd' or 'nesterov'")
+    need(o.lr > 0, f"outer.lr: must be positive, got {o.lr}; 1.0 with sgd is plain averaging")
+    need(0 <= o.momentum < 1, f"outer.momentum: must be in [0, 1), got {o.momentum}")
+    if o.kind == "nesterov":
+        need(o.momentum > 0, "outer.momentum: nesterov needs momentum > 0 (e.g. 0.9); or use kind = 'sgd'")
+
+    a = s.averaging
+    need(a.group_size >= 1, f"averaging.group_size: must be >= 1, got {a.group_size}")
+    need(1 <= a.min_group_size <= max(1, a.group_size),
+         f"averaging.min_group_size ({a.min_group_size}) must be between 1 and group_size ({a.group_size})")
+    for name in ("matchmaking_timeout", "join_timeout", "allreduce_timeout", "commit_timeout",
+                 "state_sync_timeout", "record_ttl"):
+        need(getattr(a, name) > 0, f"averaging.{name}: must be a positive number of seconds, got {getattr(a, name)}")
+    need(a.max_attempts >= 1, f"averaging.max_attempts: must be >= 1, got {a.max_attempts}")
+    need(a.max_message_bytes >= 2**16, f"averaging.max_message_bytes: must be >= 65536, got {a.max_message_bytes}")
+    need(a.compression in ("none", "fp16", "int8"),
+         f"averaging.compression: {a.compression!r} is unknown; use 'none', 'fp16' or 'int8'")
+    need(a.aggregation in ("mean", "trimmed_mean", "median"),
+         f"averaging.aggregation: {a.aggregation!r} is unknown; use 'mean', 'trimmed_mean' or 'median'")
+    need(0 <= a.trim_fraction < 0.5, f"averaging.trim_fraction: must be in [0, 0.5), got {a.trim_fraction}")
+    need(a.record_ttl > a.matchmaking_timeout,
+         f"averaging.record_ttl ({a.record_ttl}) must exceed matchmaking_timeout ({a.matchmaking_timeout})")
+
+    need(isinstance(s.seed, int) and 0 <= s.seed < 2**63, f"seed: must be an integer in [0, 2^63), got {s.seed}")
+    need(bool(s.name.strip()), "name: must not be empty")
+    for addr in s.network.bootstrap_peers:
+        need(addr.startswith("/") and "/p2p/" in addr,
+             f"network.bootstrap_peers: {addr!r} is not a full multiaddr; expected /ip4/HOST/tcp/PORT/p2p/PEER_ID")
+    return e
+
+
+# ---- writing -------------------------------------------------------------------------
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {v!r} as TOML")
+
+
+def to_toml(spec: Spec) -> str:
+    """Every field with its value and a one-line comment saying what it does."""
+    lines = [
+        "# swarmfold swarm spec. Every peer of a swarm runs the same file; its hash is the swarm id.",
+        "# Everything but [network] is hashed: change any of it and you start a different swarm.",
+        "",
+    ]
+
+    def emit(obj: Any) -> None:
+        for f in fields(obj):
+            v = getattr(obj, f.name)
+            if dataclasses.is_dataclass(v):
+                continue
+            lines.append(f"# {f.metadata.get('doc', '')}")
+            lines.append(f"{f.name} = {_toml_value(v)}")
+
+    emit(spec)
+    for f in fields(spec):
+        v = getattr(spec, f.name)
+        if dataclasses.is_dataclass(v):
+            lines += ["", f"[{f.name}]"]
+            emit(v)
+    return "\n".join(lines) + "\n"
