@@ -1,0 +1,69 @@
+"""Shared fixtures: small stdlib shards, a fast tiny spec, an isolated token cache, child-process cleanup."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from swarmfold.peer.corpus import write_stdlib_shards
+from swarmfold.spec import Spec, preset, to_toml
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _token_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    os.environ["SWARMFOLD_CACHE"] = str(tmp_path_factory.mktemp("token-cache"))
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Four small, non-overlapping stdlib shards (about 300 kB each)."""
+    return write_stdlib_shards(4, tmp_path_factory.mktemp("data"), max_bytes_per_shard=300_000)
+
+
+def fast_spec(**overrides: dict) -> Spec:
+    """The tiny preset, cut down so a round takes well under a second on one core."""
+    base = {"data": {"seq_len": 64}, "inner": {"batch_size": 8, "warmup_steps": 5},
+            "round": {"inner_steps": 5}}
+    for k, v in overrides.items():
+        base.setdefault(k, {}).update(v)
+    return preset("tiny").replace(**base)
+
+
+@pytest.fixture
+def tiny_spec() -> Spec:
+    return fast_spec()
+
+
+def write_spec(spec: Spec, path: Path) -> Path:
+    path.write_text(to_toml(spec), encoding="utf-8")
+    return path
+
+
+def swarmfold_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "swarmfold", *args]
+
+
+@pytest.fixture
+def procs() -> Iterator[list[subprocess.Popen]]:
+    """Child processes started by a test; all are killed (with their process groups) afterwards."""
+    started: list[subprocess.Popen] = []
+    yield started
+    for p in started:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                p.kill()
+    for p in started:
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
