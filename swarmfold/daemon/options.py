@@ -1,0 +1,59 @@
+"""Options of one running peer, shared by `swarmfold run` (foreground) and `swarmfold start` (background)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(kw_only=True)
+class PeerOptions:
+    spec: Path
+    data: list[str]
+    workdir: Path
+    initial_peers: list[str] = field(default_factory=list)
+    host_maddrs: list[str] = field(default_factory=lambda: ["/ip4/0.0.0.0/tcp/0"])
+    announce_maddrs: list[str] = field(default_factory=list)
+    rounds: int | None = None  # stop after this many rounds are done (None: run until stopped)
+    threads: int = 2
+    client_mode: bool = False
+    use_relay: bool = True
+    use_auto_relay: bool = False
+    keep_checkpoints: int = 3
+    api_port: int | None = None  # None: from settings; 0: disabled
+
+
+def add_peer_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of `run` and `start` (the same for both)."""
+    p.add_argument("--spec", required=True, type=Path, help="the swarm spec (TOML)")
+    p.add_argument("--data", required=True, nargs="+", help="files, folders or globs of this peer's shard")
+    p.add_argument("--workdir", required=True, type=Path, help="checkpoints, identity key, logs, token")
+    p.add_argument("--initial-peers", nargs="*", default=[], metavar="MULTIADDR",
+                   help="multiaddrs of peers to join (in addition to the spec's bootstrap_peers)")
+    p.add_argument("--host-maddrs", nargs="*", default=["/ip4/0.0.0.0/tcp/0"], metavar="MULTIADDR",
+                   help="where to listen (default /ip4/0.0.0.0/tcp/0; use /ip4/127.0.0.1/tcp/0 for local only)")
+    p.add_argument("--announce-maddrs", nargs="*", default=[], metavar="MULTIADDR",
+                   help="public addresses to announce (behind NAT with port forwarding)")
+    p.add_argument("--rounds", type=int, default=None, help="stop after this many rounds (default: run until stopped)")
+    p.add_argument("--threads", type=int, default=int(os.environ.get("SWARMFOLD_THREADS", "2")),
+                   help="intra-op CPU threads; part of the determinism contract (default 2)")
+    p.add_argument("--client-mode", action="store_true",
+                   help="accept no incoming connections: send contributions but never reduce (behind NAT)")
+    p.add_argument("--no-relay", dest="use_relay", action="store_false",
+                   help="do not use libp2p circuit relays")
+    p.add_argument("--auto-relay", dest="use_auto_relay", action="store_true",
+                   help="look for relays automatically and announce relayed addresses (behind NAT)")
+    p.add_argument("--keep", dest="keep_checkpoints", type=int, default=3, help="checkpoints to keep (default 3)")
+    p.add_argument("--api-port", type=int, default=None,
+                   help="control API / dashboard port on 127.0.0.1 (default from settings; 0 disables)")
+
+
+def options_from_args(args: argparse.Namespace) -> PeerOptions:
+    return PeerOptions(spec=args.spec, data=list(args.data), workdir=args.workdir,
+                       initial_peers=list(args.initial_peers), host_maddrs=list(args.host_maddrs),
+                       announce_maddrs=list(args.announce_maddrs), rounds=args.rounds, threads=args.threads,
+                       client_mode=args.client_mode, use_relay=args.use_relay,
+                       use_auto_relay=args.use_auto_relay, keep_checkpoints=args.keep_checkpoints,
+                       api_port=args.api_port)
