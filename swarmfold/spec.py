@@ -104,6 +104,28 @@ class AveragingSpec:
 
 
 @dataclass(kw_only=True)
+class VerifySpec:
+    tolerance: float = _doc(
+        "verify passes a replay from another environment when |replay - claim| / |claim| is at most this",
+        default=1e-3,
+    )
+    snapshot_interval: int = _doc(
+        "contribute keeps a parameter + inner-optimizer snapshot every this many steps, for spot checks (0 = none)",
+        default=0,
+    )
+    fraction: float = _doc(
+        "fraction of its group's contributions a peer replays each round (needs public_data; 0 = none)",
+        default=0.0,
+    )
+    public_data: str = _doc(
+        "manifest hash of the public shard every peer trains on and anyone may replay ('' = data is private)",
+        default="",
+    )
+    deny_ttl: float = _doc("seconds a signed deny record for a peer whose contribution failed replay lives", default=3600.0)
+    deny_quorum: int = _doc("distinct peers that must deny a peer before others refuse it", default=1)
+
+
+@dataclass(kw_only=True)
 class NetworkSpec:
     bootstrap_peers: list[str] = _doc(
         "multiaddrs of public peers to join (not part of the swarm id)", default_factory=list
@@ -121,6 +143,7 @@ class Spec:
     round: RoundSpec = field(default_factory=RoundSpec)
     outer: OuterSpec = field(default_factory=OuterSpec)
     averaging: AveragingSpec = field(default_factory=AveragingSpec)
+    verify: VerifySpec = field(default_factory=VerifySpec)
     network: NetworkSpec = field(default_factory=NetworkSpec)
 
     # ---- derived values -------------------------------------------------------------
@@ -256,7 +279,8 @@ def _load_section(cls: type, raw: Any, where: str, errors: list[str]) -> Any:
 
 _SECTIONS: dict[str, type] = {
     "model": ModelSpec, "tokenizer": TokenizerSpec, "data": DataSpec, "inner": InnerSpec,
-    "round": RoundSpec, "outer": OuterSpec, "averaging": AveragingSpec, "network": NetworkSpec,
+    "round": RoundSpec, "outer": OuterSpec, "averaging": AveragingSpec, "verify": VerifySpec,
+    "network": NetworkSpec,
 }
 
 
@@ -356,6 +380,16 @@ def validate(s: Spec) -> list[str]:
     need(0 <= a.trim_fraction < 0.5, f"averaging.trim_fraction: must be in [0, 0.5), got {a.trim_fraction}")
     need(a.record_ttl > a.matchmaking_timeout,
          f"averaging.record_ttl ({a.record_ttl}) must exceed matchmaking_timeout ({a.matchmaking_timeout})")
+
+    v = s.verify
+    need(0 < v.tolerance < 1, f"verify.tolerance: must be in (0, 1), got {v.tolerance}; 1e-3 is typical")
+    need(v.snapshot_interval >= 0, f"verify.snapshot_interval: must be >= 0 (0 = no snapshots), got {v.snapshot_interval}")
+    need(0 <= v.fraction <= 1, f"verify.fraction: must be in [0, 1], got {v.fraction}")
+    if v.fraction > 0:
+        need(bool(v.public_data), "verify.fraction > 0 needs verify.public_data (the public shard's manifest hash); "
+             "peers can only replay contributions made on data they can fetch")
+    need(v.deny_ttl > 0, f"verify.deny_ttl: must be a positive number of seconds, got {v.deny_ttl}")
+    need(v.deny_quorum >= 1, f"verify.deny_quorum: must be >= 1, got {v.deny_quorum}")
 
     need(isinstance(s.seed, int) and 0 <= s.seed < 2**63, f"seed: must be an integer in [0, 2^63), got {s.seed}")
     need(bool(s.name.strip()), "name: must not be empty")
