@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ import torch
 import transformers
 
 from swarmfold.averaging import codec
-from swarmfold.averaging.base import AverageRequest, AverageResult, Averager
+from swarmfold.averaging.base import Averager, AverageRequest, AverageResult
 from swarmfold.averaging.outer import OuterOptimizer
 from swarmfold.peer.checkpoint import Checkpoint, CheckpointError, load_latest, save_checkpoint
 from swarmfold.peer.data import Shard
@@ -43,6 +43,10 @@ def environment(threads: int) -> dict[str, Any]:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "machine": platform.machine(),
     }
+
+
+class TrainingInterrupted(Exception):
+    """A stop was requested in the middle of a round's inner steps."""
 
 
 @dataclass
@@ -101,9 +105,11 @@ class LocalPeer:
                             steps=self.spec.round.inner_steps, batch_size=self.spec.inner.batch_size)
         return [self.shard.train_batch(row) for row in order]
 
-    def train_phase(self) -> TrainPhase:
+    def train_phase(self, step_hook: Callable[[int], None] | None = None) -> TrainPhase:
+        """H inner steps from θ_r. `step_hook` may raise TrainingInterrupted: the model is then
+        mid-round and must not be saved; the last checkpoint remains the state."""
         t0 = time.perf_counter()
-        stats = self.trainer.run(self.batches_for_round(self.round))
+        stats = self.trainer.run(self.batches_for_round(self.round), step_hook)
         delta = self.theta - flat_params(self.model)
         if self.residual is not None:
             delta = delta + self.residual

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -92,10 +93,13 @@ class InnerTrainer:
                                      "lower inner.lr or raise inner.warmup_steps")
         return value
 
-    def run(self, batches: list[torch.Tensor]) -> StepStats:
+    def run(self, batches: list[torch.Tensor], step_hook: Callable[[int], None] | None = None) -> StepStats:
+        """Train on `batches`; `step_hook(i)` runs before step i (it may sleep, or raise to interrupt)."""
         stats = StepStats()
         t0 = time.perf_counter()
-        for windows in batches:
+        for i, windows in enumerate(batches):
+            if step_hook is not None:
+                step_hook(i)
             stats.losses.append(self.step(windows))
             stats.tokens += windows.shape[0] * (windows.shape[1] - 1)
         stats.seconds = time.perf_counter() - t0

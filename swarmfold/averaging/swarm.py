@@ -1,0 +1,928 @@
+"""The swarm: DHT membership, matchmaking, butterfly all-reduce, commit, state sync.
+
+One `Swarm` per peer. It starts a hivemind DHT (which runs hivemind's bundled libp2p
+daemon in a child process, with this peer's identity key) and takes a replica of its
+P2P handle in an asyncio loop on a background thread. The round code calls
+`average()` from the training thread; everything network-side happens on the loop.
+
+A round, as DESIGN.md sets it out:
+  1. matchmaking: declare under (swarm id, round, attempt) with the base model hash;
+     gather until the group is full, every peer known to be at this round has declared,
+     or the timeout; the smallest peer id of a group proposes the member list, the
+     others accept one proposal only, and the leader sends the final list (group id =
+     hash of swarm, round, attempt, members).
+  2. all-reduce: the flat Δ is cut into BLOCK-aligned spans, one per reducing member.
+     Each sender sends span j to reducer j; the reducer checks every part, aggregates
+     in sorted-id order in float64, encodes the aggregate once and returns those bytes,
+     with the list of whom it included, to every sender.
+  3. commit: each member assembles the spans, checks that every span included the
+     same contributors, and sends a digest vote to the others. It commits only if no
+     one reported a failure and every vote it got carries its own digest.
+  4. failure: a failed attempt is redone among the survivors (attempt + 1) without
+     the peers that were missing or rejected; after `max_attempts` the round is
+     rolled back: θ_r is kept and Δ carries into the next round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import hivemind
+import torch
+from hivemind.p2p import P2P, PeerID
+from hivemind.utils import get_dht_time
+from hivemind.utils.multiaddr import Multiaddr
+
+from swarmfold.averaging import codec, wire
+from swarmfold.averaging.aggregate import Contribution, aggregate
+from swarmfold.averaging.base import AverageRequest, AverageResult, partition_groups
+from swarmfold.averaging.identity import Identity
+from swarmfold.averaging.inprocess import group_id_for
+from swarmfold.averaging.outer import outer_state_sha256
+from swarmfold.averaging.protocol import (
+    DTYPE_OF_CODEC,
+    HELLO,
+    PROPOSE,
+    REDUCE,
+    STATE,
+    VOTE,
+    AveragingError,
+    Expectation,
+    Phase,
+    Rejected,
+    Rejection,
+    SpecMismatch,
+    StateSyncError,
+    check_part,
+)
+from swarmfold.averaging.records import (
+    Declaration,
+    PeerRecord,
+    entries,
+    make_validator,
+    matchmaking_key,
+    owned_subkey,
+    peers_key,
+)
+from swarmfold.spec import Spec
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+POLL_INTERVAL = 0.2
+SMALL_MESSAGE = 1 << 20  # proposals, votes, hello: never need more
+
+
+@dataclass
+class Group:
+    round: int
+    attempt: int
+    group_id: str
+    members: list[str]  # sorted
+    clients: frozenset[str]  # members in client mode (they send but do not reduce)
+    leader: str
+
+    @property
+    def reducers(self) -> list[str]:
+        return [m for m in self.members if m not in self.clients]
+
+
+@dataclass
+class _Attempt:
+    """Matchmaking state of this peer for one (round, attempt), shared with the propose handler."""
+
+    round: int
+    attempt: int
+    base: str
+    excluded: set[str]
+    locked_to: str | None = None  # the leader whose proposal we accepted (or ourselves)
+    proposal_event: asyncio.Event = field(default_factory=asyncio.Event)
+    final: asyncio.Future | None = None
+
+
+@dataclass
+class _Reducer:
+    """This peer's reduction of one span for one group."""
+
+    exp: Expectation
+    parts: dict[str, Contribution] = field(default_factory=dict)
+    rejected: dict[str, str] = field(default_factory=dict)
+    accounted: asyncio.Event = field(default_factory=asyncio.Event)
+    result: asyncio.Future | None = None
+
+    def account(self) -> None:
+        if set(self.parts) | set(self.rejected) >= self.exp.members:
+            self.accounted.set()
+
+
+@dataclass
+class ServedState:
+    round: int
+    theta: bytes
+    outer: dict[str, bytes]
+    model_sha256: str
+    outer_sha256: str
+
+
+class Swarm:
+    """A peer's membership in the swarm: implements the `Averager` protocol for LocalPeer."""
+
+    def __init__(self, spec: Spec, identity: Identity, *, initial_peers: list[str] | None = None,
+                 host_maddrs: list[str] | None = None, announce_maddrs: list[str] | None = None,
+                 client_mode: bool = False, use_relay: bool = True, use_auto_relay: bool = False,
+                 on_phase: Callable[[str, str], None] | None = None):
+        self.spec = spec
+        self.identity = identity
+        self.peer_id = identity.peer_id
+        self.initial_peers = list(initial_peers or [])
+        self.host_maddrs = list(host_maddrs or ["/ip4/127.0.0.1/tcp/0"])
+        self.announce_maddrs = list(announce_maddrs or [])
+        self.client_mode = client_mode
+        self.use_relay, self.use_auto_relay = use_relay, use_auto_relay
+        self.on_phase = on_phase or (lambda phase, detail: None)
+        self.avg = spec.averaging
+        self.swarm_id = spec.swarm_id
+        self.validator = make_validator(identity)
+        self.dht: hivemind.DHT | None = None
+        self.p2p: P2P | None = None
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="swarmfold-net", daemon=True)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="swarmfold-reduce")
+        self._attempt: _Attempt | None = None
+        self._reducers: dict[str, _Reducer] = {}
+        self._reducer_ready: dict[str, asyncio.Future] = {}
+        self._votes: dict[str, dict[str, dict[str, Any]]] = {}
+        self._vote_events: dict[str, asyncio.Event] = {}
+        self._served: ServedState | None = None
+        self._record: PeerRecord | None = None
+        self._heartbeat: asyncio.Task | None = None
+        self._stopping = threading.Event()
+        self.maddrs: list[str] = []
+
+    # ---- lifecycle -------------------------------------------------------------------
+    def start(self) -> None:
+        """Join the DHT (raises on unreachable initial peers) and register the protocol handlers."""
+        self.dht = hivemind.DHT(
+            start=True, initial_peers=self.initial_peers or None, host_maddrs=self.host_maddrs,
+            announce_maddrs=self.announce_maddrs or None, identity_path=str(self.identity.path),
+            client_mode=self.client_mode, use_relay=self.use_relay, use_auto_relay=self.use_auto_relay,
+            record_validators=[self.validator], check_if_identity_free=False,
+        )
+        self.maddrs = [str(a) for a in self.dht.get_visible_maddrs()]
+        self._thread.start()
+        self._call(self._setup())
+        logger.info("[%s] joined swarm %s; others can join with: %s", self.peer_id[-8:], self.swarm_id,
+                    " ".join(self.maddrs))
+
+    async def _setup(self) -> None:
+        assert self.dht is not None  # start() set it
+        self.p2p = await self.dht.replicate_p2p()
+        for name, handler in ((HELLO, self._on_hello), (PROPOSE, self._on_propose), (REDUCE, self._on_reduce),
+                              (VOTE, self._on_vote), (STATE, self._on_state)):
+            await self.p2p.add_binary_stream_handler(name, handler)
+        self._heartbeat = asyncio.ensure_future(self._heartbeat_loop())
+
+    def shutdown(self) -> None:
+        self._stopping.set()
+        if self._thread.is_alive():
+            if self._heartbeat is not None:
+                self._loop.call_soon_threadsafe(self._heartbeat.cancel)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=5)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        if self.dht is not None:
+            self.dht.shutdown()
+            self.dht = None
+
+    def _call(self, coro: Awaitable[T], timeout: float | None = None) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)  # type: ignore[arg-type]
+
+    def _fault(self, phase: Phase, round_idx: int) -> None:
+        """Test-only crash injection: SWARMFOLD_TEST_FAULT=phase@round kills this peer's process group."""
+        if os.environ.get("SWARMFOLD_TEST_FAULT") == f"{phase.value}@{round_idx}":
+            logger.warning("[%s] fault injection: SIGKILL in phase %s of round %d", self.peer_id[-8:],
+                           phase.value, round_idx)
+            os.killpg(os.getpgid(0), signal.SIGKILL)
+
+    # ---- calling peers -----------------------------------------------------------------
+    async def _open(self, peer: str, proto: str, maddrs: list[str] | None = None
+                    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        assert self.p2p is not None
+        pid = PeerID.from_base58(peer)
+        try:
+            _, reader, writer = await self.p2p.call_binary_stream_handler(pid, proto)
+            return reader, writer
+        except Exception as first:  # no route yet: connect with the addresses it declared, then retry
+            if not maddrs:
+                raise AveragingError(f"cannot reach {peer}: {first}") from first
+            try:
+                await self.p2p._client.connect(pid, [Multiaddr(a) for a in maddrs])
+                _, reader, writer = await self.p2p.call_binary_stream_handler(pid, proto)
+                return reader, writer
+            except Exception as e:
+                raise AveragingError(f"cannot reach {peer}: {e}") from e
+
+    async def _request(self, peer: str, proto: str, msg: dict[str, Any], *, timeout: float,
+                       max_reply: int = SMALL_MESSAGE, maddrs: list[str] | None = None,
+                       after_send: Callable[[], None] | None = None) -> tuple[dict[str, Any], int, int]:
+        """One request/response exchange: (reply, bytes sent, bytes received)."""
+        async def exchange() -> tuple[dict[str, Any], int, int]:
+            reader, writer = await self._open(peer, proto, maddrs)
+            try:
+                sent = await wire.send(writer, msg)
+                if after_send is not None:
+                    after_send()
+                reply, received = await wire.recv(reader, max_reply)
+                return reply, sent, received
+            finally:
+                wire.close(writer)
+        try:
+            return await asyncio.wait_for(exchange(), timeout)
+        except TimeoutError as e:
+            raise AveragingError(f"{peer} did not answer {proto} within {timeout:.1f}s") from e
+        except (wire.WireError, ConnectionError, OSError) as e:
+            raise AveragingError(f"{proto} to {peer} failed: {e}") from e
+
+    # ---- hello: refuse peers of another spec -------------------------------------------
+    async def _on_hello(self, info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            msg, _ = await wire.recv(reader, SMALL_MESSAGE)
+            theirs = str(msg.get("spec_hash", ""))
+            ok = theirs == self.spec.spec_hash
+            if not ok:
+                logger.warning("[%s] refused peer %s: its spec hash %s… differs from this swarm's %s… (%s); "
+                               "it must run this swarm's spec file", self.peer_id[-8:], info.peer_id,
+                               theirs[:12], self.spec.spec_hash[:12], self.spec.name)
+            await wire.send(writer, {"ok": ok, "spec_hash": self.spec.spec_hash, "name": self.spec.name})
+        except wire.WireError as e:
+            logger.debug("bad hello from %s: %s", info.peer_id, e)
+        finally:
+            wire.close(writer)
+
+    def check_spec(self, peers: list[str]) -> None:
+        """Ask each initial peer for its spec hash; SpecMismatch if one differs."""
+        self._call(self._check_spec(peers))
+
+    async def _check_spec(self, peers: list[str]) -> None:
+        for addr in peers:
+            peer = addr.rsplit("/p2p/", 1)[-1]
+            try:
+                reply, _, _ = await self._request(peer, HELLO, {"spec_hash": self.spec.spec_hash,
+                                                                "name": self.spec.name},
+                                                  timeout=self.avg.join_timeout, maddrs=[addr])
+            except AveragingError as e:
+                logger.warning("[%s] could not check the spec of %s: %s", self.peer_id[-8:], peer, e)
+                continue
+            if not reply.get("ok"):
+                raise SpecMismatch(
+                    f"refused by {peer}: that swarm ('{reply.get('name')}') runs spec "
+                    f"{str(reply.get('spec_hash'))[:12]}…, but your spec hashes to {self.spec.spec_hash[:12]}…. "
+                    "Every peer of a swarm must use the same spec file: get the swarm's spec and pass it with --spec")
+
+    # ---- records -------------------------------------------------------------------------
+    def publish(self, record: PeerRecord) -> None:
+        self._record = record
+        self._call(self._store_record(), timeout=30)
+
+    async def _store_record(self) -> None:
+        if self._record is None or self.dht is None:
+            return
+        self._record.time = time.time()
+        await self.dht.store(peers_key(self.swarm_id), self._record.to_value(),
+                             get_dht_time() + self.avg.record_ttl,
+                             subkey=owned_subkey(self.validator, self.peer_id), return_future=True)
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.avg.record_ttl / 3)
+            try:
+                await self._store_record()
+            except Exception as e:  # a failed refresh is retried at the next beat
+                logger.debug("record refresh failed: %s", e)
+
+    def records(self) -> dict[str, PeerRecord]:
+        """Every live, correctly signed peer record of this swarm, by peer id."""
+        return self._call(self._records(), timeout=30)
+
+    async def _records(self) -> dict[str, PeerRecord]:
+        assert self.dht is not None
+        result = await self.dht.get(peers_key(self.swarm_id), latest=True, return_future=True)
+        now = get_dht_time()
+        out = {}
+        for subkey, value, exp in entries(result):
+            rec = PeerRecord.parse(subkey, value, exp)
+            if rec is not None and exp > now and rec.spec_hash == self.spec.spec_hash:
+                out[rec.peer_id] = rec
+        return out
+
+    # ---- state sync ------------------------------------------------------------------------
+    def serve_state(self, round_idx: int, theta: torch.Tensor, outer: dict[str, torch.Tensor]) -> tuple[str, str]:
+        """Make θ_r and the outer state available to joining peers; returns (model, outer) hashes."""
+        theta_bytes = theta.contiguous().numpy().tobytes()
+        served = ServedState(round=round_idx, theta=theta_bytes,
+                             outer={k: v.contiguous().numpy().tobytes() for k, v in outer.items()},
+                             model_sha256=hashlib.sha256(theta_bytes).hexdigest(),
+                             outer_sha256=outer_state_sha256(outer))
+        self._served = served
+        return served.model_sha256, served.outer_sha256
+
+    async def _on_state(self, info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            msg, _ = await wire.recv(reader, SMALL_MESSAGE)
+            served = self._served
+            if msg.get("spec_hash") != self.spec.spec_hash:
+                await wire.send(writer, {"ok": False, "reason": "spec hash mismatch"})
+            elif served is None:
+                await wire.send(writer, {"ok": False, "reason": "no state to serve yet"})
+            else:
+                await wire.send(writer, {"ok": True, "round": served.round, "model_sha256": served.model_sha256,
+                                         "outer_sha256": served.outer_sha256, "theta": served.theta,
+                                         "outer": served.outer})
+        except (wire.WireError, ConnectionError) as e:
+            logger.debug("state request from %s failed: %s", info.peer_id, e)
+        finally:
+            wire.close(writer)
+
+    def download_state(self, sources: list[PeerRecord], *, numel: int
+                       ) -> tuple[int, torch.Tensor, dict[str, torch.Tensor], str]:
+        """θ_r and outer state from the first source that serves what the records published."""
+        return self._call(self._download_state(sources, numel), timeout=self.avg.state_sync_timeout * 2)
+
+    async def _download_state(self, sources: list[PeerRecord], numel: int
+                              ) -> tuple[int, torch.Tensor, dict[str, torch.Tensor], str]:
+        errors = []
+        limit = numel * 4 * 3 + SMALL_MESSAGE
+        for src in sources:
+            try:
+                reply, _, _ = await self._request(src.peer_id, STATE, {"spec_hash": self.spec.spec_hash},
+                                                  timeout=self.avg.state_sync_timeout, max_reply=limit,
+                                                  maddrs=src.maddrs)
+                if not reply.get("ok"):
+                    raise StateSyncError(str(reply.get("reason")))
+                theta_bytes = wire.field(reply, "theta", bytes)
+                if len(theta_bytes) != numel * 4:
+                    raise StateSyncError(f"served weights have {len(theta_bytes) // 4} elements, expected {numel}")
+                if hashlib.sha256(theta_bytes).hexdigest() != src.model_sha256:
+                    raise StateSyncError("served weights do not match the model hash the peer published")
+                theta = torch.frombuffer(bytearray(theta_bytes), dtype=torch.float32)
+                outer_raw = wire.field(reply, "outer", dict)
+                outer = {}
+                for name, raw in outer_raw.items():
+                    if not isinstance(name, str) or not isinstance(raw, bytes) or len(raw) != numel * 4:
+                        raise StateSyncError(f"served outer state {name!r} is malformed")
+                    outer[name] = torch.frombuffer(bytearray(raw), dtype=torch.float32)
+                if outer_state_sha256(outer) != src.outer_sha256:
+                    raise StateSyncError("served outer state does not match the published hash")
+                return int(wire.field(reply, "round", int)), theta, outer, src.peer_id
+            except (AveragingError, StateSyncError, wire.WireError) as e:
+                errors.append(f"{src.peer_id[-8:]}: {e}")
+        raise StateSyncError("no peer served the published state: " + "; ".join(errors))
+
+    # ---- the round ---------------------------------------------------------------------------
+    def average(self, request: AverageRequest) -> AverageResult:
+        """Blocking: run one round's averaging for `request` (called by LocalPeer.run_round)."""
+        return self._call(self._average(request))
+
+    async def _average(self, req: AverageRequest) -> AverageResult:
+        excluded: set[str] = set()
+        expected: set[str] | None = None
+        timings = {"matchmaking": 0.0, "allreduce": 0.0, "commit": 0.0}
+        rejected_all: dict[str, str] = {}
+        sent = received = 0
+        for attempt in range(self.avg.max_attempts):
+            t0 = time.perf_counter()
+            self.on_phase("matchmaking", f"round {req.round}, attempt {attempt}")
+            group: Group | None = None
+            try:
+                group = await self._matchmake(req, attempt, excluded, expected)
+                timings["matchmaking"] += time.perf_counter() - t0
+                if group is None:
+                    return self._no_group(req, attempt, timings, rejected_all, sent, received)
+                out = await self._allreduce_and_commit(req, group, timings)
+                out.attempts = attempt + 1
+                out.rejected.update(rejected_all)
+                out.bytes_sent += sent
+                out.bytes_received += received
+                return out
+            except _AttemptFailed as e:
+                if group is None:
+                    timings["matchmaking"] += time.perf_counter() - t0
+                logger.warning("[%s] round %d attempt %d failed (%s); %s", self.peer_id[-8:], req.round, attempt,
+                               e, "retrying without " + ", ".join(sorted(p[-8:] for p in e.exclude))
+                               if e.exclude else "retrying")
+                excluded |= e.exclude
+                rejected_all.update(e.rejected)
+                sent += e.bytes_sent
+                received += e.bytes_received
+                members = set(group.members) if group is not None else (e.expected or set())
+                expected = members - excluded - {self.peer_id}
+        return AverageResult(status="rolled_back", aggregate=None, attempts=self.avg.max_attempts,
+                             reason=f"averaging failed {self.avg.max_attempts} times; θ_r kept, Δ carried",
+                             timings=timings, rejected=rejected_all, bytes_sent=sent, bytes_received=received)
+
+    _moved_on = False
+
+    def _no_group(self, req: AverageRequest, attempt: int, timings: dict[str, float], rejected: dict[str, str],
+                  sent: int, received: int) -> AverageResult:
+        common = dict(attempts=attempt + 1, timings=timings, rejected=rejected, bytes_sent=sent,
+                      bytes_received=received)
+        if self._moved_on:
+            return AverageResult(status="rolled_back", aggregate=None,
+                                 reason="the swarm moved on to a later round", **common)  # type: ignore[arg-type]
+        if self.avg.min_group_size <= 1:
+            return AverageResult(status="alone", aggregate=req.delta,
+                                 reason="no group formed before the matchmaking timeout", **common)  # type: ignore[arg-type]
+        return AverageResult(status="rolled_back", aggregate=None,
+                             reason="no group of min_group_size formed", **common)  # type: ignore[arg-type]
+
+    # ---- matchmaking ---------------------------------------------------------------------------
+    async def _declared(self, round_idx: int, attempt: int) -> dict[str, Declaration]:
+        assert self.dht is not None
+        result = await self.dht.get(matchmaking_key(self.swarm_id, round_idx, attempt), latest=True,
+                                    return_future=True)
+        out = {}
+        for subkey, value, _ in entries(result):
+            d = Declaration.parse(subkey, value)
+            if d is not None:
+                out[d.peer_id] = d
+        return out
+
+    async def _declare(self, a: _Attempt, ttl: float) -> None:
+        assert self.dht is not None
+        decl = Declaration(peer_id=self.peer_id, model_sha256=a.base, client_mode=self.client_mode,
+                           maddrs=self.maddrs)
+        await self.dht.store(matchmaking_key(self.swarm_id, a.round, a.attempt), decl.to_value(),
+                             get_dht_time() + ttl, subkey=owned_subkey(self.validator, self.peer_id),
+                             return_future=True)
+
+    async def _expected_peers(self, round_idx: int, excluded: set[str]) -> tuple[set[str], int]:
+        """Peers whose records say they are at this round (or finishing the one before); and how
+        many are already past it."""
+        try:
+            recs = await self._records()
+        except Exception as e:  # DHT hiccup: gather until the timeout instead
+            logger.debug("could not read peer records: %s", e)
+            return set(), 0
+        expected = {pid for pid, r in recs.items() if r.round in (round_idx - 1, round_idx)
+                    and pid != self.peer_id and pid not in excluded and r.state != "paused"}
+        ahead = sum(1 for pid, r in recs.items() if r.round > round_idx and pid != self.peer_id)
+        return expected, ahead
+
+    async def _matchmake(self, req: AverageRequest, attempt: int, excluded: set[str],
+                         expected: set[str] | None) -> Group | None:
+        self._moved_on = False
+        a = _Attempt(round=req.round, attempt=attempt, base=req.model_sha256, excluded=set(excluded))
+        a.final = self._loop.create_future()
+        self._attempt = a
+        window = self.avg.matchmaking_timeout if attempt == 0 else 2 * self.avg.join_timeout
+        await self._declare(a, window + self.avg.join_timeout * 2)
+        self._fault(Phase.MATCHMAKING, req.round)
+        if expected is None:
+            expected, _ = await self._expected_peers(req.round, excluded)
+        deadline = time.monotonic() + window
+        while True:
+            members = await self._gather(a, expected, deadline)
+            if a.locked_to is not None and a.locked_to != self.peer_id:
+                return await self._follow(a)
+            groups = [g for g in partition_groups(sorted(members), self.avg.group_size) if self.peer_id in g]
+            mine = groups[0] if groups else [self.peer_id]
+            group = None
+            if len(mine) > 1:
+                if mine[0] == self.peer_id:
+                    group = await self._lead(a, mine, members)
+                else:
+                    group = await self._await_leader(a, mine)
+            if group is not None and len(group.members) >= self.avg.min_group_size:
+                return group
+            if group is not None:  # too small to average: release the members
+                await self._cancel(group)
+            if self.avg.min_group_size <= 1 or self._stopping.is_set():
+                return None
+            # min_group_size > 1: keep waiting at this round unless the swarm has moved past it
+            _, ahead = await self._expected_peers(req.round, excluded)
+            if ahead >= max(1, self.avg.min_group_size - 1):
+                self._moved_on = True
+                return None
+            a.locked_to = None
+            a.proposal_event.clear()
+            a.final = self._loop.create_future()
+            await self._declare(a, self.avg.matchmaking_timeout + self.avg.join_timeout * 2)
+            deadline = time.monotonic() + self.avg.matchmaking_timeout
+            expected = set()
+
+    async def _gather(self, a: _Attempt, expected: set[str], deadline: float) -> dict[str, Declaration]:
+        """Poll declarations until the group can be full, everyone expected is in, or the deadline."""
+        while True:
+            declared = await self._declared(a.round, a.attempt)
+            members = {pid: d for pid, d in declared.items()
+                       if d.model_sha256 == a.base and pid not in a.excluded}
+            members.setdefault(self.peer_id, Declaration(self.peer_id, a.base, self.client_mode, self.maddrs))
+            others = set(members) - {self.peer_id}
+            if (len(members) >= self.avg.group_size or (expected and expected <= others)
+                    or time.monotonic() >= deadline or a.locked_to is not None):
+                return members
+            try:
+                await asyncio.wait_for(a.proposal_event.wait(), POLL_INTERVAL)
+            except TimeoutError:
+                pass
+
+    async def _lead(self, a: _Attempt, proposed: list[str], declared: dict[str, Declaration]) -> Group | None:
+        if a.locked_to is not None:
+            return None
+        a.locked_to = self.peer_id
+        clients = sorted(p for p in proposed if declared[p].client_mode)
+        msg = {"kind": "propose", "round": a.round, "attempt": a.attempt, "base": a.base,
+               "members": proposed, "clients": clients, "spec_hash": self.spec.spec_hash}
+
+        async def ask(peer: str) -> str | None:
+            try:
+                reply, _, _ = await self._request(peer, PROPOSE, msg, timeout=self.avg.join_timeout,
+                                                  maddrs=declared[peer].maddrs)
+                if reply.get("ok"):
+                    return peer
+                logger.debug("[%s] %s declined: %s", self.peer_id[-8:], peer[-8:], reply.get("reason"))
+            except AveragingError as e:
+                logger.debug("[%s] proposal to %s failed: %s", self.peer_id[-8:], peer[-8:], e)
+            return None
+
+        answers = await asyncio.gather(*(ask(p) for p in proposed if p != self.peer_id))
+        members = sorted([self.peer_id] + [p for p in answers if p is not None])
+        group = Group(round=a.round, attempt=a.attempt, members=members, leader=self.peer_id,
+                      clients=frozenset(p for p in clients if p in members),
+                      group_id=group_id_for(self.swarm_id, a.round, a.attempt, members))
+        if len(members) < 2:
+            return None
+        final = {"kind": "final", "round": a.round, "attempt": a.attempt, "members": members,
+                 "clients": sorted(group.clients), "group_id": group.group_id}
+        await asyncio.gather(*(self._send_final(p, final, declared[p].maddrs) for p in members
+                               if p != self.peer_id))
+        logger.info("[%s] round %d: leading group %s of %d", self.peer_id[-8:], a.round, group.group_id[:8],
+                    len(members))
+        return group
+
+    async def _send_final(self, peer: str, final: dict[str, Any], maddrs: list[str]) -> None:
+        try:
+            await self._request(peer, PROPOSE, final, timeout=self.avg.join_timeout, maddrs=maddrs)
+        except AveragingError as e:
+            logger.debug("final to %s failed: %s", peer[-8:], e)
+
+    async def _cancel(self, group: Group) -> None:
+        if group.leader != self.peer_id:
+            return
+        msg = {"kind": "cancel", "round": group.round, "attempt": group.attempt, "group_id": group.group_id}
+        await asyncio.gather(*(self._send_final(p, msg, []) for p in group.members if p != self.peer_id))
+
+    async def _await_leader(self, a: _Attempt, mine: list[str]) -> Group | None:
+        """Wait for our group's leader (or any valid leader) to propose, then for its final list."""
+        try:
+            await asyncio.wait_for(a.proposal_event.wait(), self.avg.join_timeout * 2)
+        except TimeoutError:
+            pass
+        if a.locked_to is None:
+            a.locked_to = self.peer_id  # stop accepting: we give up on this attempt
+            raise _AttemptFailed(f"leader {mine[0][-8:]} did not propose in time", {mine[0]},
+                                 expected=set(mine) - {mine[0], self.peer_id})
+        return await self._follow(a)
+
+    async def _follow(self, a: _Attempt) -> Group | None:
+        assert a.final is not None
+        try:
+            final = await asyncio.wait_for(asyncio.shield(a.final), self.avg.join_timeout * 2)
+        except TimeoutError as e:
+            raise _AttemptFailed(f"no final member list from leader {str(a.locked_to)[-8:]}",
+                                 {str(a.locked_to)}) from e
+        if final.get("kind") == "cancel":
+            return None
+        members = sorted(final["members"])
+        return Group(round=a.round, attempt=a.attempt, group_id=final["group_id"], members=members,
+                     clients=frozenset(final["clients"]), leader=str(a.locked_to))
+
+    async def _on_propose(self, info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sender = str(info.peer_id)
+        try:
+            msg, _ = await wire.recv(reader, SMALL_MESSAGE)
+            ok, reason = self._consider(sender, msg)
+            await wire.send(writer, {"ok": ok, "reason": reason})
+        except (wire.WireError, ConnectionError) as e:
+            logger.debug("bad proposal from %s: %s", sender, e)
+        finally:
+            wire.close(writer)
+
+    def _consider(self, sender: str, msg: dict[str, Any]) -> tuple[bool, str]:
+        a = self._attempt
+        kind = msg.get("kind")
+        if a is None or msg.get("round") != a.round or msg.get("attempt") != a.attempt:
+            return False, "not at this round/attempt"
+        members = msg.get("members")
+        if kind in ("final", "cancel"):
+            if a.locked_to != sender or a.final is None or a.final.done():
+                return False, "no pending proposal from you"
+            if kind == "final":
+                if (not isinstance(members, list) or self.peer_id not in members
+                        or msg.get("group_id") != group_id_for(self.swarm_id, a.round, a.attempt, sorted(members))
+                        or not isinstance(msg.get("clients"), list)):
+                    a.final.set_result({"kind": "cancel"})
+                    return False, "malformed final list"
+            a.final.set_result(msg)
+            return True, ""
+        if kind != "propose":
+            return False, f"unknown kind {kind!r}"
+        if a.locked_to is not None:
+            return False, "already in a group"
+        if (not isinstance(members, list) or not all(isinstance(m, str) for m in members)
+                or self.peer_id not in members or sender != min(members) or sender not in members):
+            return False, "malformed proposal"
+        if len(members) > self.avg.group_size:
+            return False, "group too large"
+        if msg.get("base") != a.base:
+            return False, "different base model"
+        if a.excluded & set(members):
+            return False, "proposal includes peers excluded this round"
+        a.locked_to = sender
+        a.proposal_event.set()
+        return True, ""
+
+    # ---- all-reduce -------------------------------------------------------------------------
+    def _make_part(self, group: Group, req: AverageRequest, span_index: int, payload: bytes,
+                   numel: int) -> dict[str, Any]:
+        """The message carrying our contribution to span `span_index` (tests subclass this)."""
+        return {"kind": "part", "group_id": group.group_id, "spec_hash": self.spec.spec_hash,
+                "round": req.round, "base_sha256": req.model_sha256, "span": span_index, "numel": numel,
+                "dtype": DTYPE_OF_CODEC[self.avg.compression], "weight": float(req.weight), "payload": payload}
+
+    async def _allreduce_and_commit(self, req: AverageRequest, group: Group,
+                                    timings: dict[str, float]) -> AverageResult:
+        t0 = time.perf_counter()
+        self.on_phase("averaging", f"round {req.round}: all-reduce in group {group.group_id[:8]} of "
+                      f"{len(group.members)}")
+        reducers = group.reducers
+        if not reducers:
+            raise _AttemptFailed("no member of the group can reduce (all in client mode)", set())
+        comp = self.avg.compression
+        numel = req.delta.numel()
+        spans = codec.spans(numel, len(reducers))
+        members = frozenset(group.members)
+        my_span = reducers.index(self.peer_id) if self.peer_id in reducers else None
+        if my_span is not None:
+            lo, hi = spans[my_span]
+            red = _Reducer(exp=Expectation(spec_hash=self.spec.spec_hash, round=req.round, group_id=group.group_id,
+                                           base_sha256=req.model_sha256, members=members, compression=comp,
+                                           numel=hi - lo, span_index=my_span,
+                                           weight_cap=float(self.spec.token_cap)))
+            red.result = self._loop.create_future()
+            red.parts[self.peer_id] = Contribution(codec.roundtrip(comp, req.delta[lo:hi].contiguous()),
+                                                   float(req.weight))
+            red.account()
+            self._reducers[group.group_id] = red
+            self._reducer_ready.setdefault(group.group_id, self._loop.create_future())
+            if not self._reducer_ready[group.group_id].done():
+                self._reducer_ready[group.group_id].set_result(red)
+            reduce_task = asyncio.ensure_future(self._reduce(red, req.round))
+        stats = {"sent": 0, "received": 0}
+        encoded = await self._loop.run_in_executor(
+            self._executor, lambda: [codec.encode(comp, req.delta[lo:hi].contiguous()) for lo, hi in spans])
+
+        sent_first = asyncio.Event()
+
+        def after_send() -> None:
+            if not sent_first.is_set():
+                sent_first.set()
+                self._fault(Phase.SEND, req.round)
+
+        async def send_to(j: int, reducer: str) -> dict[str, Any] | None:
+            if reducer == self.peer_id:
+                assert red.result is not None
+                return await asyncio.shield(red.result)
+            lo, hi = spans[j]
+            msg = self._make_part(group, req, j, encoded[j], hi - lo)
+            try:
+                reply, s, r = await self._request(reducer, REDUCE, msg, timeout=self.avg.allreduce_timeout * 2,
+                                                  max_reply=self.avg.max_message_bytes, after_send=after_send)
+                stats["sent"] += s
+                stats["received"] += r
+                return self._check_result(reply, group, j, hi - lo)
+            except AveragingError as e:
+                logger.info("[%s] span %d from %s: %s", self.peer_id[-8:], j, reducer[-8:], e)
+                return None
+
+        results = await asyncio.gather(*(send_to(j, r) for j, r in enumerate(reducers)))
+        if my_span is not None:
+            await reduce_task
+        timings["allreduce"] += time.perf_counter() - t0
+        t1 = time.perf_counter()
+        missing = {reducers[j] for j, res in enumerate(results) if res is None}
+        rejected: dict[str, str] = {}
+        for res in results:
+            if res is not None:
+                rejected.update(res["rejected"])
+        included_sets = {tuple(res["included"]) for res in results if res is not None}
+        weight_sets = {json.dumps(res["weights"], sort_keys=True) for res in results if res is not None}
+        failure = ""
+        if missing:
+            failure = f"no aggregate from reducer(s) {', '.join(sorted(m[-8:] for m in missing))}"
+        elif len(included_sets) != 1 or len(weight_sets) != 1:
+            failure = "reducers included different contributors"
+        aggregate_t: torch.Tensor | None = None
+        digest = ""
+        if not failure:
+            aggregate_t = torch.cat([codec.decode(comp, res["payload"], spans[j][1] - spans[j][0])
+                                     for j, res in enumerate(results) if res is not None])
+            included = results[0]["included"] if results[0] is not None else []
+            if self.peer_id not in included:
+                failure = "our own contribution was rejected"
+            digest = _digest(group.group_id, included, results[0]["weights"] if results[0] else {}, aggregate_t)
+        exclude = set(missing) | set(rejected)
+        committed = await self._commit(group, req.round, digest, failure, stats)
+        timings["commit"] += time.perf_counter() - t1
+        self._forget(group.group_id)
+        if failure or not committed:
+            raise _AttemptFailed(failure or "the group did not agree on the aggregate", exclude - {self.peer_id},
+                                 rejected=rejected, bytes_sent=stats["sent"], bytes_received=stats["received"])
+        assert aggregate_t is not None
+        included = results[0]["included"] if results[0] is not None else []
+        logger.info("[%s] round %d: committed with %d of %d members (group %s, digest %s)", self.peer_id[-8:],
+                    req.round, len(included), len(group.members), group.group_id[:8], digest[:12])
+        return AverageResult(status="committed", aggregate=aggregate_t, group_id=group.group_id,
+                             members=group.members, included=list(included), rejected=rejected,
+                             timings=timings, bytes_sent=stats["sent"], bytes_received=stats["received"],
+                             compressed=comp != "none")
+
+    def _check_result(self, reply: dict[str, Any], group: Group, span: int, numel: int) -> dict[str, Any] | None:
+        try:
+            if reply.get("kind") != "result" or reply.get("group_id") != group.group_id or reply.get("span") != span:
+                raise wire.WireError(f"unexpected reply {reply.get('kind')!r} / {reply.get('reason', '')}")
+            included = wire.field(reply, "included", list)
+            weights = wire.field(reply, "weights", dict)
+            rejected = wire.field(reply, "rejected", dict)
+            payload = wire.field(reply, "payload", bytes)
+            if not set(included) <= set(group.members) or set(weights) != set(included):
+                raise wire.WireError("the result names contributors outside the group")
+            if len(payload) != codec.encoded_size(self.avg.compression, numel):
+                raise wire.WireError("the aggregate has the wrong size")
+            if not bool(torch.isfinite(codec.decode(self.avg.compression, payload, numel)).all()):
+                raise wire.WireError("the aggregate holds NaN or Inf")
+            return {"included": sorted(str(p) for p in included), "weights": weights,
+                    "rejected": {str(k): str(v) for k, v in rejected.items()}, "payload": payload}
+        except wire.WireError as e:
+            logger.warning("[%s] bad aggregate for span %d: %s", self.peer_id[-8:], span, e)
+            return None
+
+    async def _reduce(self, red: _Reducer, round_idx: int) -> None:
+        try:
+            await asyncio.wait_for(red.accounted.wait(), self.avg.allreduce_timeout)
+        except TimeoutError:
+            for peer in red.exp.members - set(red.parts) - set(red.rejected):
+                red.rejected[peer] = f"{Rejection.TIMEOUT.value}: no contribution within {self.avg.allreduce_timeout}s"
+                logger.warning("[%s] round %d: no contribution from %s in time", self.peer_id[-8:], round_idx,
+                               peer[-8:])
+        self._fault(Phase.REDUCE, round_idx)
+        parts = dict(red.parts)
+        comp, rule, trim = self.avg.compression, self.avg.aggregation, self.avg.trim_fraction
+
+        def compute() -> bytes:
+            return codec.encode(comp, aggregate(parts, rule, trim_fraction=trim))
+
+        payload = await self._loop.run_in_executor(self._executor, compute)
+        assert red.result is not None
+        red.result.set_result({"kind": "result", "group_id": red.exp.group_id, "span": red.exp.span_index,
+                               "included": sorted(parts), "weights": {p: c.weight for p, c in parts.items()},
+                               "rejected": dict(red.rejected), "payload": payload})
+
+    async def _on_reduce(self, info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sender = str(info.peer_id)
+        try:
+            try:
+                msg, _ = await wire.recv(reader, self.avg.max_message_bytes)
+            except wire.MessageTooLarge as e:
+                self._reject_everywhere(sender, Rejected(Rejection.OVERSIZED, str(e)))
+                await wire.send(writer, {"kind": "error", "reason": f"oversized: {e}"})
+                return
+            group_id = msg.get("group_id")
+            if not isinstance(group_id, str):
+                self._reject_everywhere(sender, Rejected(Rejection.MALFORMED, "no group id"))
+                await wire.send(writer, {"kind": "error", "reason": "malformed: no group id"})
+                return
+            ready = self._reducer_ready.setdefault(group_id, self._loop.create_future())
+            try:
+                red = await asyncio.wait_for(asyncio.shield(ready), self.avg.join_timeout * 2)
+            except TimeoutError:
+                await wire.send(writer, {"kind": "error", "reason": "unknown group"})
+                return
+            if sender in red.parts or sender in red.rejected:
+                await wire.send(writer, {"kind": "error", "reason": "duplicate contribution"})
+                return
+            try:
+                tensor, weight = await self._loop.run_in_executor(self._executor, check_part, msg, sender, red.exp)
+                red.parts[sender] = Contribution(tensor, weight)
+            except Rejected as r:
+                red.rejected[sender] = r.label
+                logger.warning("[%s] round %d: rejected the contribution of %s: %s", self.peer_id[-8:],
+                               red.exp.round, sender[-8:], r.label)
+            red.account()
+            assert red.result is not None
+            result = await asyncio.wait_for(asyncio.shield(red.result), self.avg.allreduce_timeout * 2)
+            await wire.send(writer, result)
+        except (wire.WireError, ConnectionError, TimeoutError) as e:
+            logger.debug("reduce exchange with %s failed: %s", sender[-8:], e)
+        finally:
+            wire.close(writer)
+
+    def _reject_everywhere(self, sender: str, r: Rejected) -> None:
+        for red in self._reducers.values():
+            if sender in red.exp.members and sender not in red.parts and not red.accounted.is_set():
+                red.rejected[sender] = r.label
+                logger.warning("[%s] round %d: rejected the contribution of %s: %s", self.peer_id[-8:],
+                               red.exp.round, sender[-8:], r.label)
+                red.account()
+
+    # ---- commit -------------------------------------------------------------------------------
+    async def _commit(self, group: Group, round_idx: int, digest: str, failure: str, stats: dict[str, int]) -> bool:
+        """Exchange digest votes. Commit iff we hold the aggregate, no member reported a failure,
+        and every vote received carries our digest (a member that died mid-commit is not waited for)."""
+        ok = not failure
+        vote = {"kind": "vote", "group_id": group.group_id, "ok": ok, "digest": digest, "reason": failure}
+        event = self._vote_events.setdefault(group.group_id, asyncio.Event())
+        others = [m for m in group.members if m != self.peer_id]
+        first = True
+
+        async def cast(peer: str) -> None:
+            nonlocal first
+            try:
+                _, s, r = await self._request(peer, VOTE, vote, timeout=self.avg.commit_timeout)
+                stats["sent"] += s
+                stats["received"] += r
+            except AveragingError as e:
+                logger.debug("vote to %s failed: %s", peer[-8:], e)
+            if first:
+                first = False
+                self._fault(Phase.COMMIT, round_idx)
+
+        casting = asyncio.gather(*(cast(p) for p in others))
+        deadline = time.monotonic() + self.avg.commit_timeout
+        votes = self._votes.setdefault(group.group_id, {})
+        while len(set(votes) & set(others)) < len(others) and time.monotonic() < deadline:
+            event.clear()
+            try:
+                await asyncio.wait_for(event.wait(), max(0.01, deadline - time.monotonic()))
+            except TimeoutError:
+                break
+        await casting
+        got = {p: v for p, v in votes.items() if p in others}
+        agree = ok and all(v.get("ok") and v.get("digest") == digest for v in got.values())
+        if not agree:
+            bad = {p[-8:]: v.get("reason") or "different digest" for p, v in got.items()
+                   if not (v.get("ok") and v.get("digest") == digest)}
+            logger.warning("[%s] round %d: not committing (%s)", self.peer_id[-8:], round_idx,
+                           failure or f"votes: {bad}")
+        return agree
+
+    async def _on_vote(self, info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sender = str(info.peer_id)
+        try:
+            msg, _ = await wire.recv(reader, SMALL_MESSAGE)
+            gid = msg.get("group_id")
+            if isinstance(gid, str) and len(self._votes) < 1024:
+                self._votes.setdefault(gid, {})[sender] = {"ok": bool(msg.get("ok")),
+                                                           "digest": str(msg.get("digest", "")),
+                                                           "reason": str(msg.get("reason", ""))[:500]}
+                self._vote_events.setdefault(gid, asyncio.Event()).set()
+            await wire.send(writer, {"ok": True})
+        except (wire.WireError, ConnectionError) as e:
+            logger.debug("bad vote from %s: %s", sender[-8:], e)
+        finally:
+            wire.close(writer)
+
+    def _forget(self, group_id: str) -> None:
+        """Drop state of finished groups (keep the latest few for late stragglers)."""
+        for d in (self._reducers, self._reducer_ready, self._votes, self._vote_events):
+            while len(d) > 8:
+                d.pop(next(iter(d)))  # type: ignore[attr-defined]
+
+
+class _AttemptFailed(AveragingError):
+    def __init__(self, reason: str, exclude: set[str], *, rejected: dict[str, str] | None = None,
+                 bytes_sent: int = 0, bytes_received: int = 0, expected: set[str] | None = None):
+        super().__init__(reason)
+        self.expected = expected
+        self.exclude = exclude
+        self.rejected = rejected or {}
+        self.bytes_sent = bytes_sent
+        self.bytes_received = bytes_received
+
+
+def _digest(group_id: str, included: list[str], weights: dict[str, Any], agg: torch.Tensor) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps([group_id, included, sorted(weights.items())], separators=(",", ":")).encode())
+    h.update(agg.contiguous().numpy().tobytes())
+    return h.hexdigest()

@@ -1,0 +1,85 @@
+"""Messages between peers: msgpack maps in length-prefixed frames over hivemind P2P streams.
+
+Every frame is an 8-byte big-endian length and a msgpack map. The length is checked
+against a limit *before* anything is read, and msgpack is unpacked with size limits
+and no extension types, so a hostile peer cannot make us allocate or execute anything.
+Tensor payloads travel as msgpack `bin` fields, encoded by averaging/codec.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import msgpack
+
+HEADER_LEN = 8
+PROTOCOL_VERSION = 1
+
+
+class WireError(Exception):
+    """A malformed, oversized or unexpected message from a peer."""
+
+
+class MessageTooLarge(WireError):
+    pass
+
+
+def pack(msg: dict[str, Any]) -> bytes:
+    body = msgpack.packb(msg, use_bin_type=True)
+    return len(body).to_bytes(HEADER_LEN, "big") + body
+
+
+def unpack(body: bytes, max_bytes: int) -> dict[str, Any]:
+    try:
+        msg = msgpack.unpackb(body, raw=False, strict_map_key=True, max_bin_len=max_bytes,
+                              max_str_len=1 << 20, max_array_len=1 << 16, max_map_len=1 << 12,
+                              max_ext_len=0)
+    except (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, ValueError, TypeError) as e:
+        raise WireError(f"malformed message ({type(e).__name__}: {e})") from e
+    if not isinstance(msg, dict):
+        raise WireError(f"malformed message: expected a map, got {type(msg).__name__}")
+    return msg
+
+
+async def send(writer: asyncio.StreamWriter, msg: dict[str, Any]) -> int:
+    """Send one framed message; returns the bytes written."""
+    data = pack(msg)
+    writer.write(data)
+    await writer.drain()
+    return len(data)
+
+
+async def recv(reader: asyncio.StreamReader, max_bytes: int) -> tuple[dict[str, Any], int]:
+    """Read one framed message of at most `max_bytes`; returns (message, bytes read)."""
+    try:
+        header = await reader.readexactly(HEADER_LEN)
+    except asyncio.IncompleteReadError as e:
+        raise WireError("the peer closed the stream") from e
+    length = int.from_bytes(header, "big")
+    if length > max_bytes:
+        raise MessageTooLarge(f"message of {length} bytes exceeds the limit of {max_bytes} bytes")
+    try:
+        body = await reader.readexactly(length)
+    except asyncio.IncompleteReadError as e:
+        raise WireError("the peer closed the stream mid-message") from e
+    return unpack(body, max_bytes), HEADER_LEN + length
+
+
+def field(msg: dict[str, Any], name: str, typ: type | tuple[type, ...]) -> Any:
+    """A required, typed field of a message, or WireError naming it."""
+    if name not in msg:
+        raise WireError(f"malformed message: missing field {name!r}")
+    value = msg[name]
+    if isinstance(value, bool) and typ in (int, float, (int, float)):
+        raise WireError(f"malformed message: field {name!r} must be a number")
+    if not isinstance(value, typ):
+        raise WireError(f"malformed message: field {name!r} has type {type(value).__name__}")
+    return value
+
+
+def close(writer: asyncio.StreamWriter) -> None:
+    try:
+        writer.close()
+    except Exception:  # the transport may already be gone; nothing to clean up then
+        pass

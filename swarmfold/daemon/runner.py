@@ -1,0 +1,253 @@
+"""The round loop of a running peer: join the swarm, catch up, train, average, checkpoint, publish.
+
+`run_peer` is what `swarmfold run` runs in the foreground and what the background daemon
+runs in its main thread. It owns one LocalPeer (peer/) and one Swarm (averaging/), and
+reports to a PeerStatus while obeying Controls (stop, pause) from signals and the API.
+
+Exit codes: 0 done or stopped cleanly; 1 a runtime failure; 2 bad input (spec, data,
+checkpoint, a swarm running another spec).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from swarmfold.averaging.identity import load_or_create_identity
+from swarmfold.averaging.protocol import SpecMismatch, StateSyncError
+from swarmfold.averaging.records import PeerRecord
+from swarmfold.averaging.swarm import Swarm
+from swarmfold.daemon.options import PeerOptions
+from swarmfold.daemon.state import Controls, PeerStatus, RoundRecord
+from swarmfold.peer.local import LocalPeer, RoundReport, TrainingInterrupted
+from swarmfold.peer.trainer import set_threads
+from swarmfold.spec import Spec, load_spec
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
+
+
+@dataclass
+class SyncTarget:
+    round: int
+    model_sha256: str
+    sources: list[PeerRecord]
+
+
+def choose_sync_target(records: dict[str, PeerRecord], *, me: str, my_round: int, my_hash: str
+                       ) -> SyncTarget | None:
+    """The state this peer should adopt before training, or None to keep its own.
+
+    The swarm's state is the (round, model hash) published by the most peers (ties: the
+    later round, then the smaller hash). A peer behind it, or at the same round on a
+    minority model (after training alone), downloads it. A peer never goes back a round.
+    """
+    groups: dict[tuple[int, str, str], list[PeerRecord]] = {}
+    for rec in records.values():
+        if rec.peer_id == me or rec.state in ("syncing", "starting"):
+            continue
+        groups.setdefault((rec.round, rec.model_sha256, rec.outer_sha256), []).append(rec)
+    if not groups:
+        return None
+    (rnd, model, _), sources = max(groups.items(), key=lambda kv: (len(kv[1]), kv[0][0], _neg(kv[0][1])))
+    if rnd < my_round or (rnd == my_round and model == my_hash):
+        return None
+    if rnd == my_round:
+        mine = 1 + sum(len(v) for k, v in groups.items() if k[0] == my_round and k[1] == my_hash)
+        if len(sources) < mine or (len(sources) == mine and model > my_hash):
+            return None
+    return SyncTarget(round=rnd, model_sha256=model, sources=sorted(sources, key=lambda r: r.peer_id))
+
+
+def _neg(h: str) -> tuple[int, ...]:
+    return tuple(-ord(c) for c in h)
+
+
+class PeerRunner:
+    """One peer's life in the swarm. Construct, then `run()`; `swarm_cls` lets tests inject faults."""
+
+    def __init__(self, options: PeerOptions, *, status: PeerStatus | None = None, controls: Controls | None = None,
+                 settings: Any = None, swarm_cls: type[Swarm] = Swarm,
+                 on_ready: Callable[[list[str]], None] | None = None,
+                 on_round: Callable[[RoundReport], None] | None = None,
+                 step_hook: Callable[[int], None] | None = None):
+        self.options = options
+        self.status = status or PeerStatus()
+        self.controls = controls or Controls()
+        self.settings = settings
+        self.swarm_cls = swarm_cls
+        self.on_ready = on_ready
+        self.on_round = on_round
+        self.step_hook = step_hook
+        self.spec: Spec | None = None
+        self.peer: LocalPeer | None = None
+        self.swarm: Swarm | None = None
+        self.rounds_done = 0
+
+    # ---- setup ---------------------------------------------------------------------------
+    def _setup(self) -> None:
+        o = self.options
+        self.spec = spec = load_spec(o.spec)
+        set_threads(o.threads)
+        o.workdir.mkdir(parents=True, exist_ok=True)
+        identity = load_or_create_identity(Path(o.workdir) / "identity.key")
+        self.status.update(peer_id=identity.peer_id, swarm_id=spec.swarm_id, spec_hash=spec.spec_hash)
+        self.peer = peer = LocalPeer(spec, o.data, peer_id=identity.peer_id, threads=o.threads, workdir=o.workdir,
+                                     keep_checkpoints=o.keep_checkpoints)
+        if not peer.resume():
+            self._checkpoint()  # round 0: a stop before the first round still leaves a checkpoint
+        self.swarm = self.swarm_cls(
+            spec, identity, initial_peers=list(o.initial_peers) + list(spec.network.bootstrap_peers),
+            host_maddrs=o.host_maddrs, announce_maddrs=o.announce_maddrs, client_mode=o.client_mode,
+            use_relay=o.use_relay, use_auto_relay=o.use_auto_relay, on_phase=self._on_phase)
+        self.swarm.start()
+        self.status.update(visible_maddrs=list(self.swarm.maddrs))
+        self.swarm.check_spec(list(o.initial_peers) + list(spec.network.bootstrap_peers))
+        self._share_state("starting")
+        if self.on_ready:
+            self.on_ready(list(self.swarm.maddrs))
+
+    def _on_phase(self, phase: str, detail: str) -> None:
+        self.status.set_state("averaging" if phase != "matchmaking" else "waiting", f"{phase}: {detail}")
+
+    # ---- the loop ------------------------------------------------------------------------
+    def run(self) -> int:
+        try:
+            self._setup()
+            return self._loop()
+        except SpecMismatch as e:
+            logger.error("%s", e)
+            return EXIT_BAD_INPUT
+        except TrainingInterrupted:
+            logger.info("stopped during training; the last checkpoint (round %s) is the state",
+                        self.peer.round if self.peer else "?")
+            return EXIT_OK
+        finally:
+            self.status.set_state("stopping", "shutting down")
+            if self.swarm is not None:
+                self.swarm.shutdown()
+            self.status.set_state("stopped", "")
+
+    def _loop(self) -> int:
+        assert self.peer is not None and self.swarm is not None
+        limit = self.options.rounds
+        while not self.controls.stop.is_set():
+            if limit is not None and self.peer.round >= limit:
+                logger.info("[%s] reached round %d; stopping", self.peer.peer_id[-8:], self.peer.round)
+                break
+            if self.controls.paused:
+                self._pause()
+                continue
+            self._catch_up()
+            self.status.set_state("training", f"round {self.peer.round}: {self.spec.round.inner_steps} inner steps"
+                                  if self.spec else "")
+            phase = self.peer.train_phase(step_hook=self._step_hook)
+            result = self.swarm.average(self.peer.request(phase))
+            report = self.peer.finish_round(phase, result)
+            self._after_round(report)
+        return EXIT_OK
+
+    def _step_hook(self, step: int) -> None:
+        if self.controls.stop.is_set():
+            raise TrainingInterrupted(f"stop requested at inner step {step}")
+        if self.step_hook is not None:
+            self.step_hook(step)
+
+    def _pause(self) -> None:
+        assert self.peer is not None
+        self.status.set_state("paused", "paused by the user or the resource policy")
+        self.status.update(paused=True)
+        self._share_state("paused")
+        while self.controls.paused and not self.controls.stop.is_set():
+            self.controls.resume_event.wait(timeout=1.0)
+        self.status.update(paused=False)
+        logger.info("[%s] resumed", self.peer.peer_id[-8:])
+
+    def _catch_up(self) -> None:
+        """Adopt the swarm's state if this peer is behind it (late join, restart, a round alone)."""
+        assert self.peer is not None and self.swarm is not None
+        try:
+            records = self.swarm.records()
+        except Exception as e:  # a DHT hiccup must not kill the peer; try again next round
+            logger.warning("could not read the swarm's records: %s", e)
+            return
+        self.status.set_swarm({pid: _record_view(r) for pid, r in records.items()})
+        target = choose_sync_target(records, me=self.peer.peer_id, my_round=self.peer.round,
+                                    my_hash=self.peer.theta_sha256)
+        if target is None:
+            return
+        self.status.set_state("syncing", f"downloading round {target.round} from the swarm")
+        try:
+            rnd, theta, outer, source = self.swarm.download_state(target.sources, numel=self.peer.theta.numel())
+        except StateSyncError as e:
+            logger.warning("[%s] state sync failed: %s; training from our own state", self.peer.peer_id[-8:], e)
+            return
+        self.peer.load_shared_state(rnd, theta, outer)
+        logger.info("[%s] synced to round %d (model %s) from %s", self.peer.peer_id[-8:], rnd,
+                    self.peer.theta_sha256[:12], source[-8:])
+        self._checkpoint()
+        self._share_state("training")
+
+    def _after_round(self, report: RoundReport) -> None:
+        assert self.peer is not None
+        self._checkpoint()
+        self.rounds_done += 1
+        res = report.result
+        record = RoundRecord(round=report.round, status=report.status, train_loss=report.train_loss,
+                             tokens=report.tokens, tokens_per_second=report.tokens_per_second,
+                             group_size=len(res.included) if res.included else 1, model_sha256=report.model_sha256,
+                             timings=report.timings, finished_at=time.time())
+        self.status.on_round(record, bytes_sent=res.bytes_sent, bytes_received=res.bytes_received,
+                             rejected=res.rejected,
+                             allreduce_seconds=res.timings.get("allreduce") if res.status == "committed" else None)
+        self._share_state("training")
+        logger.info("[%s] round %d %s (%s): loss %.4f, %.0f tokens/s, model %s", self.peer.peer_id[-8:], report.round,
+                    report.status, res.reason or f"group of {len(res.included)}", report.train_loss,
+                    report.tokens_per_second, report.model_sha256[:12])
+        if self.on_round:
+            self.on_round(report)
+
+    def _checkpoint(self) -> None:
+        assert self.peer is not None
+        path = self.peer.save()
+        self.status.on_checkpoint(str(path), time.time())
+
+    def _share_state(self, state: str) -> None:
+        """Serve θ_r to joiners and publish (round, hashes, metrics) to the DHT."""
+        assert self.peer is not None and self.swarm is not None
+        model_sha, outer_sha = self.swarm.serve_state(self.peer.round, self.peer.theta, self.peer.outer.state_dict())
+        snap = self.status.snapshot()
+        last = snap["history"][-1] if snap["history"] else {}
+        record = PeerRecord(
+            peer_id=self.peer.peer_id, round=self.peer.round, model_sha256=model_sha, outer_sha256=outer_sha,
+            spec_hash=self.peer.spec.spec_hash, client_mode=self.options.client_mode, maddrs=list(self.swarm.maddrs),
+            state=state, metrics={"loss": snap["loss"], "tokens_total": snap["tokens_total"],
+                                  "tokens_per_second": snap["tokens_per_second"],
+                                  "rounds_committed": snap["rounds"].get("committed", 0),
+                                  "timings": last.get("timings", {})})
+        try:
+            self.swarm.publish(record)
+        except Exception as e:  # publishing is best effort; the heartbeat retries
+            logger.warning("could not publish our record: %s", e)
+
+
+def _record_view(r: PeerRecord) -> dict[str, Any]:
+    return {"round": r.round, "model_sha256": r.model_sha256, "state": r.state, "time": r.time,
+            "client_mode": r.client_mode, **{k: v for k, v in r.metrics.items()}}
+
+
+def run_peer(options: PeerOptions, *, status: PeerStatus | None = None, controls: Controls | None = None,
+             settings: Any = None, **kwargs: Any) -> int:
+    """Run one peer until `options.rounds` are done or a stop is requested; returns an exit code."""
+    return PeerRunner(options, status=status, controls=controls, settings=settings, **kwargs).run()
+
+
+def hash_agreement(records: dict[str, dict[str, Any]]) -> dict[str, int]:
+    """How many peers hold each (round, model hash): the dashboard's agreement view."""
+    return dict(Counter(f"{r.get('round')}:{str(r.get('model_sha256'))[:12]}" for r in records.values()))
