@@ -6,6 +6,7 @@ import argparse
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 
 @dataclass(kw_only=True)
@@ -23,6 +24,10 @@ class PeerOptions:
     use_auto_relay: bool = False
     keep_checkpoints: int = 3
     api_port: int | None = None  # None: from settings; 0: disabled
+    api_host: str | None = None  # None: from settings (127.0.0.1)
+    allow_remote_api: bool = False  # required to serve the API on a non-loopback address
+    initial_peers_from: list[str] = field(default_factory=list)  # status URLs of running peers to join
+    threads_explicit: bool = True  # False: --threads was not given, so settings.toml may set it
 
 
 def add_peer_arguments(p: argparse.ArgumentParser) -> None:
@@ -37,8 +42,9 @@ def add_peer_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--announce-maddrs", nargs="*", default=[], metavar="MULTIADDR",
                    help="public addresses to announce (behind NAT with port forwarding)")
     p.add_argument("--rounds", type=int, default=None, help="stop after this many rounds (default: run until stopped)")
-    p.add_argument("--threads", type=int, default=int(os.environ.get("SWARMFOLD_THREADS", "2")),
-                   help="intra-op CPU threads; part of the determinism contract (default 2)")
+    p.add_argument("--threads", type=int, action=_Explicit, default=int(os.environ.get("SWARMFOLD_THREADS", "2")),
+                   help="intra-op CPU threads; part of the determinism contract "
+                        "(default: $SWARMFOLD_THREADS, else threads in settings.toml, else 2)")
     p.add_argument("--client-mode", action="store_true",
                    help="accept no incoming connections: send contributions but never reduce (behind NAT)")
     p.add_argument("--no-relay", dest="use_relay", action="store_false",
@@ -48,6 +54,22 @@ def add_peer_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep", dest="keep_checkpoints", type=int, default=3, help="checkpoints to keep (default 3)")
     p.add_argument("--api-port", type=int, default=None,
                    help="control API / dashboard port on 127.0.0.1 (default from settings; 0 disables)")
+    p.add_argument("--api-host", default=None,
+                   help="address of the control API (default from settings: 127.0.0.1)")
+    p.add_argument("--allow-remote-api", action="store_true",
+                   help="allow --api-host to be a non-loopback address (e.g. 0.0.0.0 in a container)")
+    p.add_argument("--initial-peers-from", nargs="*", default=[], metavar="URL",
+                   help="join the peers whose control API is at URL (e.g. http://peer1:8470), "
+                        "waiting for them to come up; for containers, where addresses are not known ahead")
+
+
+class _Explicit(argparse.Action):
+    """Stores the value and notes that it was given, so settings.toml may fill in only what was not."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, values)
+        setattr(namespace, f"{self.dest}_explicit", True)
 
 
 def options_from_args(args: argparse.Namespace) -> PeerOptions:
@@ -56,4 +78,27 @@ def options_from_args(args: argparse.Namespace) -> PeerOptions:
                        announce_maddrs=list(args.announce_maddrs), rounds=args.rounds, threads=args.threads,
                        client_mode=args.client_mode, use_relay=args.use_relay,
                        use_auto_relay=args.use_auto_relay, keep_checkpoints=args.keep_checkpoints,
-                       api_port=args.api_port)
+                       api_port=args.api_port, api_host=args.api_host, allow_remote_api=args.allow_remote_api,
+                       initial_peers_from=list(args.initial_peers_from),
+                       threads_explicit=getattr(args, "threads_explicit", False)
+                       or "SWARMFOLD_THREADS" in os.environ)
+
+
+def options_to_argv(o: PeerOptions) -> list[str]:
+    """The arguments that `add_peer_arguments` parses back into `o` (paths made absolute), for `start`."""
+    argv = ["--spec", str(Path(o.spec).absolute()), "--data", *[os.path.abspath(d) for d in o.data],
+            "--workdir", str(Path(o.workdir).absolute()), "--keep", str(o.keep_checkpoints)]
+    for flag, values in (("--initial-peers", o.initial_peers), ("--host-maddrs", o.host_maddrs),
+                         ("--announce-maddrs", o.announce_maddrs), ("--initial-peers-from", o.initial_peers_from)):
+        if values:
+            argv += [flag, *values]
+    if o.threads_explicit:
+        argv += ["--threads", str(o.threads)]
+    for flag, value in (("--rounds", o.rounds), ("--api-port", o.api_port), ("--api-host", o.api_host)):
+        if value is not None:
+            argv += [flag, str(value)]
+    for flag, on in (("--client-mode", o.client_mode), ("--no-relay", not o.use_relay),
+                     ("--auto-relay", o.use_auto_relay), ("--allow-remote-api", o.allow_remote_api)):
+        if on:
+            argv.append(flag)
+    return argv

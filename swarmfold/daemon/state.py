@@ -6,12 +6,14 @@ Everything is guarded by one lock, so a snapshot is always consistent.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
+SWARM_LOSS_ROUNDS = 500  # rounds of the swarm's loss curve kept in memory
 STATES = ("starting", "syncing", "training", "averaging", "paused", "waiting", "stopping", "stopped")
 
 
@@ -51,6 +53,8 @@ class PeerStatus:
     allreduce_seconds: list[float] = field(default_factory=list)  # every observation, for histograms
     history: deque = field(default_factory=lambda: deque(maxlen=500))
     swarm: dict[str, dict[str, Any]] = field(default_factory=dict)  # peer id -> its published record
+    # round -> {peer id -> the loss it published for that round}, kept for the swarm's loss curve
+    swarm_losses: dict[int, dict[str, float]] = field(default_factory=dict)
     paused: bool = False
     started_at: float = field(default_factory=time.time)
     _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
@@ -93,9 +97,27 @@ class PeerStatus:
         with self._lock:
             self.last_checkpoint_path, self.last_checkpoint_time = path, when
 
+    def allreduce_observations(self) -> list[float]:
+        with self._lock:
+            return list(self.allreduce_seconds)
+
     def set_swarm(self, records: dict[str, dict[str, Any]]) -> None:
         with self._lock:
             self.swarm = dict(records)
+            for pid, rec in records.items():
+                metrics = rec.get("metrics")
+                metrics = metrics if isinstance(metrics, dict) else {}
+                loss, rnd = rec.get("loss", metrics.get("loss")), rec.get("round")
+                if isinstance(loss, int | float) and isinstance(rnd, int) and math.isfinite(loss):
+                    self.swarm_losses.setdefault(rnd, {})[pid] = float(loss)
+            for old in sorted(self.swarm_losses)[:-SWARM_LOSS_ROUNDS]:
+                del self.swarm_losses[old]
+
+    def swarm_loss_curve(self) -> list[dict[str, Any]]:
+        """Mean published loss per round, over the peers that published one for that round."""
+        with self._lock:
+            return [{"round": r, "loss_mean": sum(v.values()) / len(v), "peers": len(v)}
+                    for r, v in sorted(self.swarm_losses.items()) if v]
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
@@ -116,27 +138,49 @@ class PeerStatus:
                 "peers_seen": len(self.swarm),
                 "swarm": {pid: dict(rec) for pid, rec in self.swarm.items()},
                 "history": [vars(r) for r in self.history],
+                "swarm_loss_curve": self.swarm_loss_curve(),
             }
 
 
 class Controls:
-    """Requests from signals and the control API to the round loop."""
+    """Requests from signals, the control API and the resource watcher to the round loop.
+
+    A pause has a source ("user", "battery", "busy", ...) and a reason; the peer stays paused
+    while any source holds a pause, so `resume` from the user does not override a battery pause.
+    """
 
     def __init__(self) -> None:
         self.stop = threading.Event()
         self.resume_event = threading.Event()
         self.resume_event.set()
         self.reload = threading.Event()  # SIGHUP: re-read settings
+        self._pauses: dict[str, str] = {}
+        self._lock = threading.Lock()
 
     @property
     def paused(self) -> bool:
         return not self.resume_event.is_set()
 
-    def pause(self) -> None:
-        self.resume_event.clear()
+    def pause(self, source: str = "user", reason: str = "paused by the user") -> None:
+        with self._lock:
+            self._pauses[source] = reason
+            if not self.stop.is_set():
+                self.resume_event.clear()
 
-    def resume(self) -> None:
-        self.resume_event.set()
+    def resume(self, source: str = "user") -> None:
+        with self._lock:
+            self._pauses.pop(source, None)
+            if not self._pauses:
+                self.resume_event.set()
+
+    def pause_reasons(self) -> dict[str, str]:
+        """Source -> reason of every pause in force."""
+        with self._lock:
+            return dict(self._pauses)
+
+    @property
+    def pause_reason(self) -> str:
+        return "; ".join(self.pause_reasons().values())
 
     def request_stop(self) -> None:
         self.stop.set()
