@@ -107,7 +107,7 @@ class AveragingSpec:
 class VerifySpec:
     tolerance: float = _doc(
         "verify passes a replay from another environment when |replay - claim| / |claim| is at most this",
-        default=1e-3,
+        default=1e-4,
     )
     snapshot_interval: int = _doc(
         "contribute keeps a parameter + inner-optimizer snapshot every this many steps, for spot checks (0 = none)",
@@ -382,7 +382,7 @@ def validate(s: Spec) -> list[str]:
          f"averaging.record_ttl ({a.record_ttl}) must exceed matchmaking_timeout ({a.matchmaking_timeout})")
 
     v = s.verify
-    need(0 < v.tolerance < 1, f"verify.tolerance: must be in (0, 1), got {v.tolerance}; 1e-3 is typical")
+    need(0 < v.tolerance < 1, f"verify.tolerance: must be in (0, 1), got {v.tolerance}; 1e-4 is typical")
     need(v.snapshot_interval >= 0, f"verify.snapshot_interval: must be >= 0 (0 = no snapshots), got {v.snapshot_interval}")
     need(0 <= v.fraction <= 1, f"verify.fraction: must be in [0, 1], got {v.fraction}")
     if v.fraction > 0:
