@@ -1,0 +1,72 @@
+"""Smoke tests of the benchmark scripts: a seconds-long run of each, checked for what the numbers must obey."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _run(script: str, tmp_path: Path, out: Path) -> None:
+    cmd = [sys.executable, str(REPO / "scripts" / script), "--smoke", "--out", str(out), "--data",
+           str(tmp_path / "data")]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+@pytest.mark.slow
+def test_bench_quality_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "quality.json"
+    _run("bench_quality.py", tmp_path, out)
+    report = json.loads(out.read_text())
+    arms = report["arms"]
+    assert {"data_parallel", "sequential", "isolated", "one_shot_merge", "swarm_default", "swarm_plain",
+            "swarm_int8", "swarm_uncompressed"} <= set(arms)
+    budget = report["setup"]["tokens_total"]
+    h = report["setup"]["spec"]["round"]["inner_steps"]
+    for name, arm in arms.items():
+        if "same_as" in arm:
+            assert arm["same_as"] in arms and "same_as" not in arms[arm["same_as"]]
+            continue
+        assert arm["curve"][-1][0] == budget, f"{name} did not train on the same token budget"
+        assert all(a[0] < b[0] for a, b in zip(arm["curve"], arm["curve"][1:], strict=False))
+        assert set(arm["val_loss"]) == {"shard-0", "shard-1", "shard-2", "shard-3"}
+    assert arms["sequential"]["steps"] == 4 * arms["data_parallel"]["steps"]
+    # butterfly members together send what a per-step fp32 all-reduce sends: H rounds' worth fewer bytes
+    swarm = arms[arms["swarm_default"].get("same_as", "swarm_default")]
+    assert swarm["bytes_reduction_vs_allreduce"] == h
+    int8 = arms["swarm_int8"]
+    assert 3.9 < report["checks"]["int8_bytes_reduction_vs_uncompressed"] < 4.0
+    assert int8["compression"] == "int8"
+    assert report["checks"]["swarm_hashes_agree_every_round"] is True
+    matrix = arms["isolated"]["matrix_peer_by_shard"]
+    assert len(matrix) == 4 and all(len(row) == 4 for row in matrix.values())
+    assert out.with_suffix(".png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_bench_frontier_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "frontier.json"
+    _run("bench_frontier.py", tmp_path, out)
+    report = json.loads(out.read_text())
+    configs = report["configs"]
+    assert {"H1-avg-none", "H2-avg-int8", "H4-avg-none", "H2-nest0.7m0.9-none"} <= set(configs)
+    assert configs["H1-avg-none"]["bytes_reduction_vs_allreduce"] == 1.0
+    assert configs["H4-avg-none"]["bytes_reduction_vs_allreduce"] == 4.0
+    assert 3.9 * 2 < configs["H2-avg-int8"]["bytes_reduction_vs_allreduce"] < 4.0 * 2
+    front = report["summary"]["pareto_front"]
+    assert front, "the Pareto front is never empty"
+    for a, b in zip(front, front[1:], strict=False):
+        assert a["bytes_sent_per_peer"] < b["bytes_sent_per_peer"] and a["mean_val_loss"] > b["mean_val_loss"]
+    cheapest = min(configs.values(), key=lambda r: (r["bytes_sent_per_peer"], r["mean_val_loss"]))
+    assert front[0]["name"] == cheapest["config"]["name"]
+    # resuming with the same settings re-uses every finished config instead of training again
+    before = out.read_text()
+    _run("bench_frontier.py", tmp_path, out)
+    assert json.loads(out.read_text())["configs"] == json.loads(before)["configs"]
+    assert out.with_suffix(".png").stat().st_size > 10_000

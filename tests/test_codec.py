@@ -1,0 +1,192 @@
+"""Pseudo-gradient compression: determinism, span/whole equality, error feedback, hostile input, byte counts."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+from conftest import fast_spec
+
+from swarmfold.averaging import codec
+from swarmfold.averaging.base import AverageRequest, butterfly_bytes
+from swarmfold.averaging.inprocess import reduce_in_process
+from swarmfold.peer.local import LocalPeer
+from swarmfold.peer.model import flat_params
+from swarmfold.peer.simulate import simulate
+
+NUMEL = 5 * codec.BLOCK + 333  # not a multiple of the block: the last block is padded
+
+
+def _vec(seed: int, n: int = NUMEL, scale: float = 1e-3) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g) * scale
+    x[7] = 40 * scale  # an outlier in the first block, as pseudo-gradients have
+    return x
+
+
+def _sha(b: bytes) -> str:
+    return hashlib.sha256(b).hexdigest()
+
+
+@pytest.mark.parametrize("name", codec.CODECS)
+def test_same_input_gives_same_bytes(name: str) -> None:
+    x = _vec(1)
+    first = codec.encode(name, x)
+    assert _sha(codec.encode(name, x.clone())) == _sha(first)
+    assert len(first) == codec.encoded_size(name, NUMEL)
+    assert torch.equal(codec.decode(name, first, NUMEL), codec.roundtrip(name, x))
+    # re-encoding what a receiver decoded is a fixed point: every member can re-send it bit for bit
+    decoded = codec.decode(name, first, NUMEL)
+    assert _sha(codec.encode(name, decoded)) == _sha(first)
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3, 4, 7, 9])
+def test_int8_spans_equal_the_whole_vector_encoding(parts: int) -> None:
+    x = _vec(2)
+    whole = codec.encode("int8", x)
+    nb = codec.num_blocks(NUMEL)
+    whole_scales, whole_q = whole[: 4 * nb], whole[4 * nb :]
+    decoded_whole = codec.decode("int8", whole, NUMEL)
+    pieces = []
+    for lo, hi in codec.spans(NUMEL, parts):
+        assert lo % codec.BLOCK == 0
+        part = codec.encode("int8", x[lo:hi])
+        pb = codec.num_blocks(hi - lo)
+        b0 = lo // codec.BLOCK
+        assert part[: 4 * pb] == whole_scales[4 * b0 : 4 * (b0 + pb)]
+        assert part[4 * pb :] == whole_q[lo:hi]
+        pieces.append(codec.decode("int8", part, hi - lo))
+    assert torch.equal(torch.cat(pieces), decoded_whole)
+
+
+def test_int8_error_is_at_most_half_a_step_per_block() -> None:
+    x = _vec(3)
+    x[codec.BLOCK : 2 * codec.BLOCK] = 0.0  # an all-zero block must survive as zeros
+    y = codec.roundtrip("int8", x)
+    padded = torch.zeros(codec.num_blocks(NUMEL) * codec.BLOCK)
+    padded[:NUMEL] = x
+    step = (padded.view(-1, codec.BLOCK).abs().amax(dim=1) / 127.0).repeat_interleave(codec.BLOCK)[:NUMEL]
+    assert bool(((x - y).abs() <= step / 2 + 1e-12).all())
+    assert torch.equal(y[codec.BLOCK : 2 * codec.BLOCK], torch.zeros(codec.BLOCK))
+
+
+def test_error_feedback_keeps_the_accumulated_error_bounded() -> None:
+    """Small coordinates next to an outlier round to zero every time; only error feedback sends them."""
+    n = codec.BLOCK
+    delta = torch.full((n,), 0.003)
+    delta[0] = 1.0  # step = 1/127 = 0.0079, so 0.003 rounds to 0 without feedback
+    rounds = 50
+    sent_plain = torch.zeros(n)
+    sent_ef = torch.zeros(n)
+    residual = torch.zeros(n)
+    for _ in range(rounds):
+        sent_plain += codec.roundtrip("int8", delta)
+        with_residual = delta + residual
+        transmitted = codec.roundtrip("int8", with_residual)
+        residual = with_residual - transmitted
+        sent_ef += transmitted
+    truth = delta * rounds
+    err_plain = float((sent_plain - truth)[1:].abs().max())
+    err_ef = float((sent_ef - truth)[1:].abs().max())
+    assert err_plain == pytest.approx(0.003 * rounds, rel=1e-4)  # everything small was lost
+    assert err_ef <= 1.0 / 127 / 2 + 1e-6  # at most half a step, however many rounds
+
+
+def test_local_peer_carries_the_compression_residual(shards: list) -> None:
+    """The round code keeps Δ − C(Δ) after a compressed round and adds it to the next Δ."""
+    spec = fast_spec(averaging={"compression": "int8"}, round={"inner_steps": 2})
+    peers = [LocalPeer(spec, [s], peer_id=f"p{i}", threads=1) for i, s in enumerate(shards[:2])]
+    phases = {p.peer_id: p.train_phase() for p in peers}
+    results = reduce_in_process({p.peer_id: p.request(phases[p.peer_id]) for p in peers}, swarm_id=spec.swarm_id,
+                                compression="int8", rule="mean", trim_fraction=0.2)
+    for p in peers:
+        assert results[p.peer_id].compressed
+        p.finish_round(phases[p.peer_id], results[p.peer_id])
+        expected = phases[p.peer_id].delta - codec.roundtrip("int8", phases[p.peer_id].delta)
+        assert p.residual is not None and torch.equal(p.residual, expected)
+        assert float(p.residual.abs().max()) > 0
+    p = peers[0]
+    residual = p.residual
+    assert residual is not None
+    phase = p.train_phase()
+    assert torch.equal(phase.delta, (p.theta - flat_params(p.model)) + residual)
+
+
+@pytest.mark.parametrize("name", codec.CODECS)
+def test_decode_rejects_wrong_sizes(name: str) -> None:
+    data = codec.encode(name, _vec(4))
+    for bad in (data[:-1], data + b"\x00", b"", data[: len(data) // 2]):
+        with pytest.raises(ValueError, match="must be"):
+            codec.decode(name, bad, NUMEL)
+    with pytest.raises(ValueError, match="must be"):
+        codec.decode(name, data, NUMEL + 1)
+
+
+def test_decode_rejects_non_finite_payloads() -> None:
+    nb = codec.num_blocks(NUMEL)
+    good = codec.encode("int8", _vec(5))
+    for bad_scale in (float("nan"), float("inf"), -1.0):
+        bad = torch.tensor([bad_scale], dtype=torch.float32).numpy().tobytes() + good[4:]
+        with pytest.raises(ValueError, match="scale"):
+            codec.decode("int8", bad, NUMEL)
+    assert len(good) == NUMEL + 4 * nb
+    nan32 = torch.full((NUMEL,), float("nan")).numpy().tobytes()
+    with pytest.raises(ValueError, match="NaN or inf"):
+        codec.decode("none", nan32, NUMEL)
+    inf16 = torch.full((NUMEL,), float("inf"), dtype=torch.float16).numpy().tobytes()
+    with pytest.raises(ValueError, match="NaN or inf"):
+        codec.decode("fp16", inf16, NUMEL)
+
+
+def test_encode_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match="NaN or inf"):
+        codec.encode("int8", torch.tensor([1.0, float("nan")]))
+    with pytest.raises(ValueError, match="overflows fp16"):
+        codec.encode("fp16", torch.tensor([1e6]))
+    with pytest.raises(ValueError, match="flat float32"):
+        codec.encode("int8", torch.zeros(2, 2))
+    with pytest.raises(ValueError, match="unknown codec"):
+        codec.encode("int4", torch.zeros(3))
+    assert codec.encode("int8", torch.zeros(0)) == b""  # empty spans (more members than blocks) are fine
+
+
+@pytest.mark.parametrize("name", codec.CODECS)
+@pytest.mark.parametrize("n", [2, 3, 4, 5])
+def test_counted_bytes_are_the_encoded_payloads(name: str, n: int) -> None:
+    x = _vec(6)
+    spans = codec.spans(NUMEL, n)
+    for i, (lo, hi) in enumerate(spans):
+        sent_parts = sum(len(codec.encode(name, x[a:b])) for j, (a, b) in enumerate(spans) if j != i)
+        sent_reduced = (n - 1) * len(codec.encode(name, x[lo:hi]))
+        assert butterfly_bytes(NUMEL, n, i, name) == sent_parts + sent_reduced
+    if name == "none":  # together the members send what a ring all-reduce sends
+        total = sum(butterfly_bytes(NUMEL, n, i, name) for i in range(n))
+        assert total == 2 * (n - 1) * NUMEL * 4
+
+
+def test_in_process_group_reports_bytes_and_compression() -> None:
+    reqs = {f"p{i}": AverageRequest(round=0, delta=_vec(10 + i), weight=1.0, model_sha256="x") for i in range(3)}
+    out = reduce_in_process(reqs, swarm_id="s", compression="int8", rule="mean", trim_fraction=0.2)
+    for i, pid in enumerate(sorted(reqs)):
+        assert out[pid].compressed
+        assert out[pid].bytes_sent == butterfly_bytes(NUMEL, 3, i, "int8") > 0
+    agg = out["p0"].aggregate
+    assert agg is not None
+    assert all(torch.equal(agg, r.aggregate) for r in out.values() if r.aggregate is not None)
+    # the aggregate is what a decoder of the reducer's int8 bytes sees
+    assert torch.equal(agg, codec.roundtrip("int8", agg))
+
+
+def test_int8_simulation_is_deterministic_and_counts_bytes(shards: list) -> None:
+    spec = fast_spec(averaging={"compression": "int8"}, round={"inner_steps": 3})
+    runs = []
+    for _ in range(2):
+        peers, result = simulate(spec, [[s] for s in shards[:3]], rounds=2, threads=1, save_checkpoints=False)
+        for rnd in result.per_round:
+            assert len({v["model_sha256"] for v in rnd.values()}) == 1  # every member holds the same bits
+            assert all(int(v["bytes_sent"]) > 0 for v in rnd.values())  # type: ignore[call-overload]
+        runs.append([p.theta_sha256 for p in peers] + [hashlib.sha256(p.residual.numpy().tobytes()).hexdigest()
+                                                        for p in peers if p.residual is not None])
+    assert runs[0] == runs[1]
+    assert len(runs[0]) == 6  # every peer carries a residual
