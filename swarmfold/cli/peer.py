@@ -12,9 +12,20 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a usage error otherwise, not a traceback)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _add_threads(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=int, default=int(os.environ.get("SWARMFOLD_THREADS", "2")),
-                   help="intra-op CPU threads; part of the determinism contract (default 2)")
+    p.add_argument("--threads", type=positive_int, default=int(os.environ.get("SWARMFOLD_THREADS", "2")),
+                   help="intra-op CPU threads; part of the determinism contract (default 2, or $SWARMFOLD_THREADS)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,24 +38,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="prepare data shards")
     dsub = p.add_subparsers(dest="data_command", required=True, metavar="SOURCE")
     s = dsub.add_parser("stdlib", help="the running Python's standard library, split by top-level module")
-    s.add_argument("--shards", type=int, required=True)
-    s.add_argument("--out", type=Path, required=True)
+    s.add_argument("--shards", type=positive_int, required=True, help="how many shard folders to write")
+    s.add_argument("--out", type=Path, required=True, help="folder that receives shard-0 .. shard-{N-1}")
     s.set_defaults(handler=cmd_data_stdlib)
 
     p = sub.add_parser("train", help="train alone: rounds of H inner steps + the outer step on its own delta")
     p.add_argument("--spec", required=True, type=Path)
     p.add_argument("--data", required=True, nargs="+", help="files, folders or globs of this peer's shard")
     p.add_argument("--workdir", required=True, type=Path)
-    p.add_argument("--rounds", required=True, type=int, help="train until this many rounds are done")
+    p.add_argument("--rounds", required=True, type=positive_int, help="train until this many rounds are done")
     p.add_argument("--peer-id", default="local", help="seed-schedule identity of this peer (default 'local')")
-    p.add_argument("--keep", type=int, default=3, help="checkpoints to keep (default 3)")
+    p.add_argument("--keep", type=positive_int, default=3, help="checkpoints to keep (default 3)")
     _add_threads(p)
     p.set_defaults(handler=cmd_train)
 
     p = sub.add_parser("eval", help="validation loss and perplexity of a checkpoint on shards")
     p.add_argument("target", help="a workdir (its newest checkpoint) or a checkpoint folder")
     p.add_argument("--data", required=True, nargs="+")
-    p.add_argument("--max-windows", type=int, default=None, help="evaluate at most this many windows")
+    p.add_argument("--max-windows", type=positive_int, default=None, help="evaluate at most this many windows")
     p.add_argument("--json", action="store_true")
     _add_threads(p)
     p.set_defaults(handler=cmd_eval)
@@ -52,7 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="sample text from a checkpoint")
     p.add_argument("target")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--tokens", type=int, default=200)
+    p.add_argument("--tokens", type=positive_int, default=200, help="tokens to sample (default 200)")
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-k", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
@@ -98,6 +109,7 @@ def cmd_data_stdlib(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from swarmfold.averaging.base import SoloAverager
+    from swarmfold.peer.checkpoint import CheckpointError, list_checkpoints
     from swarmfold.peer.local import LocalPeer
     from swarmfold.peer.trainer import set_threads
     from swarmfold.spec import load_spec
@@ -108,6 +120,10 @@ def cmd_train(args: argparse.Namespace) -> int:
                      keep_checkpoints=args.keep)
     if peer.resume():
         print(f"resuming at round {peer.round}")
+    elif list_checkpoints(args.workdir):
+        # Starting over would let pruning delete the fresh checkpoints in favour of the damaged ones.
+        raise CheckpointError(f"{args.workdir}: every checkpoint is damaged (see the warnings above); "
+                              "move checkpoints/ away to start over, or use a fresh --workdir")
     averager = SoloAverager()
     while peer.round < args.rounds:
         report = peer.run_round(averager)
@@ -157,6 +173,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     from swarmfold.peer.checkpoint import resolve_checkpoint
     from swarmfold.peer.inference import export
 
+    if args.out.exists() and not (args.out / "swarmfold.json").is_file():
+        print(f"swarmfold export: {args.out} exists and is not a swarmfold export; choose a new --out",
+              file=sys.stderr)
+        return 2
     out = export(resolve_checkpoint(args.target), args.out)
     print(f"exported to {out}; load with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
     return 0

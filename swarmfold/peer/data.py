@@ -30,7 +30,7 @@ from swarmfold.spec import canonical_hash
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: meta.json carries the sha256 of the tokens
 _SKIP_DIRS = {"__pycache__", ".git", ".hg", ".svn", "node_modules"}
 
 
@@ -140,19 +140,28 @@ class Shard:
             [[e.name, e.sha256] for e in self.manifest] + [["tokenizer", tokenizer.ident]]
         )
         self.tokens = self._load_or_build()
-        num_windows = (len(self.tokens) - 1) // seq_len
-        if num_windows < 2:
-            raise DataError(
-                f"empty shard: {len(self.tokens)} tokens from {len(self.manifest)} file(s) "
-                f"({', '.join(e.name for e in self.manifest[:3])}) make fewer than 2 windows of "
-                f"{seq_len + 1} tokens; add more text"
-            )
+        num_windows = self._check_windows(len(self.tokens))
         n_val = max(1, math.ceil(val_fraction * num_windows))
         n_val = min(n_val, num_windows - 1)
         g = make_generator(derive_seed(0, "val-split", self.manifest_hash))
         perm = torch.randperm(num_windows, generator=g)
         self.val_windows = torch.sort(perm[:n_val]).values
         self.train_windows = torch.sort(perm[n_val:]).values
+
+    def _check_windows(self, count: int) -> int:
+        """The number of windows in `count` tokens, or DataError if too few to train and validate."""
+        num_windows = (count - 1) // self.seq_len
+        if num_windows < 2:
+            raise DataError(
+                f"{self._describe()}: too little text, {count} tokens make fewer than 2 windows of "
+                f"{self.seq_len + 1} tokens (one to train, one to validate); add more text"
+            )
+        return num_windows
+
+    def _describe(self) -> str:
+        paths = ", ".join(str(e.path) for e in self.manifest[:3])
+        more = f" and {len(self.manifest) - 3} more" if len(self.manifest) > 3 else ""
+        return f"shard {paths}{more}"
 
     # ---- cache ---------------------------------------------------------------------
     @property
@@ -168,26 +177,33 @@ class Shard:
             try:
                 meta = json.loads(meta_path.read_text())
                 if meta["count"] * np.dtype(dtype).itemsize == tok_path.stat().st_size:
-                    return np.memmap(tok_path, dtype=dtype, mode="r", shape=(meta["count"],))
+                    tokens = np.memmap(tok_path, dtype=dtype, mode="r", shape=(meta["count"],))
+                    # Checked on every load (a few ms per MB): a flipped bit would silently change training.
+                    if hashlib.sha256(tokens.view(np.uint8).data).hexdigest() == meta["sha256"]:
+                        logger.debug("token cache hit: %s", tok_path)
+                        return tokens
             except (ValueError, KeyError, OSError):
                 pass
             logger.warning("token cache %s is damaged; rebuilding it", tok_path)
-        tokens = self._tokenize(dtype)
+        built = self._tokenize(dtype)
+        self._check_windows(len(built))  # bad input leaves nothing in the cache
         directory.mkdir(parents=True, exist_ok=True)
-        _atomic_write(tok_path, tokens.tobytes())
-        _atomic_write(meta_path, json.dumps({"count": int(len(tokens)), "dtype": np.dtype(dtype).name,
+        blob = built.tobytes()
+        _atomic_write(tok_path, blob)
+        _atomic_write(meta_path, json.dumps({"count": int(len(built)), "dtype": np.dtype(dtype).name,
+                                              "sha256": hashlib.sha256(blob).hexdigest(),
                                               "manifest_hash": self.manifest_hash}).encode())
-        return np.memmap(tok_path, dtype=dtype, mode="r", shape=(len(tokens),))
+        return np.memmap(tok_path, dtype=dtype, mode="r", shape=(len(built),))
 
     def _tokenize(self, dtype: type) -> np.ndarray:
         pieces: list[np.ndarray] = []
-        eos = np.array([self.tokenizer.eos_id], dtype=dtype)
+        eos: np.ndarray = np.array([self.tokenizer.eos_id], dtype=dtype)
         for entry in self.manifest:
             for doc in read_documents(entry.path):
                 pieces.append(self.tokenizer.encode(doc).astype(dtype))
                 pieces.append(eos)
         if not pieces:
-            raise DataError(f"empty shard: the files ({', '.join(e.name for e in self.manifest[:3])}) hold no text")
+            raise DataError(f"{self._describe()}: empty shard, the files hold no text; add text files")
         return np.concatenate(pieces)
 
     # ---- windows -------------------------------------------------------------------

@@ -8,11 +8,14 @@ import shutil
 from pathlib import Path
 
 import torch
+from transformers import PreTrainedModel
+from transformers.utils import logging as hf_logging
 
 from swarmfold.peer.checkpoint import Checkpoint
 from swarmfold.peer.local import model_from_checkpoint
 from swarmfold.peer.seeds import make_generator
 from swarmfold.peer.tokenizer import load_tokenizer
+from swarmfold.spec import Spec
 
 
 @torch.no_grad()
@@ -50,18 +53,36 @@ def export(ckpt: Checkpoint, out: Path) -> Path:
     The folder appears whole or not at all.
     """
     spec, model = model_from_checkpoint(ckpt)
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"export: expected a transformers model, got {type(model).__name__}")
     out = Path(out)
+    if out.exists() and not (out / "swarmfold.json").is_file():
+        raise FileExistsError(f"{out} exists and is not a swarmfold export; choose a new --out folder")
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp), safe_serialization=True)
+    try:
+        _write_export(ckpt, spec, model, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():  # an earlier export: replace it whole
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def _write_export(ckpt: Checkpoint, spec: Spec, model: PreTrainedModel, folder: Path) -> None:
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # CLI output stays one line; the bar adds nothing for one file
+    try:
+        model.save_pretrained(str(folder), safe_serialization=True)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     if spec.tokenizer.kind == "hf":
-        load_tokenizer(spec.tokenizer)._tok.save_pretrained(str(tmp))  # type: ignore[attr-defined]
+        load_tokenizer(spec.tokenizer)._tok.save_pretrained(str(folder))  # type: ignore[attr-defined]
     info = {"swarmfold_round": ckpt.round, "model_sha256": ckpt.meta.get("model_sha256"),
             "spec_hash": ckpt.meta.get("spec_hash"), "tokenizer": spec.tokenizer.kind,
             "note": "byte-level tokenizer: token i < 256 is byte i, 256 is end-of-text"
             if spec.tokenizer.kind == "bytes" else "tokenizer files included"}
-    (tmp / "swarmfold.json").write_text(json.dumps(info, indent=1))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
+    (folder / "swarmfold.json").write_text(json.dumps(info, indent=1))
