@@ -153,7 +153,8 @@ def test_status_json(served: ControlApi) -> None:
     assert snap["summary"]["hash_agreement"] == {"round": 2, "model_sha256": "h1", "agree": 2, "at_round": 2,
                                                  "behind": 0, "ratio": 1.0, "distinct_hashes": 1}
     assert snap["last_checkpoint_age_s"] >= 5 and snap["rounds"] == {"committed": 1, "rolled_back": 1}
-    assert [c["round"] for c in snap["swarm_loss_curve"]] == [2]
+    # records at round 2 carry the losses of round 1, the round their peers finished last
+    assert snap["swarm_loss_curve"] == [{"round": 1, "loss_mean": pytest.approx(4.2), "peers": 2}]
 
 
 def test_changes_need_the_token(served: ControlApi, tmp_path: Path) -> None:

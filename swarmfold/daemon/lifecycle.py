@@ -4,6 +4,8 @@ Files in the workdir W:
   daemon.pid        the pid of the running peer; the peer holds an flock on it while it runs,
                     so a stale file (after kill -9 or a reboot) never blocks a new start
   daemon.exit.json  how the last run ended: pid, exit code, time
+  daemon.children.json  the peer's child processes (DHT, libp2p daemon), so that a start after
+                    a kill -9 of the peer can end the children it left behind
   api.json          where the running peer's control API listens (written by the peer)
   control.token     the token that API changes need (mode 0600)
   logs/swarmfold.log   the rotating log (also written when running in the foreground)
@@ -12,6 +14,7 @@ Files in the workdir W:
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -32,6 +35,26 @@ EXIT_FILE = "daemon.exit.json"
 LOG_DIR = "logs"
 LOG_FILE = "swarmfold.log"
 STDIO_FILE = "daemon.out"
+CHILDREN_FILE = "daemon.children.json"
+
+# Lock files held by this process. A forked child (hivemind's DHT process) inherits the open
+# file, and with it the flock: it would keep the workdir "running" after a kill -9 of the peer.
+# So every fork closes its copies at once.
+_held: dict[str, IO[str]] = {}
+
+
+def _close_inherited_locks() -> None:
+    for f in _held.values():
+        try:  # point the fd at /dev/null: drops this copy of the lock, and the file object stays closable
+            devnull = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(devnull, f.fileno())
+            os.close(devnull)
+        except OSError:
+            pass
+    _held.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited_locks)
 
 
 class WorkdirLocked(RuntimeError):
@@ -80,9 +103,11 @@ class WorkdirLock:
         f.flush()
         os.fsync(f.fileno())
         self._file = f
+        _held[str(self.path.resolve())] = f
 
     def release(self) -> None:
         if self._file is not None:
+            _held.pop(str(self.path.resolve()), None)
             self._file.seek(0)
             self._file.truncate()
             self._file.close()  # closing drops the flock
@@ -119,6 +144,67 @@ def read_exit_file(workdir: Path) -> dict[str, Any] | None:
     except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
         return None
     return info if isinstance(info, dict) else None
+
+
+# ---- children left behind ---------------------------------------------------------------
+def record_children(workdir: Path, known: set[tuple[int, float]] | None = None) -> set[tuple[int, float]]:
+    """Write this process's descendants (pid, start time) to W/daemon.children.json if they changed."""
+    import psutil
+
+    found: set[tuple[int, float]] = set()
+    for child in psutil.Process().children(recursive=True):
+        try:
+            found.add((child.pid, child.create_time()))
+        except psutil.Error:
+            continue
+    if found != known:
+        path = Path(workdir) / CHILDREN_FILE
+        tmp = path.with_name(f".{CHILDREN_FILE}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps({"parent": os.getpid(), "children": sorted(found)}) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    return found
+
+
+def end_leftover_children(workdir: Path, *, grace: float = 3.0) -> list[int]:
+    """End the processes a previous peer in `workdir` left running (its DHT, its libp2p daemon)
+    when it was killed with SIGKILL. Only processes whose pid *and* start time match are touched."""
+    import psutil
+
+    path = Path(workdir) / CHILDREN_FILE
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8")).get("children", [])
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return []
+    leftovers = []
+    for pid, started in entries:
+        try:
+            proc = psutil.Process(int(pid))
+            if (pid != os.getpid() and abs(proc.create_time() - float(started)) < 1e-3
+                    and proc.status() != psutil.STATUS_ZOMBIE):  # a zombie is dead already
+                leftovers.append(proc)
+        except (psutil.Error, TypeError, ValueError):
+            continue
+    for proc in leftovers:
+        logger.warning("ending pid %d (%s), left running by the previous peer in %s", proc.pid,
+                       _describe(proc), workdir)
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _, alive = psutil.wait_procs(leftovers, timeout=grace)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=grace)
+    path.unlink(missing_ok=True)
+    return [p.pid for p in leftovers]
+
+
+def _describe(proc: Any) -> str:
+    import psutil
+
+    try:
+        return " ".join(proc.cmdline()[:3])
+    except psutil.Error:
+        return "?"
 
 
 # ---- start ---------------------------------------------------------------------------
@@ -185,6 +271,7 @@ def stop_daemon(workdir: Path, *, timeout: float, force: bool = False) -> tuple[
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if running_pid(workdir) is None:
+            _wait_gone(pid, max(1.0, deadline - time.monotonic()))
             info = read_exit_file(workdir) or {}
             if info.get("pid") == pid and info.get("code") == 0:
                 ckpt = info.get("checkpoint") or "no checkpoint"
@@ -197,6 +284,20 @@ def stop_daemon(workdir: Path, *, timeout: float, force: bool = False) -> tuple[
                 "resumes from the newest valid checkpoint"), 1
     return (f"peer (pid {pid}) is still running after {timeout:.0f} s (it may be finishing a round); wait, "
             f"or run `swarmfold stop --force --workdir {workdir}`"), 1
+
+
+def _wait_gone(pid: int, timeout: float) -> None:
+    """After the lock is released the process is tearing down; wait until it is gone (or a zombie)."""
+    import psutil
+
+    deadline = time.monotonic() + min(timeout, 30.0)
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return
+        except psutil.NoSuchProcess:
+            return
+        time.sleep(0.1)
 
 
 # ---- offline status ------------------------------------------------------------------

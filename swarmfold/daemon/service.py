@@ -13,6 +13,7 @@ data, settings), 3 the workdir is held by another peer, 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import logging.handlers
@@ -40,6 +41,8 @@ from swarmfold.daemon.lifecycle import (
     LOG_FILE,
     WorkdirLock,
     WorkdirLocked,
+    end_leftover_children,
+    record_children,
     write_exit_file,
 )
 from swarmfold.daemon.options import PeerOptions, add_peer_arguments, options_from_args
@@ -189,16 +192,34 @@ def run_service(options: PeerOptions, *, foreground: bool, runner: RunPeer | Non
         logger.error("%s", e)
         return EXIT_LOCKED
     code, status = EXIT_FAILURE, PeerStatus()
+    done = threading.Event()
     try:
         with service_logging(workdir, foreground=foreground) as log:
             logger.info("swarmfold peer starting in %s (pid %d, log %s)", workdir, os.getpid(), log)
+            end_leftover_children(workdir)
+            threading.Thread(target=_track_children, args=(workdir, done), name="swarmfold-children",
+                             daemon=True).start()
             code = _serve(options, status=status, runner=runner or _default_runner())
     finally:
+        done.set()
+        with contextlib.suppress(Exception):  # what is still running now is for the next start to end
+            record_children(workdir)
         snap = status.snapshot()
         (workdir / API_FILE).unlink(missing_ok=True)
         write_exit_file(workdir, code, round=snap["round"], checkpoint=snap["last_checkpoint_path"] or None)
         lock.release()
     return code
+
+
+def _track_children(workdir: Path, done: threading.Event, interval: float = 2.0) -> None:
+    """Keep W/daemon.children.json current, for `end_leftover_children` after a kill -9."""
+    known: set[tuple[int, float]] | None = None
+    while not done.is_set():
+        try:
+            known = record_children(workdir, known)
+        except Exception as e:  # bookkeeping only: never take the peer down
+            logger.debug("could not record child processes: %s", e)
+        done.wait(interval)
 
 
 def _serve(options: PeerOptions, *, status: PeerStatus, runner: RunPeer) -> int:

@@ -53,7 +53,7 @@ class PeerStatus:
     allreduce_seconds: list[float] = field(default_factory=list)  # every observation, for histograms
     history: deque = field(default_factory=lambda: deque(maxlen=500))
     swarm: dict[str, dict[str, Any]] = field(default_factory=dict)  # peer id -> its published record
-    # round -> {peer id -> the loss it published for that round}, kept for the swarm's loss curve
+    # finished round -> {peer id -> the loss it published for it}, kept for the swarm's loss curve
     swarm_losses: dict[int, dict[str, float]] = field(default_factory=dict)
     paused: bool = False
     started_at: float = field(default_factory=time.time)
@@ -108,8 +108,9 @@ class PeerStatus:
                 metrics = rec.get("metrics")
                 metrics = metrics if isinstance(metrics, dict) else {}
                 loss, rnd = rec.get("loss", metrics.get("loss")), rec.get("round")
-                if isinstance(loss, int | float) and isinstance(rnd, int) and math.isfinite(loss):
-                    self.swarm_losses.setdefault(rnd, {})[pid] = float(loss)
+                # a record at round R carries the loss of the round its peer finished last, R - 1
+                if isinstance(loss, int | float) and isinstance(rnd, int) and rnd >= 1 and math.isfinite(loss):
+                    self.swarm_losses.setdefault(rnd - 1, {})[pid] = float(loss)
             for old in sorted(self.swarm_losses)[:-SWARM_LOSS_ROUNDS]:
                 del self.swarm_losses[old]
 
