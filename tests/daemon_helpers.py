@@ -1,0 +1,102 @@
+"""Background peers for tests: `swarmfold start/stop/...` as a user runs them, and cleanup.
+
+`swarmfold start` detaches the peer (its own session), so it is not a child of the test:
+the `daemons` fixture finds each one through its workdir's lock and kills its process
+group, then ends anything it left behind (hivemind's DHT process, the libp2p daemon).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from swarmfold.daemon.api import read_api_file
+from swarmfold.daemon.lifecycle import end_leftover_children, running_pid
+
+LOOPBACK = "/ip4/127.0.0.1/tcp/0"
+# short network timeouts, so a lonely peer steps alone quickly and a dead one is noticed fast
+NET = {"matchmaking_timeout": 3.0, "join_timeout": 2.0, "allreduce_timeout": 5.0, "commit_timeout": 3.0}
+
+
+def swarmfold(*args: str, timeout: float = 240.0, check: bool = False) -> subprocess.CompletedProcess[str]:
+    p = subprocess.run([sys.executable, "-m", "swarmfold", *args], capture_output=True, text=True,
+                       timeout=timeout, env=dict(os.environ))
+    if check and p.returncode != 0:
+        raise AssertionError(f"swarmfold {' '.join(args)} exited {p.returncode}:\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+def start(workdir: Path, spec: Path, shard: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return swarmfold("start", "--spec", str(spec), "--data", str(shard), "--workdir", str(workdir),
+                     "--threads", "1", "--host-maddrs", LOOPBACK, "--keep", "10", *extra)
+
+
+def api_status(workdir: Path) -> dict[str, Any] | None:
+    info = read_api_file(workdir)
+    if info is None:
+        return None
+    try:
+        with urllib.request.urlopen(info["url"] + "api/status", timeout=5) as r:
+            return dict(json.loads(r.read()))
+    except OSError:
+        return None
+
+
+def log_tail(workdir: Path, lines: int = 40) -> str:
+    out = []
+    for name in ("logs/swarmfold.log", "logs/daemon.out"):
+        path = workdir / name
+        if path.exists():
+            out.append(f"--- {path}\n" + "\n".join(path.read_text(errors="replace").splitlines()[-lines:]))
+    return "\n".join(out) or "(no log)"
+
+
+def wait_status(workdir: Path, what: str, pred: Callable[[dict[str, Any]], bool], timeout: float = 180.0
+                ) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    last: dict[str, Any] | None = None
+    while time.monotonic() < deadline:
+        snap = api_status(workdir)
+        if snap is not None:
+            last = snap
+            if pred(snap):
+                return snap
+        time.sleep(0.5)
+    brief = {k: (last or {}).get(k) for k in ("state", "reason", "round", "rounds", "peers_seen", "loss")}
+    raise AssertionError(f"{workdir}: timed out waiting for {what}; last status {brief}\n{log_tail(workdir)}")
+
+
+def finished_rounds(snap: dict[str, Any]) -> int:
+    return sum(snap.get("rounds", {}).values())
+
+
+def kill_daemon(workdir: Path) -> None:
+    pid = running_pid(workdir)
+    if pid and pid > 0:
+        try:
+            os.killpg(pid, signal.SIGKILL)  # `start` made the peer a session (and group) leader
+        except (ProcessLookupError, PermissionError):
+            pass
+        deadline = time.monotonic() + 10
+        while running_pid(workdir) is not None and time.monotonic() < deadline:
+            time.sleep(0.1)
+    end_leftover_children(workdir, grace=1.0)
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[Path]]:
+    """Workdirs of background peers a test starts; every one is killed afterwards."""
+    workdirs: list[Path] = []
+    yield workdirs
+    for w in workdirs:
+        kill_daemon(w)
