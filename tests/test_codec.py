@@ -123,29 +123,11 @@ def test_decode_rejects_wrong_sizes(name: str) -> None:
         codec.decode(name, data, NUMEL + 1)
 
 
-def test_decode_rejects_non_finite_payloads() -> None:
-    nb = codec.num_blocks(NUMEL)
-    good = codec.encode("int8", _vec(5))
-    for bad_scale in (float("nan"), float("inf"), -1.0):
-        bad = torch.tensor([bad_scale], dtype=torch.float32).numpy().tobytes() + good[4:]
-        with pytest.raises(ValueError, match="scale"):
-            codec.decode("int8", bad, NUMEL)
-    assert len(good) == NUMEL + 4 * nb
-    nan32 = torch.full((NUMEL,), float("nan")).numpy().tobytes()
-    with pytest.raises(ValueError, match="NaN or inf"):
-        codec.decode("none", nan32, NUMEL)
-    inf16 = torch.full((NUMEL,), float("inf"), dtype=torch.float16).numpy().tobytes()
-    with pytest.raises(ValueError, match="NaN or inf"):
-        codec.decode("fp16", inf16, NUMEL)
-
-
 def test_encode_rejects_bad_input() -> None:
-    with pytest.raises(ValueError, match="NaN or inf"):
-        codec.encode("int8", torch.tensor([1.0, float("nan")]))
-    with pytest.raises(ValueError, match="overflows fp16"):
-        codec.encode("fp16", torch.tensor([1e6]))
     with pytest.raises(ValueError, match="flat float32"):
         codec.encode("int8", torch.zeros(2, 2))
+    with pytest.raises(ValueError, match="flat float32"):
+        codec.encode("int8", torch.zeros(3, dtype=torch.float64))
     with pytest.raises(ValueError, match="unknown codec"):
         codec.encode("int4", torch.zeros(3))
     assert codec.encode("int8", torch.zeros(0)) == b""  # empty spans (more members than blocks) are fine
@@ -179,14 +161,14 @@ def test_in_process_group_reports_bytes_and_compression() -> None:
 
 
 def test_int8_simulation_is_deterministic_and_counts_bytes(shards: list) -> None:
-    spec = fast_spec(averaging={"compression": "int8"}, round={"inner_steps": 3})
+    spec = fast_spec(averaging={"compression": "int8"}, round={"inner_steps": 2})
     runs = []
     for _ in range(2):
-        peers, result = simulate(spec, [[s] for s in shards[:3]], rounds=2, threads=1, save_checkpoints=False)
+        peers, result = simulate(spec, [[s] for s in shards[:2]], rounds=2, threads=1, save_checkpoints=False)
         for rnd in result.per_round:
             assert len({v["model_sha256"] for v in rnd.values()}) == 1  # every member holds the same bits
             assert all(int(v["bytes_sent"]) > 0 for v in rnd.values())  # type: ignore[call-overload]
         runs.append([p.theta_sha256 for p in peers] + [hashlib.sha256(p.residual.numpy().tobytes()).hexdigest()
                                                         for p in peers if p.residual is not None])
     assert runs[0] == runs[1]
-    assert len(runs[0]) == 6  # every peer carries a residual
+    assert len(runs[0]) == 4  # every peer carries a residual
