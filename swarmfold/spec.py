@@ -220,16 +220,22 @@ PRESETS = ("tiny", "small")
 
 # ---- loading and validation ----------------------------------------------------------
 
-def _coerce(value: Any, typ: Any, where: str, errors: list[str]) -> Any:
-    """Check a TOML value against a field type; ints are accepted for floats."""
+def _coerce(value: Any, typ: Any, where: str, errors: list[str], example: Any = None) -> Any:
+    """Check a TOML value against a field type; ints are accepted for floats.
+
+    `example` (the field's default) goes into the fix hint.
+    """
+    name = where.split(".")[-1]
     if typ in ("int", int):
         if isinstance(value, bool) or not isinstance(value, int):
-            errors.append(f"{where}: expected an integer, got {value!r}; write e.g. {where.split('.')[-1]} = 4")
+            errors.append(f"{where}: expected an integer, got {value!r}; write e.g. {name} = "
+                          f"{example if isinstance(example, int) else 4}")
             return None
         return value
     if typ in ("float", float):
         if isinstance(value, bool) or not isinstance(value, int | float):
-            errors.append(f"{where}: expected a number, got {value!r}; write e.g. {where.split('.')[-1]} = 0.5")
+            errors.append(f"{where}: expected a number, got {value!r}; write e.g. {name} = "
+                          f"{example if isinstance(example, float) else 0.5}")
             return None
         if not math.isfinite(value):
             errors.append(f"{where}: must be finite, got {value!r}")
@@ -271,7 +277,8 @@ def _load_section(cls: type, raw: Any, where: str, errors: list[str]) -> Any:
         if section is not None:
             kwargs[key] = _load_section(section, value, key, errors)
             continue
-        coerced = _coerce(value, f.type, f"{where}.{key}" if where else key, errors)
+        example = f.default if f.default is not dataclasses.MISSING else None
+        coerced = _coerce(value, f.type, f"{where}.{key}" if where else key, errors, example)
         if coerced is not None:
             kwargs[key] = coerced
     return cls(**kwargs)
