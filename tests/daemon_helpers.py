@@ -22,6 +22,7 @@ import pytest
 
 from swarmfold.daemon.api import read_api_file
 from swarmfold.daemon.lifecycle import end_leftover_children, running_pid
+from swarmfold.daemon.state import PeerStatus, RoundRecord
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 # short network timeouts, so a lonely peer steps alone quickly and a dead one is noticed fast
@@ -91,6 +92,26 @@ def kill_daemon(workdir: Path) -> None:
         while running_pid(workdir) is not None and time.monotonic() < deadline:
             time.sleep(0.1)
     end_leftover_children(workdir, grace=1.0)
+
+
+def fed_status(peer_id: str = "12D3KooWself") -> PeerStatus:
+    """A PeerStatus after two rounds, one rejection and a two-peer swarm view."""
+    st = PeerStatus(peer_id=peer_id, swarm_id="abc123", spec_hash="f" * 64)
+    for r, (loss, status) in enumerate([(4.5, "committed"), (4.1, "rolled_back")]):
+        st.on_round(RoundRecord(round=r, status=status, train_loss=loss, tokens=1000, tokens_per_second=500.0,
+                                group_size=2, model_sha256=f"h{r}", finished_at=time.time(),
+                                timings={"train": 2.0, "matchmaking": 0.5, "allreduce": 0.3, "commit": 0.1}),
+                    bytes_sent=1234, bytes_received=2345, rejected={"12D3KooWbad": "nonfinite: NaN in span 0"},
+                    allreduce_seconds=0.3)
+    st.on_checkpoint("/w/checkpoints/round-000002", time.time() - 5)
+    st.set_swarm({
+        peer_id: {"round": 2, "model_sha256": "h1", "metrics": {"loss": 4.1, "tokens_total": 2000,
+                                                               "tokens_per_second": 500.0}, "time": time.time()},
+        "12D3KooWother": {"round": 2, "model_sha256": "h1", "metrics": {"loss": 4.3, "tokens_total": 6000,
+                                                                       "tokens_per_second": 1500.0},
+                          "time": time.time()},
+    })
+    return st
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from daemon_helpers import fed_status
 from prometheus_client.parser import text_string_to_metric_families
 
 from swarmfold.daemon import api as api_mod
@@ -31,7 +32,7 @@ from swarmfold.daemon.options import PeerOptions
 from swarmfold.daemon.resources import BatteryReading, OtherLoad, ResourceWatcher, rest
 from swarmfold.daemon.service import run_service
 from swarmfold.daemon.settings import Settings, SettingsError, load_settings, reload_settings
-from swarmfold.daemon.state import Controls, PeerStatus, RoundRecord
+from swarmfold.daemon.state import Controls, PeerStatus
 from swarmfold.daemon.summary import swarm_summary
 
 # What issue 4 requires /metrics to have, as exposed (counters with _total, histogram via _count).
@@ -42,26 +43,6 @@ REQUIRED_SAMPLES = [
     "swarmfold_sent_bytes_total", "swarmfold_received_bytes_total", "swarmfold_contributions_rejected_total",
     "swarmfold_last_checkpoint_timestamp_seconds", "swarmfold_paused",
 ]
-
-
-def fed_status(peer_id: str = "12D3KooWself") -> PeerStatus:
-    """A PeerStatus after two rounds, one rejection and a two-peer swarm view."""
-    st = PeerStatus(peer_id=peer_id, swarm_id="abc123", spec_hash="f" * 64)
-    for r, (loss, status) in enumerate([(4.5, "committed"), (4.1, "rolled_back")]):
-        st.on_round(RoundRecord(round=r, status=status, train_loss=loss, tokens=1000, tokens_per_second=500.0,
-                                group_size=2, model_sha256=f"h{r}", finished_at=time.time(),
-                                timings={"train": 2.0, "matchmaking": 0.5, "allreduce": 0.3, "commit": 0.1}),
-                    bytes_sent=1234, bytes_received=2345, rejected={"12D3KooWbad": "nonfinite: NaN in span 0"},
-                    allreduce_seconds=0.3)
-    st.on_checkpoint("/w/checkpoints/round-000002", time.time() - 5)
-    st.set_swarm({
-        peer_id: {"round": 2, "model_sha256": "h1", "metrics": {"loss": 4.1, "tokens_total": 2000,
-                                                               "tokens_per_second": 500.0}, "time": time.time()},
-        "12D3KooWother": {"round": 2, "model_sha256": "h1", "metrics": {"loss": 4.3, "tokens_total": 6000,
-                                                                       "tokens_per_second": 1500.0},
-                          "time": time.time()},
-    })
-    return st
 
 
 @pytest.fixture(autouse=True)

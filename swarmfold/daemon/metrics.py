@@ -24,12 +24,14 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from swarmfold.averaging.protocol import Rejection
 from swarmfold.daemon.state import STATES
 from swarmfold.daemon.summary import swarm_summary
 
 ALLREDUCE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 ROUND_OUTCOMES = ("committed", "alone", "rolled_back", "failed")
 PHASES = ("train", "matchmaking", "allreduce", "commit")
+REJECTIONS = tuple(r.value for r in Rejection)
 
 # family name (as exposed, before _total/_bucket suffixes) -> help text
 METRICS: dict[str, str] = {
@@ -137,7 +139,8 @@ class PeerCollector(Collector):
                                   value=snap["bytes_received"])
         rejected = CounterMetricFamily("swarmfold_contributions_rejected",
                                        METRICS["swarmfold_contributions_rejected_total"], labels=["reason"])
-        for reason, count in sorted(snap["rejected"].items()):
+        counts = dict.fromkeys(REJECTIONS, 0) | dict(snap["rejected"])  # every named error, even at 0
+        for reason, count in sorted(counts.items()):
             rejected.add_metric([reason], count)
         yield rejected
 
