@@ -29,7 +29,7 @@ from swarmfold.daemon.api import ControlApi, RemoteBindRefused, ensure_token
 from swarmfold.daemon.lifecycle import WorkdirLock, WorkdirLocked, follow, running_pid, tail_lines
 from swarmfold.daemon.metrics import METRICS
 from swarmfold.daemon.options import PeerOptions
-from swarmfold.daemon.resources import BatteryReading, OtherLoad, ResourceWatcher, rest
+from swarmfold.daemon.resources import BatteryReading, DutyCycle, OtherLoad, ResourceWatcher, rest
 from swarmfold.daemon.service import run_service
 from swarmfold.daemon.settings import Settings, SettingsError, load_settings, reload_settings
 from swarmfold.daemon.state import Controls, PeerStatus
@@ -111,6 +111,20 @@ def test_power_levels_are_duty_cycles() -> None:
     assert 0.29 <= rested and 0.29 <= time.monotonic() - t0 < 2.0
     c.request_stop()
     assert rest(s, c, 100.0) < 1.0  # a stop cuts the rest short
+
+
+@pytest.mark.parametrize(("power", "duty"), [("full", 1.0), ("medium", 0.5), ("light", 0.25)])
+def test_duty_cycle_between_inner_steps(power: str, duty: float) -> None:
+    """The step hook the round loop calls: training takes `duty` of the wall-clock time."""
+    hook, work = DutyCycle(Settings(power=power), Controls()), 0.05
+    t0 = time.monotonic()
+    for step in range(5):
+        hook(step)
+        time.sleep(work)  # a stand-in for one inner step's compute
+    wall = time.monotonic() - t0
+    assert hook.rested == pytest.approx(4 * work * (1 - duty) / duty, abs=0.05)
+    # 5 steps, and a rest after each of the first 4 (the last one's rest would fall after the round)
+    assert 5 * work / wall == pytest.approx(5 / (5 + 4 * (1 - duty) / duty), abs=0.08)
 
 
 def test_reload_keeps_settings_in_force_on_a_bad_file(tmp_path: Path) -> None:
@@ -394,7 +408,8 @@ def test_service_lifecycle_in_process(tmp_path: Path, caplog: pytest.LogCaptureF
     (w / "settings.toml").write_text("api_port = 0\n")
     seen: dict[str, Any] = {}
 
-    def loop(options: PeerOptions, *, status: PeerStatus, controls: Controls, settings: Settings) -> int:
+    def loop(options: PeerOptions, *, status: PeerStatus, controls: Controls, settings: Settings,
+             step_hook: DutyCycle) -> int:
         assert options.api_port == 0 and not (w / "api.json").exists()  # api_port 0: no API
         return 0
 
@@ -402,7 +417,8 @@ def test_service_lifecycle_in_process(tmp_path: Path, caplog: pytest.LogCaptureF
 
     (w / "settings.toml").write_text('power = "full"\n')
 
-    def driven(options: PeerOptions, *, status: PeerStatus, controls: Controls, settings: Settings) -> int:
+    def driven(options: PeerOptions, *, status: PeerStatus, controls: Controls, settings: Settings,
+               step_hook: DutyCycle) -> int:
         info = json.loads((w / "api.json").read_text())
         assert info["pid"] == os.getpid() and running_pid(w) == os.getpid()
         with pytest.raises(WorkdirLocked):

@@ -43,6 +43,27 @@ def rest(settings: Settings, controls: Controls, work_seconds: float) -> float:
     return time.monotonic() - t0
 
 
+class DutyCycle:
+    """The power level, kept between inner steps: the round loop's `step_hook`.
+
+    Called before inner step i of a round; from the second step on it rests in proportion to
+    how long the previous step took (`Settings.rest_seconds`), so training uses `duty` of the
+    wall-clock time. Matchmaking and all-reduce are not throttled (the group waits on them).
+    It reads the settings at every step, so a SIGHUP reload applies within a step.
+    """
+
+    def __init__(self, settings: Settings, controls: Controls):
+        self.settings, self.controls = settings, controls
+        self._step_started: float | None = None
+        self.rested = 0.0  # seconds, in total
+
+    def __call__(self, step: int) -> None:
+        now = time.monotonic()
+        if step > 0 and self._step_started is not None:
+            self.rested += rest(self.settings, self.controls, now - self._step_started)
+        self._step_started = time.monotonic()
+
+
 @dataclass
 class BatteryReading:
     percent: float

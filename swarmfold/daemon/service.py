@@ -46,7 +46,7 @@ from swarmfold.daemon.lifecycle import (
     write_exit_file,
 )
 from swarmfold.daemon.options import PeerOptions, add_peer_arguments, options_from_args
-from swarmfold.daemon.resources import ResourceWatcher
+from swarmfold.daemon.resources import DutyCycle, ResourceWatcher
 from swarmfold.daemon.settings import Settings, SettingsError, load_settings, reload_settings
 from swarmfold.daemon.state import Controls, PeerStatus
 from swarmfold.peer.checkpoint import CheckpointError
@@ -242,7 +242,8 @@ def _serve(options: PeerOptions, *, status: PeerStatus, runner: RunPeer) -> int:
             if controls.stop.is_set():
                 return EXIT_OK
             logger.info("settings from %s: %s", settings.source, settings.to_dict())
-            return int(runner(options, status=status, controls=controls, settings=settings) or 0)
+            return int(runner(options, status=status, controls=controls, settings=settings,
+                              step_hook=DutyCycle(settings, controls)) or 0)
         except (RemoteBindRefused, SpecError, DataError, CheckpointError, FileNotFoundError) as e:
             logger.error("%s", e)
             return EXIT_BAD_INPUT
