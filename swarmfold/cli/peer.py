@@ -67,6 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-k", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
+    _add_threads(p)
     p.set_defaults(handler=cmd_generate)
 
     p = sub.add_parser("export", help="write a transformers model folder (from_pretrained loads it)")
@@ -162,7 +163,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from swarmfold.peer.checkpoint import resolve_checkpoint
     from swarmfold.peer.inference import generate
+    from swarmfold.peer.trainer import set_threads
 
+    set_threads(args.threads)
     text = generate(resolve_checkpoint(args.target), args.prompt, tokens=args.tokens,
                     temperature=args.temperature, top_k=args.top_k, seed=args.seed)
     print(args.prompt + text)
