@@ -45,7 +45,7 @@ demo: $(STAMP)
 	  --workdir $(DEMO_DIR)/work --rounds $(DEMO_ROUNDS) --threads 1
 	$(BIN)/swarmfold --log-level WARNING eval $(DEMO_DIR)/work --data $(DEMO_DIR)/data/shard-1 --max-windows 256 --threads 1
 	@echo "--- a sample from the model (prompt: 'def '):"
-	@$(BIN)/swarmfold --log-level WARNING generate $(DEMO_DIR)/work --prompt "def " --tokens 200 --threads 1
+	@$(BIN)/swarmfold --log-level WARNING generate $(DEMO_DIR)/work --prompt "def " --tokens 200 --temperature 0.5 --threads 1
 
 clean-demo:
 	rm -rf $(DEMO_DIR)
