@@ -72,13 +72,17 @@ def test_start_status_pause_resume_stop_then_start_resumes(tmp_path: Path, shard
     assert exit_info["code"] == 0
     newest = list_checkpoints(w)[0]
     assert exit_info["checkpoint"] == str(newest)
-    k = load_checkpoint_dir(newest).round  # sound: every file matches its hash
+    ckpt = load_checkpoint_dir(newest)  # sound: every file matches its hash
+    k, tokens_before = ckpt.round, int(ckpt.meta["tokens_total"])
     offline = swarmfold("status", "--workdir", str(w))
     assert offline.returncode == 1 and "not running" in offline.stdout and f"round {k}," in offline.stdout
 
     assert start(w, spec_path, shards[0]).returncode == 0
+    assert (api_status(w) or {}).get("round", -1) >= k  # shown from the start, not only after a round
     snap = wait_status(w, "a round after the restart", lambda s: len(s["history"]) >= 1)
     assert snap["history"][0]["round"] == k  # it went on with the round after the last one it finished
+    # the lifetime token count goes on from the checkpoint's
+    assert snap["tokens_total"] == tokens_before + sum(h["tokens"] for h in snap["history"])
     log = (w / "logs" / "swarmfold.log").read_text()
     assert f"resumed from {newest} (round {k}," in log
     assert len(swarmfold("logs", "--workdir", str(w), "-n", "5", check=True).stdout.splitlines()) == 5

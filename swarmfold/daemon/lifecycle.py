@@ -315,6 +315,21 @@ def newest_checkpoint(workdir: Path) -> dict[str, Any] | None:
     return None
 
 
+def newest_sound_meta(workdir: Path) -> dict[str, Any] | None:
+    """meta.json of the newest checkpoint whose files match their hashes: the one a restart resumes from."""
+    from swarmfold.peer.checkpoint import file_sha256, list_checkpoints
+
+    for path in list_checkpoints(workdir):
+        try:
+            meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
+            files = meta["files"]
+            if isinstance(files, dict) and all(file_sha256(path / n) == h for n, h in files.items()):
+                return dict(meta, path=str(path))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
+
+
 # ---- logs ----------------------------------------------------------------------------
 def tail_lines(path: Path, n: int) -> list[str]:
     try:

@@ -42,6 +42,7 @@ from swarmfold.daemon.lifecycle import (
     WorkdirLock,
     WorkdirLocked,
     end_leftover_children,
+    newest_sound_meta,
     record_children,
     write_exit_file,
 )
@@ -211,6 +212,17 @@ def run_service(options: PeerOptions, *, foreground: bool, runner: RunPeer | Non
     return code
 
 
+def prefill_status(status: PeerStatus, workdir: Path) -> None:
+    """Show the round, model and lifetime tokens of the checkpoint the peer resumes from, from the start
+    (the round loop updates them as rounds finish; tokens_total then counts on from the checkpoint's)."""
+    meta = newest_sound_meta(workdir)
+    if meta is None:
+        return
+    status.update(round=int(meta["round"]), tokens_total=int(meta.get("tokens_total", 0)),
+                  model_sha256=str(meta.get("model_sha256", "")))
+    status.on_checkpoint(str(meta["path"]), float(meta.get("written_at") or time.time()))
+
+
 def _track_children(workdir: Path, done: threading.Event, interval: float = 2.0) -> None:
     """Keep W/daemon.children.json current, for `end_leftover_children` after a kill -9."""
     known: set[tuple[int, float]] | None = None
@@ -230,6 +242,7 @@ def _serve(options: PeerOptions, *, status: PeerStatus, runner: RunPeer) -> int:
         return EXIT_BAD_INPUT
     apply_settings(options, settings)
     controls = Controls()
+    prefill_status(status, options.workdir)
     api: ControlApi | None = None
     watcher = ResourceWatcher(settings=settings, controls=controls)
     with signal_handlers(status=status, controls=controls, settings=settings, workdir=options.workdir):
