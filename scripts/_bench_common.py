@@ -266,7 +266,13 @@ def one_shot_merge(setup: Setup, thetas: list[torch.Tensor], tokens: int) -> Arm
 
 # ---- reporting -----------------------------------------------------------------------------
 
-def plot_curves(arms: Sequence[ArmResult], path: Path, title: str) -> None:
+def genesis_loss(setup: Setup) -> float:
+    """Mean validation loss of the genesis weights: where every curve starts."""
+    tok = setup.shards[0].tokenizer
+    return mean(evaluate_all(build_model(setup.spec, tok.vocab_size, tok.eos_id), setup))
+
+
+def plot_curves(arms: Sequence[ArmResult], path: Path, title: str, start: float | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -274,12 +280,18 @@ def plot_curves(arms: Sequence[ArmResult], path: Path, title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 5))
     for arm in arms:
-        xs = [t / 1e6 for t, _ in arm.curve]
-        ys = [v for _, v in arm.curve]
+        points = ([(0, start)] if start is not None and len(arm.curve) > 1 else []) + list(arm.curve)
+        xs = [t / 1e6 for t, _ in points]
+        ys = [v for _, v in points]
         style: dict[str, Any] = {"marker": "*", "markersize": 12, "linestyle": "none"} if len(xs) == 1 else {}
+        if arm.name == "sequential":
+            style["linestyle"] = "--"
         ax.plot(xs, ys, label=f"{arm.label} — {arm.mean:.3f}", **style)
     ax.set_xlabel("tokens trained by all workers together (millions)")
     ax.set_ylabel("validation loss (mean over shards)")
+    if start is not None:  # the first steps fall from ~5.6; show where the arms differ
+        finals = [v for arm in arms for _, v in arm.curve]
+        ax.set_ylim(min(finals) - 0.05, min(start, max(finals) + 0.6))
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)

@@ -132,6 +132,22 @@ def checks(res: dict[str, bc.ArmResult], aliases: dict[str, str]) -> dict[str, A
     }
 
 
+def markdown(report: dict[str, Any]) -> str:
+    """The arms as a Markdown table (written beside the JSON, pasted into docs/results.md)."""
+    shards = sorted(next(a for a in report["arms"].values() if "val_loss" in a)["val_loss"])
+    lines = ["| arm | " + " | ".join(shards) + " | mean | bytes sent per peer | fewer bytes than (a) |",
+             "|---|" + "---|" * (len(shards) + 3)]
+    for name, arm in report["arms"].items():
+        if "same_as" in arm:
+            lines.append(f"| {name} | same settings as {arm['same_as']} |" + " |" * (len(shards) + 2))
+            continue
+        red = arm["bytes_reduction_vs_allreduce"]
+        cells = [f"{arm['val_loss'][s]:.3f}" for s in shards]
+        lines.append(f"| {arm['label']} | " + " | ".join(cells) + f" | **{arm['mean_val_loss']:.3f}** | "
+                     f"{arm['bytes_sent_per_peer'] / 1e6:,.1f} MB | " + (f"{red:,.1f}x" if red else "none sent") + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="seq_len 64, batch 8, 200 steps per peer (~5 min)")
@@ -155,6 +171,7 @@ def main() -> int:
             {"name": "sequential", "kind": "sequential", "h": h},
             {"name": "isolated", "kind": "isolated", "h": h}] + swarm_arms(setup.spec)
     res = run_arms(bc.setup_params(setup), arms, args.jobs)
+    start = bc.genesis_loss(setup)
     aliases = {a["name"]: a["same_as"] for a in arms if "same_as" in a}
     dp_bytes = res["data_parallel"].bytes_per_peer
     order = ["data_parallel", "sequential", "isolated", "one_shot_merge", "swarm_default", "swarm_plain",
@@ -165,16 +182,17 @@ def main() -> int:
                   * setup.tokens_per_peer_step(), "eval_windows_per_shard": setup.eval_windows,
                   "shards": [str(p) for p in setup.shard_paths], "spec": setup.spec.to_dict(),
                   "threads_per_run": 1, "jobs": args.jobs, "wall_seconds": round(time.time() - t0),
-                  "environment": bc.environment()},
+                  "genesis_mean_val_loss": start, "environment": bc.environment()},
         "arms": {n: ({"same_as": aliases[n]} if n in aliases else res[n].to_json(dp_bytes)) for n in order
                  if n in res or n in aliases},
         "checks": checks(res, aliases),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
+    out.with_suffix(".md").write_text(markdown(report))
     title = (f"{report['setup']['mode']}: K=4 peers, {setup.steps} inner steps each, batch "
              f"{setup.spec.inner.batch_size}x{setup.spec.data.seq_len}, same tokens for every arm")
-    bc.plot_curves([res[n] for n in order if n in res], out.with_suffix(".png"), title)
+    bc.plot_curves([res[n] for n in order if n in res], out.with_suffix(".png"), title, start)
     for n in order:
         if n in res:
             r = res[n]

@@ -1,0 +1,340 @@
+"""Real peers on loopback: round time, matchmaking, all-reduce, memory per peer and hash agreement.
+
+Run (a few minutes per size on a 2-core machine):
+
+    nice -n 10 .venv/bin/python scripts/bench_scale.py --out results/scale.json            # N = 2, 4, 8, 16
+    nice -n 10 .venv/bin/python scripts/bench_scale.py --sizes 2 --rounds 2 --out /tmp/s.json
+
+For each N it starts N real `swarmfold run` processes (each with its hivemind DHT child and
+p2pd daemon) on 127.0.0.1 with the tiny model, one stdlib shard each, and
+averaging.min_group_size = min(N, G) so that every round waits for a full group. It samples
+the resident memory of every peer's whole process tree (the peer, its DHT process and p2pd)
+while they run, and reads each peer's checkpoints afterwards: the model hash of every
+round and what happened in it (group, members, timings, bytes).
+
+Reported per N: round wall time (median interval between a peer's checkpoints), median
+matchmaking / all-reduce / commit / training seconds, memory per peer (peak PSS of its
+process tree, which splits pages shared after fork fairly; and peak RSS, which counts
+them in every process; and the PSS beyond the model and optimizer state), and whether
+every member of every group committed the same hash.
+
+With --netns (root, `ip netns` and `tc netem` present) it also runs 4 peers in network
+namespaces joined by a bridge, each link with 25 ms one-way delay (50 ms RTT) and
+100 Mbit/s. Where that is not possible it says why and skips that part.
+
+The rounds are short on purpose (seq_len 64, batch 8, H = 5): the point is the swarm's
+overhead and agreement at N peers on one machine, not the loss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from swarmfold.peer.corpus import write_stdlib_shards
+from swarmfold.spec import preset, to_toml
+
+LOOPBACK = "/ip4/127.0.0.1/tcp/0"
+
+
+def bench_spec(n: int, rounds_h: int) -> Any:
+    spec = preset("tiny")
+    g = spec.averaging.group_size
+    return spec.replace(data={"seq_len": 64}, inner={"batch_size": 8, "warmup_steps": 5},
+                        round={"inner_steps": rounds_h},
+                        averaging={"min_group_size": min(n, g), "matchmaking_timeout": 30.0})
+
+
+class MemorySampler(threading.Thread):
+    """Peak resident memory of each peer's process tree (the peer, its DHT child, p2pd)."""
+
+    def __init__(self, pids: list[int], interval: float = 0.5):
+        super().__init__(daemon=True)
+        self.pids, self.interval = pids, interval
+        self.peak = {pid: 0 for pid in pids}  # sum of RSS (pages shared by forked children counted twice)
+        self.peak_pss = {pid: 0 for pid in pids}  # sum of PSS (shared pages split among their users)
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            for pid in self.pids:
+                try:
+                    root = psutil.Process(pid)
+                    procs = [root, *root.children(recursive=True)]
+                    infos = [p.memory_full_info() for p in procs if p.is_running()]
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    continue
+                self.peak[pid] = max(self.peak[pid], sum(i.rss for i in infos))
+                self.peak_pss[pid] = max(self.peak_pss[pid], sum(getattr(i, "pss", i.rss) for i in infos))
+            self.stop.wait(self.interval)
+
+
+def start_peer(workdir: Path, spec_path: Path, shard: Path, rounds: int, initial: list[str],
+               netns: str | None = None, host: str = LOOPBACK) -> subprocess.Popen:
+    workdir.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "swarmfold", "run", "--spec", str(spec_path), "--data", str(shard),
+           "--workdir", str(workdir), "--host-maddrs", host, "--rounds", str(rounds), "--threads", "1",
+           "--keep", "100", "--api-port", "0"]
+    if initial:
+        cmd += ["--initial-peers", *initial]
+    if netns:
+        cmd = ["ip", "netns", "exec", netns, *cmd]
+    log = open(workdir / "peer.log", "ab")
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_ready(workdir: Path, proc: subprocess.Popen, timeout: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"peer in {workdir} exited with {proc.returncode}:\n{log_tail(workdir)}")
+        try:
+            return json.loads((workdir / "peer.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            time.sleep(0.2)
+    raise TimeoutError(f"peer in {workdir} did not join in {timeout}s:\n{log_tail(workdir)}")
+
+
+def log_tail(workdir: Path, lines: int = 30) -> str:
+    p = workdir / "peer.log"
+    return "\n".join(p.read_text(errors="replace").splitlines()[-lines:]) if p.exists() else "(no log)"
+
+
+def kill_all(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                p.kill()
+    for p in procs:
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def read_rounds(workdir: Path) -> dict[int, dict[str, Any]]:
+    """round r -> {sha256 of θ_r's model file, what happened in round r-1, when the checkpoint was written}."""
+    out = {}
+    for d in sorted((workdir / "checkpoints").glob("round-*")):
+        meta_path, model = d / "meta.json", d / "model.safetensors"
+        if not (meta_path.exists() and model.exists()):
+            continue
+        meta = json.loads(meta_path.read_text())
+        out[int(d.name[6:])] = {"sha256": hashlib.sha256(model.read_bytes()).hexdigest(),
+                                "last_round": meta.get("last_round", {}), "written_at": meta.get("written_at")}
+    return out
+
+
+def analyse(workdirs: list[Path], peer_ids: list[str], sampler: MemorySampler, pids: list[int], rounds: int,
+            numel: int) -> dict[str, Any]:
+    per_peer = [read_rounds(w) for w in workdirs]
+    agree, groups_seen, statuses = True, [], []
+    timings: dict[str, list[float]] = {"matchmaking": [], "allreduce": [], "commit": [], "train": []}
+    intervals: list[float] = []
+    bytes_sent: list[int] = []
+    for r in range(1, rounds + 1):
+        by_group: dict[str, set[str]] = {}
+        for pid, rounds_of in zip(peer_ids, per_peer, strict=True):
+            info = rounds_of.get(r)
+            if info is None:
+                agree = False
+                continue
+            last = info["last_round"]
+            statuses.append(last.get("status", "?"))
+            by_group.setdefault(last.get("group_id") or f"alone-{pid}", set()).add(info["sha256"])
+            for k in timings:
+                if k in last.get("timings", {}):
+                    timings[k].append(float(last["timings"][k]))
+            if "bytes_sent" in last:
+                bytes_sent.append(int(last["bytes_sent"]))
+            prev = rounds_of.get(r - 1)
+            if r >= 2 and prev and prev["written_at"] and info["written_at"]:
+                intervals.append(info["written_at"] - prev["written_at"])
+        agree &= all(len(h) == 1 for h in by_group.values())
+        groups_seen.append(len(by_group))
+    model_state = numel * 4 * 4  # θ_r, local weights, AdamW exp_avg and exp_avg_sq (float32)
+    rss_mib = [sampler.peak[p] / 2**20 for p in pids]
+    pss_mib = [sampler.peak_pss[p] / 2**20 for p in pids]
+
+    def med(xs: list[float]) -> float | None:
+        return round(statistics.median(xs), 3) if xs else None
+
+    return {
+        "rounds": rounds,
+        "groups_per_round": groups_seen,
+        "statuses": {s: statuses.count(s) for s in sorted(set(statuses))},
+        "every_group_committed_the_same_hash": agree,
+        "round_wall_seconds_median": med(intervals),
+        "matchmaking_seconds_median": med(timings["matchmaking"]),
+        "allreduce_seconds_median": med(timings["allreduce"]),
+        "commit_seconds_median": med(timings["commit"]),
+        "train_seconds_median": med(timings["train"]),
+        "bytes_sent_per_round_median": med([float(b) for b in bytes_sent]),
+        "pss_peak_mib_per_peer": {"mean": round(statistics.mean(pss_mib), 1), "max": round(max(pss_mib), 1)},
+        "rss_peak_mib_per_peer": {"mean": round(statistics.mean(rss_mib), 1), "max": round(max(rss_mib), 1)},
+        "model_and_optimizer_state_mib": round(model_state / 2**20, 1),
+        "pss_overhead_beyond_state_mib": round(statistics.mean(pss_mib) - model_state / 2**20, 1),
+    }
+
+
+def run_size(n: int, *, rounds: int, root: Path, h: int, netns: list[str] | None = None,
+             hosts: list[str] | None = None) -> dict[str, Any]:
+    base = root / f"n{n}{'-netns' if netns else ''}"
+    shutil.rmtree(base, ignore_errors=True)
+    shards = write_stdlib_shards(n, base / "data", max_bytes_per_shard=150_000)
+    spec = bench_spec(n, h)
+    spec_path = base / "spec.toml"
+    spec_path.write_text(to_toml(spec))
+    workdirs = [base / f"peer-{i}" for i in range(n)]
+    procs: list[subprocess.Popen] = []
+    t0 = time.monotonic()
+    try:
+        host0 = hosts[0] if hosts else LOOPBACK
+        procs.append(start_peer(workdirs[0], spec_path, shards[0], rounds, [], netns[0] if netns else None, host0))
+        info0 = wait_ready(workdirs[0], procs[0], 300)
+        initial = [a for a in info0["maddrs"] if "/127.0.0.1/" in a or (hosts and hosts[0].split("/")[2] in a)][:1]
+        for i in range(1, n):
+            procs.append(start_peer(workdirs[i], spec_path, shards[i], rounds, initial,
+                                    netns[i] if netns else None, hosts[i] if hosts else LOOPBACK))
+        sampler = MemorySampler([p.pid for p in procs])
+        sampler.start()
+        peer_ids = [info0["peer_id"]] + [wait_ready(w, p, 600)["peer_id"] for w, p in zip(workdirs[1:], procs[1:],
+                                                                                          strict=True)]
+        startup = time.monotonic() - t0
+        codes = []
+        for w, p in zip(workdirs, procs, strict=True):
+            try:
+                codes.append(p.wait(timeout=900))
+            except subprocess.TimeoutExpired as e:
+                raise TimeoutError(f"peer in {w} did not finish:\n{log_tail(w)}") from e
+        sampler.stop.set()
+        sampler.join()
+        from swarmfold.peer.model import build_model
+
+        numel = sum(p.numel() for p in build_model(spec, 257, 256).parameters())
+        res = analyse(workdirs, peer_ids, sampler, [p.pid for p in procs], rounds, numel)
+        res.update(peers=n, exit_codes=codes, startup_seconds=round(startup, 1),
+                   total_seconds=round(time.monotonic() - t0, 1), group_size=spec.averaging.group_size,
+                   min_group_size=spec.averaging.min_group_size, inner_steps=h)
+        return res
+    finally:
+        kill_all(procs)
+
+
+# ---- network namespaces ------------------------------------------------------------------
+
+NETNS_BRIDGE = "sfbr0"
+NETNS_SUBNET = "10.231.7"  # only inside namespaces this script makes and removes
+
+
+def netns_available() -> str:
+    """'' when namespaces and netem can be used, else why not."""
+    if os.geteuid() != 0:
+        return "needs root"
+    for tool in ("ip", "tc"):
+        if shutil.which(tool) is None:
+            return f"`{tool}` is not installed"
+    probe = "sfprobe"
+    r = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    if r.returncode:
+        return f"`ip netns add` failed: {r.stderr.strip()}"
+    try:
+        r = subprocess.run(["ip", "netns", "exec", probe, "tc", "qdisc", "add", "dev", "lo", "root", "netem",
+                            "delay", "1ms"], capture_output=True, text=True)
+        if r.returncode:
+            return f"`tc qdisc ... netem` failed (sch_netem missing?): {r.stderr.strip()}"
+    finally:
+        subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    return ""
+
+
+def _sh(*cmd: str) -> None:
+    subprocess.run(list(cmd), check=True, capture_output=True, text=True)
+
+
+def netns_up(n: int, delay_ms: float, rate: str) -> tuple[list[str], list[str]]:
+    names, hosts = [], []
+    _sh("ip", "link", "add", NETNS_BRIDGE, "type", "bridge")
+    _sh("ip", "link", "set", NETNS_BRIDGE, "up")
+    for i in range(n):
+        ns, a, b = f"sfns{i}", f"sfv{i}a", f"sfv{i}b"
+        _sh("ip", "netns", "add", ns)
+        _sh("ip", "link", "add", a, "type", "veth", "peer", "name", b)
+        _sh("ip", "link", "set", b, "netns", ns)
+        _sh("ip", "link", "set", a, "master", NETNS_BRIDGE)
+        _sh("ip", "link", "set", a, "up")
+        _sh("ip", "netns", "exec", ns, "ip", "addr", "add", f"{NETNS_SUBNET}.{10 + i}/24", "dev", b)
+        _sh("ip", "netns", "exec", ns, "ip", "link", "set", b, "up")
+        _sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
+        # one-way delay on each peer's egress: A->B crosses A's link, B->A crosses B's: RTT = 2 x delay
+        _sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", b, "root", "netem", "delay", f"{delay_ms}ms",
+            "rate", rate)
+        names.append(ns)
+        hosts.append(f"/ip4/{NETNS_SUBNET}.{10 + i}/tcp/0")
+    return names, hosts
+
+
+def netns_down(n: int) -> None:
+    for i in range(n):
+        subprocess.run(["ip", "netns", "del", f"sfns{i}"], capture_output=True)
+        subprocess.run(["ip", "link", "del", f"sfv{i}a"], capture_output=True)
+    subprocess.run(["ip", "link", "del", NETNS_BRIDGE], capture_output=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[2, 4, 8, 16])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--inner-steps", type=int, default=5)
+    ap.add_argument("--netns", action="store_true", help="also run 4 peers with 50 ms RTT, 100 Mbit/s links")
+    ap.add_argument("--out", type=Path, default=Path("results/scale.json"))
+    args = ap.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="swarmfold-scale-"))
+    os.environ.setdefault("SWARMFOLD_CACHE", str(root / "cache"))
+    report: dict[str, Any] = {"setup": {"sizes": args.sizes, "rounds": args.rounds, "inner_steps": args.inner_steps,
+                                        "cores": os.cpu_count(), "threads_per_peer": 1}, "loopback": {}}
+    try:
+        for n in args.sizes:
+            print(f"N = {n} ...", flush=True)
+            res = run_size(n, rounds=args.rounds, root=root, h=args.inner_steps)
+            report["loopback"][str(n)] = res
+            print(json.dumps(res), flush=True)
+        if args.netns:
+            why = netns_available()
+            if why:
+                print(f"skipping the network-namespace run: {why}", flush=True)
+                report["netns"] = {"skipped": why}
+            else:
+                try:
+                    names, hosts = netns_up(4, 25, "100mbit")
+                    res = run_size(4, rounds=args.rounds, root=root, h=args.inner_steps, netns=names, hosts=hosts)
+                    report["netns"] = {"rtt_ms": 50, "rate": "100mbit", **res}
+                    print(json.dumps(res), flush=True)
+                finally:
+                    netns_down(4)
+    finally:
+        report["setup"]["load_average_at_end"] = list(os.getloadavg())
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1))
+        shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
