@@ -173,12 +173,17 @@ class Swarm:
     # ---- lifecycle -------------------------------------------------------------------
     def start(self) -> None:
         """Join the DHT (raises on unreachable initial peers) and register the protocol handlers."""
-        self.dht = hivemind.DHT(
-            start=True, initial_peers=self.initial_peers or None, host_maddrs=self.host_maddrs,
-            announce_maddrs=self.announce_maddrs or None, identity_path=str(self.identity.path),
-            client_mode=self.client_mode, use_relay=self.use_relay, use_auto_relay=self.use_auto_relay,
-            record_validators=[self.validator], check_if_identity_free=False,
-        )
+        try:
+            self.dht = hivemind.DHT(
+                start=True, initial_peers=self.initial_peers or None, host_maddrs=self.host_maddrs,
+                announce_maddrs=self.announce_maddrs or None, identity_path=str(self.identity.path),
+                client_mode=self.client_mode, use_relay=self.use_relay, use_auto_relay=self.use_auto_relay,
+                record_validators=[self.validator], check_if_identity_free=False,
+            )
+        except Exception as e:  # hivemind raises P2PDaemonError, ValueError, TimeoutError...
+            hint = ("check the --initial-peers / bootstrap_peers addresses and that those peers are running"
+                    if self.initial_peers else "check --host-maddrs")
+            raise JoinError(f"could not join the swarm: {e}; {hint}") from e
         self.maddrs = [str(a) for a in self.dht.get_visible_maddrs()]
         self._thread.start()
         self._call(self._setup())
@@ -209,10 +214,14 @@ class Swarm:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)  # type: ignore[arg-type]
 
     def _fault(self, phase: Phase, round_idx: int) -> None:
-        """Test-only crash injection: SWARMFOLD_TEST_FAULT=phase@round kills this peer's process group."""
-        if os.environ.get("SWARMFOLD_TEST_FAULT") == f"{phase.value}@{round_idx}":
+        """Test-only crash injection. SWARMFOLD_TEST_FAULT=PHASE@R SIGKILLs this peer's whole process
+        group (the DHT and its libp2p daemon included) the first time it reaches PHASE at a round >= R."""
+        fault = os.environ.get("SWARMFOLD_TEST_FAULT", "")
+        name, _, at = fault.partition("@")
+        if name == phase.value and at.isdigit() and round_idx >= int(at):
             logger.warning("[%s] fault injection: SIGKILL in phase %s of round %d", self.peer_id[-8:],
                            phase.value, round_idx)
+            logging.shutdown()
             os.killpg(os.getpgid(0), signal.SIGKILL)
 
     # ---- calling peers -----------------------------------------------------------------
@@ -226,8 +235,10 @@ class Swarm:
         except Exception as first:  # no route yet: connect with the addresses it declared, then retry
             if not maddrs:
                 raise AveragingError(f"cannot reach {peer}: {first}") from first
+            logger.debug("no stream to %s (%s); connecting to %s", peer[-8:], first, maddrs)
             try:
-                await self.p2p._client.connect(pid, [Multiaddr(a) for a in maddrs])
+                # the daemon takes transport addresses; the /p2p/<id> part travels as `pid`
+                await self.p2p._client.connect(pid, [Multiaddr(a.split("/p2p/")[0]) for a in maddrs])
                 _, reader, writer = await self.p2p.call_binary_stream_handler(pid, proto)
                 return reader, writer
             except Exception as e:
@@ -493,16 +504,17 @@ class Swarm:
         deadline = time.monotonic() + window
         while True:
             members = await self._gather(a, expected, deadline)
-            if a.locked_to is not None and a.locked_to != self.peer_id:
-                return await self._follow(a)
-            groups = [g for g in partition_groups(sorted(members), self.avg.group_size) if self.peer_id in g]
-            mine = groups[0] if groups else [self.peer_id]
             group = None
-            if len(mine) > 1:
-                if mine[0] == self.peer_id:
-                    group = await self._lead(a, mine, members)
-                else:
-                    group = await self._await_leader(a, mine)
+            if a.locked_to is not None and a.locked_to != self.peer_id:
+                group = await self._follow(a)
+            else:
+                groups = [g for g in partition_groups(sorted(members), self.avg.group_size) if self.peer_id in g]
+                mine = groups[0] if groups else [self.peer_id]
+                if len(mine) > 1:
+                    if mine[0] == self.peer_id:
+                        group = await self._lead(a, mine, members)
+                    else:
+                        group = await self._await_leader(a, mine)
             if group is not None and len(group.members) >= self.avg.min_group_size:
                 return group
             if group is not None:  # too small to average: release the members
@@ -561,12 +573,15 @@ class Swarm:
         group = Group(round=a.round, attempt=a.attempt, members=members, leader=self.peer_id,
                       clients=frozenset(p for p in clients if p in members),
                       group_id=group_id_for(self.swarm_id, a.round, a.attempt, members))
-        if len(members) < 2:
-            return None
         final = {"kind": "final", "round": a.round, "attempt": a.attempt, "members": members,
                  "clients": sorted(group.clients), "group_id": group.group_id}
-        await asyncio.gather(*(self._send_final(p, final, declared[p].maddrs) for p in members
-                               if p != self.peer_id))
+        cancel = {"kind": "cancel", "reason": "dropped", "round": a.round, "attempt": a.attempt,
+                  "group_id": group.group_id}
+        # the final list to members; a cancel to those that answered too late, so they stop waiting
+        await asyncio.gather(*(self._send_final(p, final if p in members else cancel, declared[p].maddrs)
+                               for p in proposed if p != self.peer_id))
+        if len(members) < 2:
+            return None
         logger.info("[%s] round %d: leading group %s of %d", self.peer_id[-8:], a.round, group.group_id[:8],
                     len(members))
         return group
@@ -580,7 +595,8 @@ class Swarm:
     async def _cancel(self, group: Group) -> None:
         if group.leader != self.peer_id:
             return
-        msg = {"kind": "cancel", "round": group.round, "attempt": group.attempt, "group_id": group.group_id}
+        msg = {"kind": "cancel", "reason": "too_small", "round": group.round, "attempt": group.attempt,
+               "group_id": group.group_id}
         await asyncio.gather(*(self._send_final(p, msg, []) for p in group.members if p != self.peer_id))
 
     async def _await_leader(self, a: _Attempt, mine: list[str]) -> Group | None:
@@ -603,7 +619,9 @@ class Swarm:
             raise _AttemptFailed(f"no final member list from leader {str(a.locked_to)[-8:]}",
                                  {str(a.locked_to)}) from e
         if final.get("kind") == "cancel":
-            return None
+            if final.get("reason") == "too_small":
+                return None  # keep waiting at this attempt for more peers
+            raise _AttemptFailed(f"leader {str(a.locked_to)[-8:]} formed its group without us", set())
         members = sorted(final["members"])
         return Group(round=a.round, attempt=a.attempt, group_id=final["group_id"], members=members,
                      clients=frozenset(final["clients"]), leader=str(a.locked_to))
@@ -908,6 +926,10 @@ class Swarm:
         for d in (self._reducers, self._reducer_ready, self._votes, self._vote_events):
             while len(d) > 8:
                 d.pop(next(iter(d)))  # type: ignore[attr-defined]
+
+
+class JoinError(Exception):
+    """The DHT could not start or reach any initial peer."""
 
 
 class _AttemptFailed(AveragingError):

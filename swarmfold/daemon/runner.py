@@ -21,7 +21,7 @@ from typing import Any
 from swarmfold.averaging.identity import load_or_create_identity
 from swarmfold.averaging.protocol import SpecMismatch, StateSyncError
 from swarmfold.averaging.records import PeerRecord
-from swarmfold.averaging.swarm import Swarm
+from swarmfold.averaging.swarm import JoinError, Swarm
 from swarmfold.daemon.options import PeerOptions
 from swarmfold.daemon.state import Controls, PeerStatus, RoundRecord
 from swarmfold.peer.local import LocalPeer, RoundReport, TrainingInterrupted
@@ -110,6 +110,9 @@ class PeerRunner:
         self.status.update(visible_maddrs=list(self.swarm.maddrs))
         self.swarm.check_spec(list(o.initial_peers) + list(spec.network.bootstrap_peers))
         self._share_state("starting")
+        _write_json_atomic(Path(o.workdir) / "peer.json", {
+            "peer_id": identity.peer_id, "swarm_id": spec.swarm_id, "spec_hash": spec.spec_hash,
+            "maddrs": list(self.swarm.maddrs), "client_mode": o.client_mode})
         if self.on_ready:
             self.on_ready(list(self.swarm.maddrs))
 
@@ -124,6 +127,9 @@ class PeerRunner:
         except SpecMismatch as e:
             logger.error("%s", e)
             return EXIT_BAD_INPUT
+        except JoinError as e:
+            logger.error("%s", e)
+            return EXIT_FAILURE
         except TrainingInterrupted:
             logger.info("stopped during training; the last checkpoint (round %s) is the state",
                         self.peer.round if self.peer else "?")
@@ -235,6 +241,15 @@ class PeerRunner:
             self.swarm.publish(record)
         except Exception as e:  # publishing is best effort; the heartbeat retries
             logger.warning("could not publish our record: %s", e)
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    import json
+    import os
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
 
 
 def _record_view(r: PeerRecord) -> dict[str, Any]:

@@ -97,6 +97,7 @@ class LocalPeer:
         self.residual: torch.Tensor | None = None  # compression error feedback
         self.theta_sha256 = tensor_sha256(self.theta)
         self.last_checkpoint_time: float | None = None
+        self.last_round: dict[str, Any] = {}  # what happened in the latest round (kept in meta.json)
 
     # ---- the round -----------------------------------------------------------------
     def batches_for_round(self, round_idx: int) -> list[torch.Tensor]:
@@ -141,6 +142,10 @@ class LocalPeer:
         else:  # rolled back: θ_r stays, the local weights (and so Δ) carry into the next round
             self.carried_tokens += phase.stats.tokens
         self.tokens_total += phase.stats.tokens
+        self.last_round = {"round": self.round, "status": result.status, "group_id": result.group_id,
+                           "members": list(result.members), "included": list(result.included),
+                           "rejected": dict(result.rejected), "attempts": result.attempts, "reason": result.reason,
+                           "timings": dict(result.timings, train=phase.seconds), "bytes_sent": result.bytes_sent}
         report = RoundReport(round=self.round, status=result.status, train_loss=phase.stats.mean_loss,
                              tokens=phase.stats.tokens, tokens_per_second=phase.stats.tokens_per_second,
                              model_sha256=self.theta_sha256, result=result,
@@ -187,6 +192,7 @@ class LocalPeer:
             "vocab_size": self.tokenizer.vocab_size,
             "eos_id": self.tokenizer.eos_id,
             "environment": environment(self.threads),
+            "last_round": self.last_round,
             "written_at": time.time(),
         }
 
