@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import swarmfold_cmd
 
+from swarmfold.cli import main
 from swarmfold.peer.model import build_model, num_parameters
 from swarmfold.spec import PRESETS, Spec, SpecError, load_spec, preset, spec_from_dict, to_toml
 
@@ -51,11 +52,11 @@ def test_unknown_preset_is_an_error() -> None:
 
 
 @pytest.mark.parametrize("name", PRESETS)
-def test_init_writes_every_field_with_a_comment_and_loads_back(tmp_path: Path, name: str) -> None:
+def test_init_writes_every_field_with_a_comment_and_loads_back(tmp_path: Path, name: str,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "spec.toml"
-    run = subprocess.run(swarmfold_cmd("init", "--preset", name, "--out", str(out)),
-                         capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stderr
+    assert main(["init", "--preset", name, "--out", str(out)]) == 0
+    stdout = capsys.readouterr().out
     text = out.read_text(encoding="utf-8")
     lines = text.splitlines()
     section = ""
@@ -71,15 +72,14 @@ def test_init_writes_every_field_with_a_comment_and_loads_back(tmp_path: Path, n
     spec = preset(name)
     assert seen == set(_fields(spec))
     assert load_spec(out).spec_hash == spec.spec_hash
-    assert spec.swarm_id in run.stdout
+    assert spec.swarm_id in stdout
 
 
-def test_init_refuses_to_overwrite(tmp_path: Path) -> None:
+def test_init_refuses_to_overwrite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "spec.toml"
     out.write_text("keep me")
-    run = subprocess.run(swarmfold_cmd("init", "--out", str(out)), capture_output=True, text=True, timeout=120)
-    assert run.returncode == 2
-    assert "--force" in run.stderr
+    assert main(["init", "--out", str(out)]) == 2
+    assert "--force" in capsys.readouterr().err
     assert out.read_text() == "keep me"
 
 
@@ -97,6 +97,7 @@ def test_three_mistakes_are_all_reported(tmp_path: Path) -> None:
 
 
 def test_cli_with_three_mistakes_exits_nonzero_and_writes_nothing(tmp_path: Path, shards: list[Path]) -> None:
+    # A real process: the exit status and stderr are what a user sees.
     path = tmp_path / "bad.toml"
     path.write_text(THREE_MISTAKES)
     workdir = tmp_path / "work"
