@@ -445,6 +445,21 @@ def test_service_lifecycle_in_process(tmp_path: Path, caplog: pytest.LogCaptureF
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
 
 
+def test_forked_children_do_not_inherit_the_signal_handlers(tmp_path: Path) -> None:
+    """hivemind's DHT runs in a process forked from the peer: SIGTERM must end it, not ask it to stop a round."""
+    from swarmfold.daemon.service import signal_handlers
+
+    with signal_handlers(status=PeerStatus(), controls=Controls(), settings=Settings(), workdir=tmp_path):
+        pid = os.fork()
+        if pid == 0:  # the child: wait to be signalled
+            time.sleep(30)
+            os._exit(0)
+        time.sleep(0.3)
+        os.kill(pid, signal.SIGTERM)
+        _, st = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(st) and os.WTERMSIG(st) == signal.SIGTERM
+
+
 def test_service_refuses_a_held_workdir(tmp_path: Path) -> None:
     lock = WorkdirLock(tmp_path)
     lock.acquire()

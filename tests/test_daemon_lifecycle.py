@@ -96,7 +96,7 @@ def test_kill9_then_start_resumes_from_newest_valid_checkpoint_and_rejoins(
     assert start(a, spec_path, shards[0]).returncode == 0
     maddrs = wait_status(a, "addresses", lambda s: bool(s["visible_maddrs"]))["visible_maddrs"]
     assert start(b, spec_path, shards[1], "--initial-peers", *maddrs).returncode == 0
-    wait_status(b, "two committed rounds", lambda s: s["rounds"].get("committed", 0) >= 2)
+    wait_status(b, "a committed round", lambda s: s["rounds"].get("committed", 0) >= 1)
 
     wait_status(b, "training", lambda s: s["state"] == "training", timeout=60)
     pid = running_pid(b)
@@ -128,5 +128,7 @@ def test_kill9_then_start_resumes_from_newest_valid_checkpoint_and_rejoins(
 
     snap = wait_status(b, "a committed round with the other peer, on the same model", rejoined)
     assert snap["round"] > valid_round
+    restarted = (b / "logs" / "swarmfold.log").read_text().rsplit("swarmfold peer starting in", 1)[1]
+    assert "SIGTERM" not in restarted  # the orphan ended on SIGTERM, without running the peer's handler
     for w in (a, b):
         assert swarmfold("stop", "--workdir", str(w), "--timeout", "120").returncode == 0

@@ -124,11 +124,29 @@ def signal_handlers(*, status: PeerStatus, controls: Controls, settings: Setting
     signal.signal(signal.SIGTERM, on_stop)
     signal.signal(signal.SIGINT, on_stop)
     signal.signal(signal.SIGHUP, on_hup)
+    _ours.update({signal.SIGTERM: on_stop, signal.SIGINT: on_stop, signal.SIGHUP: on_hup})
     try:
         yield
     finally:
+        _ours.clear()
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+# A process forked from the peer (hivemind's DHT process) must not inherit these handlers: it
+# would answer SIGTERM by logging "leaving the round" and living on, instead of ending.
+_ours: dict[int, Callable[[int, FrameType | None], None]] = {}
+
+
+def _default_signals_in_child() -> None:
+    for signum, handler in list(_ours.items()):
+        with contextlib.suppress(ValueError, OSError):
+            if signal.getsignal(signum) is handler:
+                signal.signal(signum, signal.SIG_DFL)
+    _ours.clear()
+
+
+os.register_at_fork(after_in_child=_default_signals_in_child)
 
 
 # ---- joining through another peer's API ---------------------------------------------
