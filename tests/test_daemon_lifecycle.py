@@ -132,3 +132,16 @@ def test_kill9_then_start_resumes_from_newest_valid_checkpoint_and_rejoins(
     assert "SIGTERM" not in restarted  # the orphan ended on SIGTERM, without running the peer's handler
     for w in (a, b):
         assert swarmfold("stop", "--workdir", str(w), "--timeout", "120").returncode == 0
+
+
+def test_start_reports_a_peer_that_fails_to_start(tmp_path: Path, solo_spec_path: Path,
+                                                  daemons: list[Path]) -> None:  # noqa: F811
+    w = tmp_path / "peer"
+    daemons.append(w)
+    out = start(w, solo_spec_path, tmp_path / "no-such-shard")
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "exited with code 2 while starting" in out.stderr and "no such file or folder" in out.stderr
+    assert running_pid(w) is None
+    (w / "settings.toml").write_text('power = "turbo"\n')  # refused before anything starts
+    out = start(w, solo_spec_path, tmp_path / "no-such-shard")
+    assert out.returncode == 2 and "power = 'turbo'" in out.stderr

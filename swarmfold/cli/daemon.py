@@ -116,29 +116,12 @@ def cmd_start(args: argparse.Namespace) -> int:
         return e.code if e.code in (EXIT_BAD_INPUT, EXIT_LOCKED) else EXIT_FAILURE
     print(f"started swarmfold peer (pid {started.pid}) in {options.workdir}")
     if started.api:
-        snap = _wait_joinable(options.workdir, started.pid, args.ready_timeout)
         print(f"dashboard: {started.api['url']}")
-        for addr in (snap or {}).get("visible_maddrs", []):
+        for addr in (started.status or {}).get("visible_maddrs", []):
             print(f"join with: --initial-peers {addr}")
     print(f"log:       {log_path(options.workdir)}")
     print(f"stop with: swarmfold stop --workdir {options.workdir}")
     return EXIT_OK
-
-
-def _wait_joinable(workdir: Path, pid: int, timeout: float) -> dict[str, Any] | None:
-    """Wait until the peer has joined the DHT (it knows its peer id and addresses)."""
-    from swarmfold.daemon.lifecycle import running_pid
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and running_pid(workdir) == pid:
-        try:
-            snap = api_call(workdir, "/api/status")
-            if snap.get("visible_maddrs") or snap.get("state") not in ("starting",):
-                return dict(snap)
-        except ApiUnavailable:
-            pass
-        time.sleep(0.5)
-    return None
 
 
 def cmd_stop(args: argparse.Namespace) -> int:

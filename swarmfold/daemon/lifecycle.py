@@ -212,6 +212,7 @@ def _describe(proc: Any) -> str:
 class Started:
     pid: int
     api: dict[str, Any] | None  # the peer's api.json (None when the API is disabled)
+    status: dict[str, Any] | None  # its /api/status once it joined the swarm
 
 
 class StartFailed(RuntimeError):
@@ -222,8 +223,9 @@ class StartFailed(RuntimeError):
 
 def start_detached(service_argv: Sequence[str], workdir: Path, *, api_enabled: bool,
                    ready_timeout: float = 120.0) -> Started:
-    """Start `python -m swarmfold.daemon ARGV` in its own session and wait until it holds the lock
-    (and serves its API). WorkdirLocked if a peer already runs there; StartFailed if it exits early."""
+    """Start `python -m swarmfold.daemon ARGV` in its own session and wait until it holds the lock and,
+    with its API, has joined the swarm. WorkdirLocked if a peer already runs there; StartFailed if it
+    exits first (with its exit code) or is not ready in time."""
     from swarmfold.daemon.api import API_FILE, read_api_file
 
     workdir = Path(workdir)
@@ -245,15 +247,32 @@ def start_detached(service_argv: Sequence[str], workdir: Path, *, api_enabled: b
     while time.monotonic() < deadline:
         code = proc.poll()
         if code is not None:
-            raise StartFailed(f"the peer exited with code {code} while starting; last lines of {stdio}:\n"
-                              + "\n".join(tail_lines(stdio, 15)), code)
+            log = workdir / LOG_DIR / LOG_FILE
+            raise StartFailed(f"the peer exited with code {code} while starting; last lines of {log}:\n"
+                              + "\n".join(tail_lines(log, 8) + tail_lines(stdio, 8)), code)
         if running_pid(workdir) == proc.pid:
             api = read_api_file(workdir)
-            if not api_enabled or (api is not None and api.get("pid") == proc.pid):
-                return Started(pid=proc.pid, api=api)
-        time.sleep(0.2)
+            if not api_enabled:
+                return Started(pid=proc.pid, api=None, status=None)
+            if api is not None and api.get("pid") == proc.pid:
+                status = _joined(api["url"])
+                if status is not None:
+                    return Started(pid=proc.pid, api=api, status=status)
+        time.sleep(0.3)
     raise StartFailed(f"the peer (pid {proc.pid}) did not get ready within {ready_timeout:.0f} s; it is still "
                       f"running: see `swarmfold logs --workdir {workdir}` or stop it with `swarmfold stop`", 1)
+
+
+def _joined(url: str) -> dict[str, Any] | None:
+    """The peer's status once it has joined the swarm (it knows its addresses), else None."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/api/status", timeout=5) as r:
+            snap = json.loads(r.read())
+    except (OSError, ValueError):
+        return None
+    return dict(snap) if snap.get("visible_maddrs") or snap.get("state") not in ("starting",) else None
 
 
 # ---- stop ----------------------------------------------------------------------------
