@@ -1,8 +1,10 @@
-"""`swarmfold train` through the CLI: bitwise determinism, resume == straight through, damaged checkpoints."""
+"""`swarmfold train` through the CLI: bitwise determinism, resume == straight through, damaged checkpoints;
+and the inner loop against a hand-written one."""
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import re
 import shutil
@@ -10,7 +12,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import fast_spec, swarmfold_cmd, write_spec
+
+from swarmfold.peer.data import Shard
+from swarmfold.peer.seeds import batch_order
+from swarmfold.peer.tokenizer import ByteTokenizer
 
 ROUNDS, FIRST = 3, 1
 TENSOR_FILES = ("model.safetensors", "inner_optimizer.safetensors", "outer_optimizer.safetensors")
@@ -138,3 +145,25 @@ def test_every_checkpoint_damaged_is_refused(runs: Runs, tmp_path: Path, capsys:
     assert rc == 2
     assert "every checkpoint is damaged" in err
     assert sorted(p.name for p in (work / "checkpoints").iterdir()) == listing  # nothing pruned or added
+
+
+def test_inner_trainer_equals_a_hand_written_loop_bitwise(shards: list[Path]) -> None:
+    """The inner-loop benchmark's baseline computes the same thing (else its ratio means nothing)."""
+    path = Path(__file__).resolve().parent.parent / "scripts" / "bench_inner_loop.py"
+    module_spec = importlib.util.spec_from_file_location("bench_inner_loop", path)
+    assert module_spec is not None and module_spec.loader is not None
+    bench = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(bench)
+
+    spec = fast_spec(inner={"warmup_steps": 2})  # steps both in and past the warm-up
+    shard = Shard([shards[0]], ByteTokenizer(), seq_len=spec.data.seq_len, val_fraction=spec.data.val_fraction)
+    order = batch_order(spec.seed, 0, "t", num_windows=len(shard.train_windows), steps=4,
+                        batch_size=spec.inner.batch_size)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        seconds, _cpu, weights = bench.lockstep(spec, 257, 256, [shard.train_batch(row) for row in order])
+    finally:
+        torch.set_num_threads(before)
+    assert len(seconds["swarmfold"]) == len(seconds["plain"]) == 4
+    assert torch.equal(weights["swarmfold"], weights["plain"])
