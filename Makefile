@@ -53,9 +53,11 @@ clean-demo:
 test: $(STAMP) $(BROWSER_DEP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-lint: $(STAMP)
-	$(BIN)/ruff check swarmfold tests scripts
-	$(BIN)/mypy
+lint: $(STAMP)  # both run, so one report shows every problem
+	@status=0; \
+	$(BIN)/ruff check swarmfold tests scripts || status=1; \
+	$(BIN)/mypy || status=1; \
+	exit $$status
 
 browser:
 	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then \
