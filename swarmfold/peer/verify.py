@@ -34,6 +34,7 @@ from safetensors.torch import load_file
 from swarmfold.averaging.identity import Identity
 from swarmfold.averaging.merge import expected_tokens
 from swarmfold.averaging.receipt import (
+    ContributionError,
     DenyRecord,
     SignedContribution,
     build_deny_record,
@@ -335,7 +336,7 @@ def _load_checked_snapshot(c: SignedContribution, entry: dict[str, Any]) -> dict
     if not path.is_file():
         raise VerifyInputError(f"{path}: snapshot missing; keep the snapshot files beside the contribution")
     if file_sha256(path) != entry["sha256"]:
-        raise VerifyInputError(f"{path}: sha256 does not match the signed receipt; the snapshot was changed")
+        raise ContributionError(f"{path}: sha256 does not match the signed receipt; the snapshot was changed")
     return load_file(str(path))
 
 
