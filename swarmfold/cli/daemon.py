@@ -192,7 +192,8 @@ def format_status(snap: dict[str, Any]) -> str:
         f"swarmfold peer {snap.get('peer_id') or '(joining)'} (pid {snap.get('pid')}) in {snap.get('workdir')}",
         f"  state       {_state_line(snap)}",
         f"  round       {snap.get('round')}"
-        + (f"  (swarm newest {agree['round']}: {agree['agree']}/{agree['at_round']} peers agree on the model hash)"
+        + (f"  (swarm newest {agree['round']}: {agree['agree']} of {agree['at_round']} peers there hold the same "
+           f"model" + (f"; {agree['behind']} behind" if agree.get("behind") else "") + ")"
            if agree.get("round") is not None else ""),
         f"  peers seen  {s.get('peers_alive', 0)} alive (this one included)",
         "  loss        " + ("—" if loss is None else f"{loss:.4f}")
