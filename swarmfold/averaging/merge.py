@@ -5,10 +5,13 @@ functions (`aggregate.weighted_mean` and friends, float64 in canonical order) an
 same `OuterOptimizer` produce the new weights. Contributions are keyed by (peer id,
 delta sha256) and sorted, so the bits do not depend on the order the files are given in.
 
-Memory: every file is opened with `safe_open`, and only one named tensor of the base and
-of each contribution is in memory at a time; the output model is built up tensor by
-tensor. Peak memory is about one model plus one tensor per contribution, not N models
-(`scripts/bench_merge.py` measures it).
+Memory: only one named tensor of the base and of each contribution is in memory at a
+time; the output model is built up tensor by tensor. Peak memory is about one model plus
+one tensor per contribution, not N models (`scripts/bench_merge.py` measures it). Files
+are read with plain positioned reads (`TensorFile`), not `safe_open`: safe_open maps the
+file, and every page a merge touches stays in the process's resident set until the file
+is closed, so the resident size grew by every input file's size (measured: 4 contributions
+of the small preset added about 200 MiB of mapped pages on top of the output model).
 
 The outer step is elementwise, so stepping tensor by tensor (with the matching slice of
 the momentum buffer) gives exactly the bits of one step on the whole flat vector.
@@ -17,15 +20,17 @@ the momentum buffer) gives exactly the bits of one step on the whole flat vector
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import os
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from swarmfold.averaging.aggregate import MERGE_RULES, Contribution, merge_rule
 from swarmfold.averaging.outer import OuterOptimizer
@@ -39,6 +44,86 @@ WEIGHTINGS = ("tokens", "equal")
 
 class MergeError(ValueError):
     """Contributions cannot be merged as given; the message names the file and the fix."""
+
+
+MAX_HEADER_BYTES = 64 * 2**20
+
+
+class TensorFile:
+    """Reads float32 tensors from a safetensors file one at a time, with positioned reads.
+
+    Only the header is parsed up front (JSON: name -> dtype, shape, byte offsets); each
+    `get` reads just that tensor's bytes into memory the returned tensor owns.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._fd = os.open(self.path, os.O_RDONLY)
+        try:
+            self._entries = self._read_header()
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def _read_header(self) -> dict[str, tuple[tuple[int, ...], int, int]]:
+        size = os.fstat(self._fd).st_size
+        raw = os.pread(self._fd, 8, 0)
+        n = int.from_bytes(raw, "little") if len(raw) == 8 else -1
+        if not 0 < n <= min(MAX_HEADER_BYTES, size - 8):
+            raise MergeError(f"{self.path}: not a safetensors file (bad header length)")
+        try:
+            header = json.loads(os.pread(self._fd, n, 8))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise MergeError(f"{self.path}: safetensors header is not JSON ({e})") from e
+        if not isinstance(header, dict):
+            raise MergeError(f"{self.path}: safetensors header is not a JSON object")
+        data_start, entries = 8 + n, {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            try:
+                dtype, shape, (begin, end) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
+            except (KeyError, TypeError, ValueError) as e:
+                raise MergeError(f"{self.path}: header entry {name!r} is malformed ({e})") from e
+            numel = 1
+            for d in shape:
+                numel *= d
+            if dtype != "F32" or end - begin != 4 * numel or begin < 0 or data_start + end > size:
+                raise MergeError(f"{self.path}: tensor {name!r} is {dtype} {shape} at bytes {begin}-{end}; "
+                                 "expected float32 inside the file")
+            entries[name] = (shape, data_start + begin, numel)
+        return entries
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def get(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """The tensor `name`, or elements [start, stop) of it flattened."""
+        shape, offset, numel = self._entries[name]
+        stop = numel if stop is None else stop
+        if not 0 <= start <= stop <= numel:
+            raise MergeError(f"{self.path}: slice {start}:{stop} is outside tensor {name!r} ({numel} elements)")
+        buf = bytearray(4 * (stop - start))
+        view, done = memoryview(buf), 0
+        while done < len(buf):
+            got = os.preadv(self._fd, [view[done:]], offset + 4 * start + done)
+            if got <= 0:
+                raise MergeError(f"{self.path}: file ended inside tensor {name!r}; it is truncated")
+            done += got
+        flat = torch.frombuffer(buf, dtype=torch.float32) if buf else torch.empty(0, dtype=torch.float32)
+        return flat if (start, stop) != (0, numel) else flat.view(shape)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> TensorFile:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -128,26 +213,26 @@ def merge_contributions(*, base_model_path: Path, base_outer_path: Path | None, 
     momentum_parts: list[torch.Tensor] = []
     o = spec.outer
     with ExitStack() as stack:
-        base = stack.enter_context(safe_open(str(base_model_path), framework="pt"))
-        outer_file = None
+        base = stack.enter_context(TensorFile(base_model_path))
+        outer_file: TensorFile | None = None
         if o.momentum > 0:
             if base_outer_path is None:
                 raise MergeError("the base checkpoint has no outer optimizer state, but the spec's outer "
                                  "optimizer has momentum; use a checkpoint written by swarmfold")
-            outer_file = stack.enter_context(safe_open(str(base_outer_path), framework="pt"))
-        deltas = {c.key: stack.enter_context(safe_open(str(c.delta_path), framework="pt")) for c in ordered}
+            outer_file = stack.enter_context(TensorFile(base_outer_path))
+        deltas = {c.key: stack.enter_context(TensorFile(c.delta_path)) for c in ordered}
         _check_names(names, set(base.keys()), "the base's model.safetensors")
         for c in ordered:
             _check_names(names, set(deltas[c.key].keys()), str(c.delta_path))
         offset = 0
         for name in names:
-            theta = base.get_tensor(name)
+            theta = base.get(name)
             if theta.dtype != torch.float32:
                 raise MergeError(f"base tensor {name} is {theta.dtype}, expected float32")
             base_hash.update(theta.contiguous().numpy().tobytes())
             group = {}
             for c in ordered:
-                d = deltas[c.key].get_tensor(name)
+                d = deltas[c.key].get(name)
                 if d.shape != theta.shape or d.dtype != torch.float32 or not bool(torch.isfinite(d).all()):
                     raise MergeError(f"{c.delta_path}: tensor {name} is {tuple(d.shape)}/{d.dtype} or not finite; "
                                      f"the base has {tuple(theta.shape)}/float32")
@@ -158,7 +243,7 @@ def merge_contributions(*, base_model_path: Path, base_outer_path: Path | None, 
             agg_hash.update(agg.numpy().tobytes())
             opt = OuterOptimizer(kind=o.kind, lr=o.lr, momentum=o.momentum, numel=theta.numel())
             if outer_file is not None:
-                opt.load_state_dict({"momentum": outer_file.get_slice("momentum")[offset : offset + theta.numel()]})
+                opt.load_state_dict({"momentum": outer_file.get("momentum", offset, offset + theta.numel())})
             new = opt.step(theta.reshape(-1), agg)
             model_hash.update(new.numpy().tobytes())
             out[name] = new.view(theta.shape)
