@@ -160,3 +160,33 @@ def test_choose_to_verify_skips_self_and_follows_the_fraction() -> None:
     chosen = choose_to_verify(members, self_id="p0", fraction=0.25, rng=random.Random(1))
     assert "p0" not in chosen and 200 < len(chosen) < 300
     assert choose_to_verify(members, self_id="p0", fraction=0.0) == []
+
+
+# ---- streaming reads -----------------------------------------------------------------------------
+
+def test_tensor_file_reads_what_safetensors_wrote_and_refuses_damage(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from swarmfold.averaging.merge import MergeError, TensorFile
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(3, 5, generator=g), "b": torch.randn(7, generator=g), "c": torch.zeros(0)}
+    save_file(tensors, str(tmp_path / "t.safetensors"), metadata={"format": "x"})
+    with TensorFile(tmp_path / "t.safetensors") as f:
+        assert sorted(f.keys()) == ["a", "b", "c"]
+        for name, t in tensors.items():
+            assert torch.equal(f.get(name), t)
+        assert torch.equal(f.get("a", 4, 9), tensors["a"].reshape(-1)[4:9])
+        with pytest.raises(MergeError, match="outside tensor"):
+            f.get("b", 5, 8)
+
+    raw = (tmp_path / "t.safetensors").read_bytes()
+    (tmp_path / "short.safetensors").write_bytes(raw[:-8])
+    with pytest.raises(MergeError, match="expected float32 inside the file"):
+        TensorFile(tmp_path / "short.safetensors")
+    save_file({"h": torch.zeros(4, dtype=torch.float16)}, str(tmp_path / "half.safetensors"))
+    with pytest.raises(MergeError, match="is F16"):
+        TensorFile(tmp_path / "half.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(MergeError, match="bad header length"):
+        TensorFile(tmp_path / "junk.safetensors")
