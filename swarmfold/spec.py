@@ -20,6 +20,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from swarmfold.errors import UserError
+
 SPEC_VERSION = 1
 
 
@@ -190,7 +192,7 @@ def canonical_hash(obj: Any) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
-class SpecError(ValueError):
+class SpecError(UserError):
     """A spec failed to load. `errors` lists every problem, each with a fix hint."""
 
     def __init__(self, errors: list[str], source: str = "spec"):

@@ -7,12 +7,13 @@ in-process reference that runs the same round code.
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import fast_spec, write_spec
 from swarm_helpers import last_rounds, log_tail, model_hashes, start_peer, wait_exit, wait_ready
+
 from swarmfold.averaging.identity import load_or_create_identity
 from swarmfold.peer.simulate import simulate
 
@@ -109,3 +110,37 @@ def test_mismatched_spec_is_refused(tmp_path: Path, shards: list[Path], procs: l
     host_log = (tmp_path / "host" / "peer.log").read_text()
     assert "refused peer" in host_log and "spec hash" in host_log
     host.kill()
+
+
+def test_hostile_contributions_are_rejected(tmp_path: Path, shards: list[Path],
+                                            procs: list[subprocess.Popen]) -> None:
+    """A peer sending every kind of bad contribution is left out with a named error each time,
+    and the honest peers' weights stay bit-identical to a swarm without it."""
+    from peers.hostile_peer import FAULTS
+
+    spec = fast_spec(averaging={**NET, "min_group_size": 2, "group_size": 3, "max_message_bytes": 2 * 2**20})
+    spec_path = write_spec(spec, tmp_path / "spec.toml")
+    rounds = 16
+    honest = [tmp_path / "honest-0", tmp_path / "honest-1"]
+    start_peer(procs, honest[0], spec_path, shards[0], rounds=rounds)
+    first = wait_ready(honest[0])["maddrs"][:1]
+    start_peer(procs, honest[1], spec_path, shards[1], rounds=rounds, initial=first)
+    hostile_dir = tmp_path / "hostile"
+    hostile = start_peer(procs, hostile_dir, spec_path, shards[2], rounds=rounds, initial=first,
+                         script=[sys.executable, str(Path(__file__).parent / "peers" / "hostile_peer.py")])
+    for p, w in zip(procs[:2], honest, strict=True):
+        assert wait_exit(p, w, timeout=400) == 0, log_tail(w)
+    hostile.kill()
+    bad_id = load_or_create_identity(hostile_dir / "identity.key").peer_id
+    logs = [(w / "peer.log").read_text() for w in honest]
+    for fault in FAULTS:
+        assert f"hostile: sending {fault.name}" in (hostile_dir / "peer.log").read_text(), \
+            f"the hostile peer never got to send {fault.name}; log:\n{log_tail(hostile_dir)}"
+        assert any(f"rejected the contribution of {bad_id[-8:]}: {fault.label}" in log for log in logs), fault
+    ids = _ids(honest)
+    simulate(spec, [[shards[0]], [shards[1]]], rounds=rounds, threads=1, out=tmp_path / "sim", peer_ids=ids)
+    sim = model_hashes(tmp_path / "sim" / "peer-0")
+    for w in honest:
+        got = model_hashes(w)
+        assert {r: got[r] for r in range(1, rounds + 1)} == {r: sim[r] for r in range(1, rounds + 1)}
+        assert all(bad_id not in info.get("included", []) for info in last_rounds(w).values())

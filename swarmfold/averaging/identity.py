@@ -18,10 +18,12 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from hivemind.p2p import PeerID
 from hivemind.proto import crypto_pb2
 
+from swarmfold.errors import UserError
+
 _PADDING = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.MAX_LENGTH)
 
 
-class IdentityError(ValueError):
+class IdentityError(UserError):
     """The identity key file is unreadable or not a libp2p RSA key."""
 
 
@@ -46,8 +48,9 @@ class Identity:
 
 def peer_id_from_public_key(public_key_der: bytes) -> str:
     """The libp2p peer id (base58) that belongs to an RSA public key (DER SubjectPublicKeyInfo)."""
-    from multihash import coerce_code, encode  # type: ignore[import-untyped]
     import hashlib
+
+    from multihash import coerce_code, encode  # type: ignore[import-untyped]
 
     proto = crypto_pb2.PublicKey(key_type=crypto_pb2.RSA, data=public_key_der).SerializeToString()
     return PeerID(encode(hashlib.sha256(proto).digest(), coerce_code("sha2-256"))).to_base58()

@@ -43,3 +43,14 @@ class OuterOptimizer:
         if buf is None or buf.shape != self.buf.shape or buf.dtype != torch.float32:
             raise ValueError("outer state: momentum buffer is missing or has the wrong shape/dtype for this spec")
         self.buf = buf.clone()
+
+
+def outer_state_sha256(state: dict[str, torch.Tensor]) -> str:
+    """Hash of an outer-optimizer state (sorted names, float32 bytes); published beside the model hash."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(state):
+        h.update(name.encode() + b"\0")
+        h.update(state[name].contiguous().to(torch.float32).numpy().tobytes())
+    return h.hexdigest()

@@ -82,6 +82,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 POLL_INTERVAL = 0.2
 SMALL_MESSAGE = 1 << 20  # proposals, votes, hello: never need more
+DHT_TIMEOUT = 20.0  # seconds for one DHT store/get
 
 
 @dataclass
@@ -224,6 +225,13 @@ class Swarm:
             logging.shutdown()
             os.killpg(os.getpgid(0), signal.SIGKILL)
 
+    async def _dht_call(self, future: Any) -> Any:
+        """Await a DHT operation, bounded: a stuck DHT must not stall the round."""
+        try:
+            return await asyncio.wait_for(future, DHT_TIMEOUT)
+        except TimeoutError as e:
+            raise AveragingError(f"the DHT did not answer within {DHT_TIMEOUT}s") from e
+
     # ---- calling peers -----------------------------------------------------------------
     async def _open(self, peer: str, proto: str, maddrs: list[str] | None = None
                     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -310,9 +318,9 @@ class Swarm:
         if self._record is None or self.dht is None:
             return
         self._record.time = time.time()
-        await self.dht.store(peers_key(self.swarm_id), self._record.to_value(),
-                             get_dht_time() + self.avg.record_ttl,
-                             subkey=owned_subkey(self.validator, self.peer_id), return_future=True)
+        await self._dht_call(self.dht.store(peers_key(self.swarm_id), self._record.to_value(),
+                                            get_dht_time() + self.avg.record_ttl,
+                                            subkey=owned_subkey(self.validator, self.peer_id), return_future=True))
 
     async def _heartbeat_loop(self) -> None:
         while True:
@@ -328,7 +336,7 @@ class Swarm:
 
     async def _records(self) -> dict[str, PeerRecord]:
         assert self.dht is not None
-        result = await self.dht.get(peers_key(self.swarm_id), latest=True, return_future=True)
+        result = await self._dht_call(self.dht.get(peers_key(self.swarm_id), latest=True, return_future=True))
         now = get_dht_time()
         out = {}
         for subkey, value, exp in entries(result):
@@ -420,7 +428,11 @@ class Swarm:
                 timings["matchmaking"] += time.perf_counter() - t0
                 if group is None:
                     return self._no_group(req, attempt, timings, rejected_all, sent, received)
-                out = await self._allreduce_and_commit(req, group, timings)
+                budget = 3 * self.avg.allreduce_timeout + 2 * self.avg.commit_timeout + 2 * self.avg.join_timeout
+                try:
+                    out = await asyncio.wait_for(self._allreduce_and_commit(req, group, timings), budget)
+                except TimeoutError as e:  # a safety net: every step inside is bounded on its own
+                    raise _AttemptFailed(f"all-reduce and commit took longer than {budget:.0f}s", set()) from e
                 out.attempts = attempt + 1
                 out.rejected.update(rejected_all)
                 out.bytes_sent += sent
@@ -460,8 +472,8 @@ class Swarm:
     # ---- matchmaking ---------------------------------------------------------------------------
     async def _declared(self, round_idx: int, attempt: int) -> dict[str, Declaration]:
         assert self.dht is not None
-        result = await self.dht.get(matchmaking_key(self.swarm_id, round_idx, attempt), latest=True,
-                                    return_future=True)
+        result = await self._dht_call(self.dht.get(matchmaking_key(self.swarm_id, round_idx, attempt), latest=True,
+                                                   return_future=True))
         out = {}
         for subkey, value, _ in entries(result):
             d = Declaration.parse(subkey, value)
@@ -473,9 +485,9 @@ class Swarm:
         assert self.dht is not None
         decl = Declaration(peer_id=self.peer_id, model_sha256=a.base, client_mode=self.client_mode,
                            maddrs=self.maddrs)
-        await self.dht.store(matchmaking_key(self.swarm_id, a.round, a.attempt), decl.to_value(),
-                             get_dht_time() + ttl, subkey=owned_subkey(self.validator, self.peer_id),
-                             return_future=True)
+        await self._dht_call(self.dht.store(matchmaking_key(self.swarm_id, a.round, a.attempt), decl.to_value(),
+                                            get_dht_time() + ttl, subkey=owned_subkey(self.validator, self.peer_id),
+                                            return_future=True))
 
     async def _expected_peers(self, round_idx: int, excluded: set[str]) -> tuple[set[str], int]:
         """Peers whose records say they are at this round (or finishing the one before); and how
@@ -522,6 +534,10 @@ class Swarm:
             if self.avg.min_group_size <= 1 or self._stopping.is_set():
                 return None
             # min_group_size > 1: keep waiting at this round unless the swarm has moved past it
+            self.on_phase("matchmaking", f"round {req.round}: waiting for a group of at least "
+                          f"{self.avg.min_group_size} (have {len(members)} ready)")
+            logger.info("[%s] round %d: %d ready, waiting for a group of at least %d", self.peer_id[-8:], req.round,
+                        len(members), self.avg.min_group_size)
             _, ahead = await self._expected_peers(req.round, excluded)
             if ahead >= max(1, self.avg.min_group_size - 1):
                 self._moved_on = True
@@ -797,6 +813,17 @@ class Swarm:
             return None
 
     async def _reduce(self, red: _Reducer, round_idx: int) -> None:
+        """Wait for the parts (bounded), aggregate, set `red.result`; never leaves it unset."""
+        try:
+            await self._reduce_inner(red, round_idx)
+        except Exception as e:
+            logger.exception("[%s] round %d: reducing span %d failed", self.peer_id[-8:], round_idx,
+                             red.exp.span_index)
+            assert red.result is not None
+            if not red.result.done():
+                red.result.set_result({"kind": "error", "reason": f"reducer failed: {e}"})
+
+    async def _reduce_inner(self, red: _Reducer, round_idx: int) -> None:
         try:
             await asyncio.wait_for(red.accounted.wait(), self.avg.allreduce_timeout)
         except TimeoutError:

@@ -49,21 +49,23 @@ def setup_logging(level: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from swarmfold.peer.checkpoint import CheckpointError
-    from swarmfold.peer.data import DataError
-    from swarmfold.spec import SpecError
+    from swarmfold.errors import UserError
 
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
     try:
         return int(args.handler(args) or 0)
-    except (SpecError, DataError, CheckpointError, FileNotFoundError) as e:
+    except (UserError, FileNotFoundError) as e:
         print(f"swarmfold {args.command}: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # e.g. `swarmfold logs | head`: the reader left, nothing more to say
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK
 
 
 if __name__ == "__main__":

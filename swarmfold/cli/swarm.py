@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
-import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 from swarmfold.daemon.options import add_peer_arguments, options_from_args
 
@@ -27,34 +28,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    options = options_from_args(args)
-    try:
-        from swarmfold.daemon.service import run_service
-    except ImportError:
-        run_service = None  # type: ignore[assignment]
-    if run_service is not None:
-        return run_service(options, foreground=True)
-    return _run_plain(options)
-
-
-def _run_plain(options) -> int:  # type: ignore[no-untyped-def]
-    from swarmfold.daemon.runner import PeerRunner
-    from swarmfold.daemon.state import Controls
-
-    controls = Controls()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: controls.request_stop())
+    from swarmfold.daemon.runner import run_peer
+    from swarmfold.daemon.service import run_service
 
     def ready(maddrs: list[str]) -> None:
         print("joined the swarm; others can join with:", flush=True)
         for a in maddrs:
             print(f"  --initial-peers {a}", flush=True)
 
-    def on_round(report) -> None:  # type: ignore[no-untyped-def]
+    def on_round(report: Any) -> None:
         print(f"round {report.round:4d}  {report.status:<11}  loss {report.train_loss:.4f}  "
               f"{report.tokens_per_second:,.0f} tok/s  model {report.model_sha256[:12]}", flush=True)
 
-    return PeerRunner(options, controls=controls, on_ready=ready, on_round=on_round).run()
+    runner = functools.partial(run_peer, on_ready=ready, on_round=on_round)
+    return run_service(options_from_args(args), foreground=True, runner=runner)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -102,6 +102,7 @@ class PeerRunner:
                                      keep_checkpoints=o.keep_checkpoints)
         if not peer.resume():
             self._checkpoint()  # round 0: a stop before the first round still leaves a checkpoint
+        self.status.update(round=peer.round, model_sha256=peer.theta_sha256)
         self.swarm = self.swarm_cls(
             spec, identity, initial_peers=list(o.initial_peers) + list(spec.network.bootstrap_peers),
             host_maddrs=o.host_maddrs, announce_maddrs=o.announce_maddrs, client_mode=o.client_mode,
@@ -170,7 +171,15 @@ class PeerRunner:
         self.status.set_state("paused", "paused by the user or the resource policy")
         self.status.update(paused=True)
         self._share_state("paused")
+        last_look = 0.0
         while self.controls.paused and not self.controls.stop.is_set():
+            if time.monotonic() - last_look > 5.0:  # keep the swarm view fresh while paused
+                last_look = time.monotonic()
+                try:
+                    records = self.swarm.records() if self.swarm is not None else {}
+                    self.status.set_swarm({pid: _record_view(r) for pid, r in records.items()})
+                except Exception as e:  # a DHT hiccup only delays the view
+                    logger.debug("could not read the swarm's records while paused: %s", e)
             self.controls.resume_event.wait(timeout=1.0)
         self.status.update(paused=False)
         logger.info("[%s] resumed", self.peer.peer_id[-8:])
@@ -195,6 +204,7 @@ class PeerRunner:
             logger.warning("[%s] state sync failed: %s; training from our own state", self.peer.peer_id[-8:], e)
             return
         self.peer.load_shared_state(rnd, theta, outer)
+        self.status.update(round=self.peer.round, model_sha256=self.peer.theta_sha256)
         logger.info("[%s] synced to round %d (model %s) from %s", self.peer.peer_id[-8:], rnd,
                     self.peer.theta_sha256[:12], source[-8:])
         self._checkpoint()

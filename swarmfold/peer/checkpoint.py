@@ -29,6 +29,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from swarmfold.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -36,7 +38,7 @@ TENSOR_FILES = ("model.safetensors", "inner_optimizer.safetensors", "outer_optim
                 "local.safetensors")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint is missing, damaged or belongs to another spec; the message says which and why."""
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from swarmfold.errors import UserError
 from swarmfold.peer.seeds import derive_seed, make_generator
 from swarmfold.peer.tokenizer import Tokenizer
 from swarmfold.spec import canonical_hash
@@ -34,7 +35,7 @@ CACHE_VERSION = 2  # 2: meta.json carries the sha256 of the tokens
 _SKIP_DIRS = {"__pycache__", ".git", ".hg", ".svn", "node_modules"}
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A shard cannot be used; the message names the file and says what to do."""
 
 

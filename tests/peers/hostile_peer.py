@@ -1,0 +1,93 @@
+"""A test peer: the real swarm code, but every contribution it sends is corrupted.
+
+Run like `swarmfold run` (same arguments). Each time it sends its parts it uses the next
+fault of `Fault`, so one run exercises every kind of bad contribution.
+"""
+
+from __future__ import annotations
+
+import argparse
+import enum
+import logging
+import sys
+from typing import Any
+
+import numpy as np
+
+from swarmfold.averaging.base import AverageRequest
+from swarmfold.averaging.swarm import Group, Swarm
+from swarmfold.daemon.options import add_peer_arguments, options_from_args
+from swarmfold.daemon.runner import PeerRunner
+
+logger = logging.getLogger("hostile")
+
+
+class Fault(enum.Enum):
+    """Each bad contribution, with the named error the reducers must answer it with."""
+
+    NAN = ("nan", "nonfinite")
+    INF = ("inf", "nonfinite")
+    WRONG_SHAPE = ("shape", "wrong_shape")
+    WRONG_DTYPE = ("dtype", "wrong_dtype")
+    WRONG_ROUND = ("round", "wrong_round")
+    WRONG_SPEC = ("spec", "wrong_spec")
+    OVERSIZED = ("oversized", "oversized")
+    WEIGHT_ABOVE_CAP = ("weight", "weight_above_cap")
+
+    @property
+    def label(self) -> str:
+        return self.value[1]
+
+
+FAULTS = list(Fault.__members__.values())
+
+
+class HostileSwarm(Swarm):
+    sends = 0
+    _current: Fault | None = None
+    _current_group = ""
+
+    def _make_part(self, group: Group, req: AverageRequest, span_index: int, payload: bytes,
+                   numel: int) -> dict[str, Any]:
+        if group.group_id != self._current_group:
+            self._current_group = group.group_id
+            self._current = FAULTS[self.sends % len(FAULTS)]
+            self.sends += 1
+            logger.warning("hostile: sending %s (%s) in round %d", self._current.name, self._current.label, req.round)
+        msg = super()._make_part(group, req, span_index, payload, numel)
+        f = self._current
+        values = np.frombuffer(payload, dtype=np.float32).copy()
+        if f is Fault.NAN:
+            values[0] = np.nan
+            msg["payload"] = values.tobytes()
+        elif f is Fault.INF:
+            values[-1] = np.inf
+            msg["payload"] = values.tobytes()
+        elif f is Fault.WRONG_SHAPE:
+            msg["numel"] = numel + 1
+            msg["payload"] = payload + b"\0\0\0\0"
+        elif f is Fault.WRONG_DTYPE:
+            msg["dtype"] = "float64"
+        elif f is Fault.WRONG_ROUND:
+            msg["round"] = req.round + 1
+        elif f is Fault.WRONG_SPEC:
+            msg["spec_hash"] = "0" * 64
+        elif f is Fault.OVERSIZED:
+            msg["payload"] = bytes(self.avg.max_message_bytes + 1)
+        elif f is Fault.WEIGHT_ABOVE_CAP:
+            msg["weight"] = float(self.spec.token_cap) * 10
+        return msg
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_peer_arguments(sub.add_parser("run"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("hivemind").setLevel(logging.WARNING)
+    return PeerRunner(options_from_args(args), swarm_cls=HostileSwarm).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
