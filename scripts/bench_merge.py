@@ -91,10 +91,11 @@ def child(mode: str, workdir: Path, n: int) -> dict[str, Any]:
                                numel=theta.numel())
         new = outer.step(theta, weighted_mean(group))
         sha = tensor_sha256(new)
-        model, offset = {}, 0
-        for n in names:
-            model[n] = new[offset : offset + base[n].numel()].view(base[n].shape).clone()
-            offset += base[n].numel()
+        model: dict[str, torch.Tensor] = {}
+        offset = 0
+        for name in names:
+            model[name] = new[offset : offset + base[name].numel()].view(base[name].shape).clone()
+            offset += base[name].numel()
         save_checkpoint(out, round_idx=int(meta["round"]) + 1, model=model, inner={}, outer=outer.state_dict(),
                         local=None, meta={"model_sha256": sha, "spec": meta["spec"]})
     seconds = time.perf_counter() - t0
