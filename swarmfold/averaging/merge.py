@@ -35,6 +35,7 @@ import torch
 from swarmfold.averaging.aggregate import MERGE_RULES, Contribution, merge_rule
 from swarmfold.averaging.outer import OuterOptimizer
 from swarmfold.averaging.receipt import SignedContribution
+from swarmfold.errors import UserError
 from swarmfold.spec import Spec
 
 logger = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ logger = logging.getLogger(__name__)
 WEIGHTINGS = ("tokens", "equal")
 
 
-class MergeError(ValueError):
+class MergeError(UserError):
     """Contributions cannot be merged as given; the message names the file and the fix."""
 
 

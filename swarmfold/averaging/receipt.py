@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from swarmfold.averaging.identity import Identity, peer_id_from_public_key, verify_signature
+from swarmfold.errors import UserError
 
 RECEIPT_FORMAT = "swarmfold-receipt"
 DENY_FORMAT = "swarmfold-deny"
@@ -40,7 +41,7 @@ DELTA_SUFFIX = ".safetensors"
 RECEIPT_SUFFIX = ".receipt.json"
 
 
-class RecordError(ValueError):
+class RecordError(UserError):
     """A signed record is malformed, tampered with, expired or signed by someone else."""
 
 

@@ -44,6 +44,7 @@ from swarmfold.averaging.receipt import (
     load_contribution,
     sign_record,
 )
+from swarmfold.errors import UserError
 from swarmfold.peer.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -65,7 +66,7 @@ logger = logging.getLogger(__name__)
 INNER_SOURCES = ("auto", "fresh", "checkpoint")
 
 
-class ContributeError(ValueError):
+class ContributeError(UserError):
     """A contribution cannot be made as asked; the message says why and what to do."""
 
 

@@ -43,6 +43,7 @@ from swarmfold.averaging.receipt import (
     load_contribution,
     validate_deny_record,
 )
+from swarmfold.errors import UserError
 from swarmfold.peer.checkpoint import Checkpoint
 from swarmfold.peer.contribute import (
     inner_state_record,
@@ -70,7 +71,7 @@ __all__ = [
 ]
 
 
-class VerifyInputError(ValueError):
+class VerifyInputError(UserError):
     """The verifier's own inputs cannot check this contribution (wrong data, base or start state)."""
 
 
