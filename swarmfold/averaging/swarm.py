@@ -121,6 +121,8 @@ class _Reducer:
     rejected: dict[str, str] = field(default_factory=dict)
     accounted: asyncio.Event = field(default_factory=asyncio.Event)
     result: asyncio.Future | None = None
+    bytes_sent: int = 0  # results sent back to members
+    bytes_received: int = 0  # parts received from members
 
     def account(self) -> None:
         if set(self.parts) | set(self.rejected) >= self.exp.members:
@@ -777,6 +779,9 @@ class Swarm:
                 failure = "our own contribution was rejected"
             digest = _digest(group.group_id, included, results[0]["weights"] if results[0] else {}, aggregate_t)
         exclude = set(missing) | set(rejected)
+        if my_span is not None:  # what our reducer received and sent back counts as our traffic too
+            stats["sent"] += red.bytes_sent
+            stats["received"] += red.bytes_received
         committed = await self._commit(group, req.round, digest, failure, stats)
         timings["commit"] += time.perf_counter() - t1
         self._forget(group.group_id)
@@ -848,7 +853,7 @@ class Swarm:
         sender = str(info.peer_id)
         try:
             try:
-                msg, _ = await wire.recv(reader, self.avg.max_message_bytes)
+                msg, received = await wire.recv(reader, self.avg.max_message_bytes)
             except wire.MessageTooLarge as e:
                 self._reject_everywhere(sender, Rejected(Rejection.OVERSIZED, str(e)))
                 await wire.send(writer, {"kind": "error", "reason": f"oversized: {e}"})
@@ -877,7 +882,8 @@ class Swarm:
             red.account()
             assert red.result is not None
             result = await asyncio.wait_for(asyncio.shield(red.result), self.avg.allreduce_timeout * 2)
-            await wire.send(writer, result)
+            red.bytes_received += received
+            red.bytes_sent += await wire.send(writer, result)
         except (wire.WireError, ConnectionError, TimeoutError) as e:
             logger.debug("reduce exchange with %s failed: %s", sender[-8:], e)
         finally:

@@ -98,6 +98,8 @@ class LocalPeer:
         self.theta_sha256 = tensor_sha256(self.theta)
         self.last_checkpoint_time: float | None = None
         self.last_round: dict[str, Any] = {}  # what happened in the latest round (kept in meta.json)
+        self.counters: dict[str, int] = {"bytes_sent": 0, "bytes_received": 0, "committed": 0, "alone": 0,
+                                         "rolled_back": 0}  # lifetime totals, kept in meta.json
 
     # ---- the round -----------------------------------------------------------------
     def batches_for_round(self, round_idx: int) -> list[torch.Tensor]:
@@ -142,6 +144,9 @@ class LocalPeer:
         else:  # rolled back: θ_r stays, the local weights (and so Δ) carry into the next round
             self.carried_tokens += phase.stats.tokens
         self.tokens_total += phase.stats.tokens
+        self.counters["bytes_sent"] += result.bytes_sent
+        self.counters["bytes_received"] += result.bytes_received
+        self.counters[result.status] = self.counters.get(result.status, 0) + 1
         self.last_round = {"round": self.round, "status": result.status, "group_id": result.group_id,
                            "members": list(result.members), "included": list(result.included),
                            "rejected": dict(result.rejected), "attempts": result.attempts, "reason": result.reason,
@@ -193,6 +198,7 @@ class LocalPeer:
             "eos_id": self.tokenizer.eos_id,
             "environment": environment(self.threads),
             "last_round": self.last_round,
+            "counters": dict(self.counters),
             "written_at": time.time(),
         }
 
@@ -231,6 +237,8 @@ class LocalPeer:
         self.round = ckpt.round
         self.tokens_total = int(meta.get("tokens_total", 0))
         self.carried_tokens = int(meta.get("carried_tokens", 0))
+        self.counters.update({k: int(v) for k, v in meta.get("counters", {}).items()})
+        self.last_round = dict(meta.get("last_round", {}))
         set_flat_params(self.model, ckpt.local.get("local_params", theta))
         self.residual = ckpt.local.get("ef_residual")
         rng = meta.get("rng", {}).get("torch_cpu")
