@@ -779,10 +779,10 @@ class Swarm:
                 failure = "our own contribution was rejected"
             digest = _digest(group.group_id, included, results[0]["weights"] if results[0] else {}, aggregate_t)
         exclude = set(missing) | set(rejected)
-        if my_span is not None:  # what our reducer received and sent back counts as our traffic too
+        committed = await self._commit(group, req.round, digest, failure, stats)
+        if my_span is not None:  # our reducer's traffic (complete: every voter had our result first)
             stats["sent"] += red.bytes_sent
             stats["received"] += red.bytes_received
-        committed = await self._commit(group, req.round, digest, failure, stats)
         timings["commit"] += time.perf_counter() - t1
         self._forget(group.group_id)
         if failure or not committed:
