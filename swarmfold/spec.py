@@ -71,7 +71,7 @@ class InnerSpec:
 
 @dataclass(kw_only=True)
 class RoundSpec:
-    inner_steps: int = _doc("H: inner steps between two averagings", default=20)
+    inner_steps: int = _doc("H: inner steps between two averagings (25: see docs/results.md)", default=25)
     max_tokens_per_round: int = _doc(
         "cap on the weight (tokens) one peer may claim for a round; 0 = H * batch * seq_len",
         default=0,
@@ -99,7 +99,8 @@ class AveragingSpec:
     state_sync_timeout: float = _doc("seconds to download the model from a peer when joining", default=120.0)
     max_attempts: int = _doc("how many times a round's all-reduce is redone after a failure", default=3)
     max_message_bytes: int = _doc("largest accepted message (bytes), tensor parts included", default=256 * 2**20)
-    compression: str = _doc("pseudo-gradient wire format: none, fp16 or int8", default="none")
+    compression: str = _doc("pseudo-gradient wire format: none, fp16 or int8 (blockwise absmax, error feedback)",
+                            default="int8")
     aggregation: str = _doc("how a reducer combines contributions: mean, trimmed_mean or median", default="mean")
     trim_fraction: float = _doc("fraction cut from each end per coordinate by trimmed_mean", default=0.2)
     record_ttl: float = _doc("seconds a published DHT record (round, model hash, metrics) lives", default=120.0)
@@ -212,7 +213,7 @@ def preset(name: str) -> Spec:
             model=ModelSpec(hidden_size=384, intermediate_size=1024, num_layers=6, num_heads=6, num_kv_heads=6),
             data=DataSpec(seq_len=256),
             inner=InnerSpec(lr=1e-3, batch_size=16, warmup_steps=50),
-            round=RoundSpec(inner_steps=50),
+            round=RoundSpec(inner_steps=25),
         )
     raise SpecError([f"preset: unknown preset {name!r}; choose 'tiny' or 'small'"])
 
@@ -358,7 +359,7 @@ def validate(s: Spec) -> list[str]:
     need(i.batch_size > 0, f"inner.batch_size: must be positive, got {i.batch_size}")
 
     r = s.round
-    need(r.inner_steps > 0, f"round.inner_steps: must be positive, got {r.inner_steps}; 20 suits the tiny preset")
+    need(r.inner_steps > 0, f"round.inner_steps: must be positive, got {r.inner_steps}; 25 suits the presets")
     need(r.max_tokens_per_round >= 0, f"round.max_tokens_per_round: must be >= 0, got {r.max_tokens_per_round}")
     if r.max_tokens_per_round and r.inner_steps > 0 and i.batch_size > 0:
         full = r.inner_steps * i.batch_size * d.seq_len
