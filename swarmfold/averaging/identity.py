@@ -50,7 +50,7 @@ def peer_id_from_public_key(public_key_der: bytes) -> str:
     """The libp2p peer id (base58) that belongs to an RSA public key (DER SubjectPublicKeyInfo)."""
     import hashlib
 
-    from multihash import coerce_code, encode  # type: ignore[import-untyped]
+    from multihash import coerce_code, encode
 
     proto = crypto_pb2.PublicKey(key_type=crypto_pb2.RSA, data=public_key_der).SerializeToString()
     return PeerID(encode(hashlib.sha256(proto).digest(), coerce_code("sha2-256"))).to_base58()

@@ -144,7 +144,7 @@ class Swarm:
     def __init__(self, spec: Spec, identity: Identity, *, initial_peers: list[str] | None = None,
                  host_maddrs: list[str] | None = None, announce_maddrs: list[str] | None = None,
                  client_mode: bool = False, use_relay: bool = True, use_auto_relay: bool = False,
-                 on_phase: Callable[[str, str], None] | None = None):
+                 on_phase: Callable[[str, str], None] | None = None, stop_event: threading.Event | None = None):
         self.spec = spec
         self.identity = identity
         self.peer_id = identity.peer_id
@@ -170,7 +170,7 @@ class Swarm:
         self._served: ServedState | None = None
         self._record: PeerRecord | None = None
         self._heartbeat: asyncio.Task | None = None
-        self._stopping = threading.Event()
+        self._stopping = stop_event or threading.Event()  # set: stop waiting for a group
         self.maddrs: list[str] = []
 
     # ---- lifecycle -------------------------------------------------------------------
@@ -204,14 +204,29 @@ class Swarm:
     def shutdown(self) -> None:
         self._stopping.set()
         if self._thread.is_alive():
-            if self._heartbeat is not None:
-                self._loop.call_soon_threadsafe(self._heartbeat.cancel)
+            try:
+                self._call(self._teardown(), timeout=10)
+            except Exception as e:  # best effort: the process is leaving anyway
+                logger.debug("teardown: %s", e)
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=5)
+            if not self._thread.is_alive():
+                self._loop.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
         if self.dht is not None:
             self.dht.shutdown()
             self.dht = None
+
+    async def _teardown(self) -> None:
+        """Cancel our tasks and close the P2P replica (the DHT process owns the daemon itself)."""
+        current = asyncio.current_task()
+        tasks = [t for t in asyncio.all_tasks(self._loop) if t is not current]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self.p2p is not None:
+            await self.p2p.shutdown()
+            self.p2p = None
 
     def _call(self, coro: Awaitable[T], timeout: float | None = None) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)  # type: ignore[arg-type]
@@ -440,9 +455,13 @@ class Swarm:
                 out.bytes_sent += sent
                 out.bytes_received += received
                 return out
-            except _AttemptFailed as e:
+            except AveragingError as e:
+                if not isinstance(e, _AttemptFailed):  # e.g. the DHT did not answer: retry, exclude no one
+                    e = _AttemptFailed(str(e), set())
                 if group is None:
                     timings["matchmaking"] += time.perf_counter() - t0
+                if self._stopping.is_set():
+                    break
                 logger.warning("[%s] round %d attempt %d failed (%s); %s", self.peer_id[-8:], req.round, attempt,
                                e, "retrying without " + ", ".join(sorted(p[-8:] for p in e.exclude))
                                if e.exclude else "retrying")
@@ -452,8 +471,8 @@ class Swarm:
                 received += e.bytes_received
                 members = set(group.members) if group is not None else (e.expected or set())
                 expected = members - excluded - {self.peer_id}
-        return AverageResult(status="rolled_back", aggregate=None, attempts=self.avg.max_attempts,
-                             reason=f"averaging failed {self.avg.max_attempts} times; θ_r kept, Δ carried",
+        return AverageResult(status="rolled_back", aggregate=None, attempts=attempt + 1,
+                             reason=f"averaging failed {attempt + 1} time(s); θ_r kept, Δ carried",
                              timings=timings, rejected=rejected_all, bytes_sent=sent, bytes_received=received)
 
     _moved_on = False
@@ -465,6 +484,9 @@ class Swarm:
         if self._moved_on:
             return AverageResult(status="rolled_back", aggregate=None,
                                  reason="the swarm moved on to a later round", **common)  # type: ignore[arg-type]
+        if self._stopping.is_set() and self.avg.min_group_size > 1:
+            return AverageResult(status="rolled_back", aggregate=None,
+                                 reason="stopped while waiting for a group", **common)  # type: ignore[arg-type]
         if self.avg.min_group_size <= 1:
             return AverageResult(status="alone", aggregate=req.delta,
                                  reason="no group formed before the matchmaking timeout", **common)  # type: ignore[arg-type]
@@ -560,7 +582,7 @@ class Swarm:
             members.setdefault(self.peer_id, Declaration(self.peer_id, a.base, self.client_mode, self.maddrs))
             others = set(members) - {self.peer_id}
             if (len(members) >= self.avg.group_size or (expected and expected <= others)
-                    or time.monotonic() >= deadline or a.locked_to is not None):
+                    or time.monotonic() >= deadline or a.locked_to is not None or self._stopping.is_set()):
                 return members
             try:
                 await asyncio.wait_for(a.proposal_event.wait(), POLL_INTERVAL)
@@ -958,7 +980,7 @@ class Swarm:
         """Drop state of finished groups (keep the latest few for late stragglers)."""
         for d in (self._reducers, self._reducer_ready, self._votes, self._vote_events):
             while len(d) > 8:
-                d.pop(next(iter(d)))  # type: ignore[attr-defined]
+                d.pop(next(iter(d)))
 
 
 class JoinError(Exception):

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from swarmfold.averaging.base import allreduce_fp32_bytes_per_step
+from swarmfold.errors import UserError
 from swarmfold.peer.checkpoint import list_checkpoints, load_checkpoint_dir
 from swarmfold.peer.corpus import write_stdlib_shards
 from swarmfold.peer.local import LocalPeer, evaluate_model, model_from_checkpoint
@@ -106,8 +107,7 @@ def _row(name: str, per_shard: dict[str, float]) -> str:
 def run_demo(*, peers: int = 3, rounds: int | None = None, out: Path = Path("runs/demo"), threads: int = 1,
              stdout: IO[str] = sys.stdout) -> int:
     if peers < 2:
-        print("swarmfold demo: --peers must be at least 2", file=sys.stderr)
-        return 2
+        raise UserError("--peers must be at least 2: a swarm of one has no one to average with")
     rounds = rounds or DEFAULT_ROUNDS
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -207,10 +207,11 @@ def _report(spec: Spec, shard_paths: list[Path], workdirs: list[Path], rounds: i
     for p in peers_out:
         print(f"  {p['peer_id'][-8:]}  {p['bytes_sent'] / 1e6:8.1f} MB   (per-step all-reduce: "
               f"{ddp_bytes / 1e6:,.0f} MB, {ddp_bytes / max(1, p['bytes_sent']):.0f}x more)", file=stdout)
-    beats = all(_mean(swarm) < r["val_loss_mean"] for r in result["isolated"])  # type: ignore[index]
-    print(f"\nswarm mean {_mean(swarm):.4f} vs best peer alone {min(r['val_loss_mean'] for r in result['isolated']):.4f}"  # type: ignore[index]
-          f" vs data-parallel {_mean(data_parallel):.4f}: the swarm {'beats' if beats else 'does NOT beat'} "
-          f"every peer alone.", file=stdout)
+    alone_means = [_mean(r["val_loss_per_shard"]) for r in isolated]
+    beats = all(_mean(swarm) < m for m in alone_means)
+    print(f"\nswarm mean {_mean(swarm):.4f} vs best peer alone {min(alone_means):.4f} vs data-parallel "
+          f"{_mean(data_parallel):.4f}: the swarm {'beats' if beats else 'does NOT beat'} every peer alone.",
+          file=stdout)
     print(f"wrote {out / 'result.json'}", file=stdout)
     from swarmfold.peer.inference import generate
 
