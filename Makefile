@@ -1,6 +1,6 @@
 # swarmfold: the two commands of a fresh machine are `make demo` and `make test`.
 #
-#   make demo     set up .venv, then train on the embedded default corpus (the stdlib shards)
+#   make demo     set up .venv, then run a 3-peer swarm on the embedded default corpus (stdlib shards)
 #   make test     set up .venv (and Chromium, as root), then run the whole test suite
 #   make lint     ruff and mypy
 #   make browser  install Debian's chromium if it is missing (the dashboard tests need it)
@@ -17,7 +17,8 @@ STAMP := $(VENV)/.swarmfold-setup
 TORCH_VERSION := 2.13.0
 PYTEST_ARGS ?=
 DEMO_DIR ?= runs/demo
-DEMO_ROUNDS ?= 6
+DEMO_PEERS ?= 3
+DEMO_ARGS ?=
 
 # `make test` installs Chromium first only where it can: as root with apt-get.
 BROWSER_DEP := $(shell [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && echo browser)
@@ -35,17 +36,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -e '.[dev]'
 	touch $@
 
-# Until the swarm demo lands, the demo trains one peer alone: the loss falls round by
-# round, then the model writes a sample. (To be replaced by `swarmfold demo`.)
+# The demo: N real peers on 127.0.0.1 train the tiny model on stdlib shards, then the
+# swarm is compared with each peer alone and with data-parallel (see README).
 demo: $(STAMP)
-	rm -rf $(DEMO_DIR)/work
-	$(BIN)/swarmfold data stdlib --shards 2 --out $(DEMO_DIR)/data
-	test -f $(DEMO_DIR)/spec.toml || $(BIN)/swarmfold init --preset tiny --out $(DEMO_DIR)/spec.toml
-	$(BIN)/swarmfold --log-level WARNING train --spec $(DEMO_DIR)/spec.toml --data $(DEMO_DIR)/data/shard-0 \
-	  --workdir $(DEMO_DIR)/work --rounds $(DEMO_ROUNDS) --threads 1
-	$(BIN)/swarmfold --log-level WARNING eval $(DEMO_DIR)/work --data $(DEMO_DIR)/data/shard-1 --max-windows 256 --threads 1
-	@echo "--- a sample from the model (prompt: 'def '):"
-	@$(BIN)/swarmfold --log-level WARNING generate $(DEMO_DIR)/work --prompt "def " --tokens 200 --temperature 0.5 --threads 1
+	$(BIN)/swarmfold --log-level WARNING demo --peers $(DEMO_PEERS) --out $(DEMO_DIR) $(DEMO_ARGS)
 
 clean-demo:
 	rm -rf $(DEMO_DIR)
