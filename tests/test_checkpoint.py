@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -128,7 +129,7 @@ def test_damaged_newest_falls_back_to_previous_with_a_warning(
         load_checkpoint_dir(newest)
     ckpt = load_latest(workdir)
     assert ckpt is not None and ckpt.round == 2
-    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert warnings and "round-000003" in warnings[0].getMessage()
 
     peer = LocalPeer(fast_spec(), [], peer_id="local", threads=1, workdir=workdir, shard=shard)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import re
 import shutil
 import subprocess
@@ -126,7 +127,7 @@ def test_truncated_newest_checkpoint_continues_from_the_previous_one(
     model.write_bytes(model.read_bytes()[:1000])
     rc, out, _err = cli(capsys, *train_args(runs, work, ROUNDS))
     assert rc == 0
-    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("round-000003" in w and "truncated or corrupted" in w for w in warnings), warnings
     assert f"resuming at round {ROUNDS - 1}" in out
     # The round is trained again from round 2, and gives the same bits as before the damage.
