@@ -25,9 +25,9 @@ from swarmfold.averaging.outer import OuterOptimizer
 from swarmfold.peer.checkpoint import Checkpoint, CheckpointError, load_latest, save_checkpoint
 from swarmfold.peer.data import Shard
 from swarmfold.peer.model import build_model, flat_params, set_flat_params, tensor_sha256
-from swarmfold.peer.seeds import batch_order
+from swarmfold.peer.seeds import batch_order, round_seed
 from swarmfold.peer.tokenizer import Tokenizer, load_tokenizer
-from swarmfold.peer.trainer import InnerTrainer, StepStats, lm_loss
+from swarmfold.peer.trainer import InnerTrainer, StepStats, lm_loss, set_threads
 from swarmfold.spec import Spec, spec_from_dict
 
 logger = logging.getLogger(__name__)
@@ -43,6 +43,12 @@ def environment(threads: int) -> dict[str, Any]:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "machine": platform.machine(),
     }
+
+
+def replayable(spec: Spec) -> bool:
+    """Whether this swarm's peers replay each other's rounds (verify.fraction > 0); see
+    `LocalPeer._start_replayable_round` for what that changes in the round."""
+    return spec.verify.fraction > 0
 
 
 class TrainingInterrupted(Exception):
@@ -83,6 +89,7 @@ class LocalPeer:
         self.threads = threads
         self.workdir = Path(workdir) if workdir else None
         self.keep_checkpoints = keep_checkpoints
+        set_threads(threads)  # the thread count is part of the determinism contract, and recorded
         self.tokenizer = tokenizer or load_tokenizer(spec.tokenizer)
         self.shard = shard or Shard(data, self.tokenizer, seq_len=spec.data.seq_len,
                                     val_fraction=spec.data.val_fraction)
@@ -112,6 +119,10 @@ class LocalPeer:
         """H inner steps from θ_r. `step_hook` may raise TrainingInterrupted: the model is then
         mid-round and must not be saved; the last checkpoint remains the state."""
         t0 = time.perf_counter()
+        if replayable(self.spec):
+            self._start_replayable_round()
+        # any draw from torch's global generator (dropout, a model's own sampling) is seeded too
+        torch.manual_seed(round_seed(self.spec.seed, self.round, self.peer_id, "torch"))
         stats = self.trainer.run(self.batches_for_round(self.round), step_hook)
         delta = self.theta - flat_params(self.model)
         if self.residual is not None:
@@ -122,6 +133,15 @@ class LocalPeer:
                     self.peer_id[-8:], self.round, len(stats.losses), stats.mean_loss, stats.tokens_per_second)
         return TrainPhase(round=self.round, delta=delta, weight=weight, stats=stats,
                           seconds=time.perf_counter() - t0)
+
+    def _start_replayable_round(self) -> None:
+        """In a swarm that verifies by replay, a round depends only on public inputs: θ_r, the
+        round, the peer id and the public data. So no private state crosses rounds: AdamW starts
+        fresh (its step count, which sets the warm-up, is round × H), and neither a rolled-back
+        round's local progress nor the compression residual is carried."""
+        set_flat_params(self.model, self.theta)
+        self.carried_tokens, self.residual = 0, None
+        self.trainer.load_state_tensors({}, self.round * self.spec.round.inner_steps)
 
     def request(self, phase: TrainPhase) -> AverageRequest:
         return AverageRequest(round=phase.round, delta=phase.delta, weight=phase.weight,
@@ -241,6 +261,16 @@ class LocalPeer:
         self.last_round = dict(meta.get("last_round", {}))
         set_flat_params(self.model, ckpt.local.get("local_params", theta))
         self.residual = ckpt.local.get("ef_residual")
+        recorded = meta.get("environment", {})
+        current = environment(self.threads)
+        changed = {k: (recorded.get(k), current[k]) for k in ("torch", "threads", "cpu_capability")
+                   if k in recorded and recorded.get(k) != current[k]}
+        if changed:
+            logger.warning("[%s] %s was written with %s; now %s: training continues, but not bit-identically "
+                           "to a run that never stopped (the determinism contract needs the same environment)",
+                           self.peer_id[-8:], ckpt.path.name,
+                           ", ".join(f"{k}={a}" for k, (a, _) in changed.items()),
+                           ", ".join(f"{k}={b}" for k, (_, b) in changed.items()))
         rng = meta.get("rng", {}).get("torch_cpu")
         if rng:
             torch.set_rng_state(torch.frombuffer(bytearray(bytes.fromhex(rng)), dtype=torch.uint8))
