@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from swarmfold.peer.corpus import write_stdlib_shards
 from swarmfold.spec import Spec, preset, to_toml
@@ -20,6 +21,9 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="session", autouse=True)
 def _token_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["SWARMFOLD_CACHE"] = str(tmp_path_factory.mktemp("token-cache"))
+    # one intra-op thread in the test process: the suite also runs peer processes side by side,
+    # and oversubscribed cores make 2-thread steps ~10x slower on a 2-core machine
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
