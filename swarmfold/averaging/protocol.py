@@ -46,7 +46,8 @@ class Rejection(enum.Enum):
     NOT_A_MEMBER = "not_a_member"
     MALFORMED = "malformed"
     TIMEOUT = "timeout"
-    DENIED = "denied"
+    DENIED = "denied"  # a deny record (failed replay) names the sender
+    VERIFY_FAILED = "verify_failed"  # this reducer replayed the sender's round and the span did not match
 
 
 class AveragingError(Exception):

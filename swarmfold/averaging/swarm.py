@@ -21,14 +21,21 @@ A round, as DESIGN.md sets it out:
   4. failure: a failed attempt is redone among the survivors (attempt + 1) without
      the peers that were missing or rejected; after `max_attempts` the round is
      rolled back: θ_r is kept and Δ carries into the next round.
+  5. verification (spec verify.fraction > 0; averaging/verification.py): before
+     aggregating, a reducer replays a random fraction of the members whose parts it holds
+     and compares its span; a failed member is rejected (`verify_failed`), so the round is
+     redone without it, and denied in the DHT; denied peers are left out of matchmaking
+     and their parts refused (`denied`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import signal
 import threading
@@ -66,14 +73,26 @@ from swarmfold.averaging.protocol import (
     StateSyncError,
     check_part,
 )
+from swarmfold.averaging.receipt import build_deny_record
 from swarmfold.averaging.records import (
     Declaration,
     PeerRecord,
+    deny_key,
+    encode_record,
     entries,
     make_validator,
     matchmaking_key,
     owned_subkey,
     peers_key,
+)
+from swarmfold.averaging.verification import (
+    SpanVerdict,
+    SwarmVerifier,
+    choose_to_verify,
+    claimed_environment,
+    denied_from_values,
+    judge_span,
+    same_class,
 )
 from swarmfold.spec import Spec
 
@@ -117,7 +136,9 @@ class _Reducer:
     """This peer's reduction of one span for one group."""
 
     exp: Expectation
+    offset: int = 0  # where this span starts in the flat Δ
     parts: dict[str, Contribution] = field(default_factory=dict)
+    claims: dict[str, dict[str, Any] | None] = field(default_factory=dict)  # environment class each part claims
     rejected: dict[str, str] = field(default_factory=dict)
     accounted: asyncio.Event = field(default_factory=asyncio.Event)
     result: asyncio.Future | None = None
@@ -144,7 +165,8 @@ class Swarm:
     def __init__(self, spec: Spec, identity: Identity, *, initial_peers: list[str] | None = None,
                  host_maddrs: list[str] | None = None, announce_maddrs: list[str] | None = None,
                  client_mode: bool = False, use_relay: bool = True, use_auto_relay: bool = False,
-                 on_phase: Callable[[str, str], None] | None = None, stop_event: threading.Event | None = None):
+                 on_phase: Callable[[str, str], None] | None = None, stop_event: threading.Event | None = None,
+                 verifier: SwarmVerifier | None = None):
         self.spec = spec
         self.identity = identity
         self.peer_id = identity.peer_id
@@ -171,6 +193,10 @@ class Swarm:
         self._record: PeerRecord | None = None
         self._heartbeat: asyncio.Task | None = None
         self._stopping = stop_event or threading.Event()  # set: stop waiting for a group
+        self.verifier = verifier  # replays members' rounds when the spec verifies (verify.fraction > 0)
+        self._replay_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="swarmfold-replay")
+        self._denied: set[str] = set()  # peers refused this round: deny records at quorum, or our own
+        self._own_denies: dict[str, float] = {}  # peer -> when our own deny record for it expires
         self.maddrs: list[str] = []
 
     # ---- lifecycle -------------------------------------------------------------------
@@ -213,6 +239,7 @@ class Swarm:
             if not self._thread.is_alive():
                 self._loop.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self._replay_executor.shutdown(wait=False, cancel_futures=True)
         if self.dht is not None:
             self.dht.shutdown()
             self.dht = None
@@ -436,6 +463,8 @@ class Swarm:
         timings = {"matchmaking": 0.0, "allreduce": 0.0, "commit": 0.0}
         rejected_all: dict[str, str] = {}
         sent = received = 0
+        if self.spec.verify.fraction > 0:
+            excluded |= await self._refresh_denied(req.round)
         for attempt in range(self.avg.max_attempts):
             t0 = time.perf_counter()
             self.on_phase("matchmaking", f"round {req.round}, attempt {attempt}")
@@ -717,7 +746,8 @@ class Swarm:
         """The message carrying our contribution to span `span_index` (tests subclass this)."""
         return {"kind": "part", "group_id": group.group_id, "spec_hash": self.spec.spec_hash,
                 "round": req.round, "base_sha256": req.model_sha256, "span": span_index, "numel": numel,
-                "dtype": DTYPE_OF_CODEC[self.avg.compression], "weight": float(req.weight), "payload": payload}
+                "dtype": DTYPE_OF_CODEC[self.avg.compression], "weight": float(req.weight), "payload": payload,
+                **({"environment": self.verifier.environment} if self.verifier is not None else {})}
 
     async def _allreduce_and_commit(self, req: AverageRequest, group: Group,
                                     timings: dict[str, float]) -> AverageResult:
@@ -734,7 +764,7 @@ class Swarm:
         my_span = reducers.index(self.peer_id) if self.peer_id in reducers else None
         if my_span is not None:
             lo, hi = spans[my_span]
-            red = _Reducer(exp=Expectation(spec_hash=self.spec.spec_hash, round=req.round, group_id=group.group_id,
+            red = _Reducer(offset=lo, exp=Expectation(spec_hash=self.spec.spec_hash, round=req.round, group_id=group.group_id,
                                            base_sha256=req.model_sha256, members=members, compression=comp,
                                            numel=hi - lo, span_index=my_span,
                                            weight_cap=float(self.spec.token_cap)))
@@ -859,6 +889,7 @@ class Swarm:
                 logger.warning("[%s] round %d: no contribution from %s in time", self.peer_id[-8:], round_idx,
                                peer[-8:])
         self._fault(Phase.REDUCE, round_idx)
+        await self._verify_parts(red)
         parts = dict(red.parts)
         comp, rule, trim = self.avg.compression, self.avg.aggregation, self.avg.trim_fraction
 
@@ -895,8 +926,11 @@ class Swarm:
                 await wire.send(writer, {"kind": "error", "reason": "duplicate contribution"})
                 return
             try:
+                if sender in self._denied:
+                    raise Rejected(Rejection.DENIED, "a deny record names it (its contribution failed replay)")
                 tensor, weight = await self._loop.run_in_executor(self._executor, check_part, msg, sender, red.exp)
                 red.parts[sender] = Contribution(tensor, weight)
+                red.claims[sender] = claimed_environment(msg.get("environment"))
             except Rejected as r:
                 red.rejected[sender] = r.label
                 logger.warning("[%s] round %d: rejected the contribution of %s: %s", self.peer_id[-8:],
@@ -918,6 +952,91 @@ class Swarm:
                 logger.warning("[%s] round %d: rejected the contribution of %s: %s", self.peer_id[-8:],
                                red.exp.round, sender[-8:], r.label)
                 red.account()
+
+    # ---- verification by replay ------------------------------------------------------------------
+    async def _verify_parts(self, red: _Reducer) -> None:
+        """Replay a random fraction of the members whose parts we hold; reject those whose span fails."""
+        v = self.verifier
+        if v is None or v.fraction <= 0:
+            return
+        for member in choose_to_verify(sorted(red.parts), self_id=self.peer_id, fraction=v.fraction, rng=v.rng):
+            part = red.parts[member]
+            if part.weight != v.expected_weight:
+                verdict = SpanVerdict(False, "weight", f"claims weight {part.weight:g}; one round of this spec "
+                                      f"gives {v.expected_weight:g}")
+            else:
+                try:
+                    replay = await self._loop.run_in_executor(self._replay_executor, v.replay, member,
+                                                              red.exp.round, red.exp.base_sha256)
+                    span = replay[red.offset : red.offset + red.exp.numel]
+                    if span.numel() != red.exp.numel:
+                        raise ValueError(f"replay has {replay.numel()} elements, too few for this span")
+                except Exception as e:  # our own failure to replay says nothing about the member
+                    logger.warning("[%s] round %d: could not replay %s (%s); its contribution is not judged",
+                                   self.peer_id[-8:], red.exp.round, member[-8:], e)
+                    continue
+                verdict = await self._loop.run_in_executor(self._executor, functools.partial(
+                    judge_span, part.tensor, span, compression=red.exp.compression,
+                    bitwise=same_class(red.claims.get(member), v.environment), tolerance=v.tolerance))
+            if verdict.passed:
+                logger.info("[%s] round %d: replayed %s: %s (%s)", self.peer_id[-8:], red.exp.round, member[-8:],
+                            verdict.reason, verdict.mode)
+                continue
+            del red.parts[member]
+            red.rejected[member] = f"{Rejection.VERIFY_FAILED.value}: {verdict.reason}"
+            logger.warning("[%s] round %d: rejected the contribution of %s: %s", self.peer_id[-8:], red.exp.round,
+                           member[-8:], red.rejected[member])
+            self._deny(member, red, verdict)
+
+    def _deny(self, member: str, red: _Reducer, verdict: SpanVerdict) -> None:
+        """Refuse `member` ourselves from now on and publish a signed deny record (in the background)."""
+        ttl = self.spec.verify.deny_ttl
+        self._own_denies[member] = time.time() + ttl
+        self._denied.add(member)
+        distance = verdict.distance if verdict.distance is None or math.isfinite(verdict.distance) else "inf"
+        record = build_deny_record(
+            self.identity, swarm_id=self.swarm_id, denied=member, round_idx=red.exp.round, reason=verdict.reason,
+            evidence={"mode": verdict.mode, "distance": distance, "tolerance": self.spec.verify.tolerance,
+                      "group_id": red.exp.group_id, "span": red.exp.span_index, "base_sha256": red.exp.base_sha256},
+            ttl=ttl)
+
+        async def store() -> None:
+            assert self.dht is not None
+            try:
+                await self._dht_call(self.dht.store(
+                    deny_key(self.swarm_id), encode_record(record), get_dht_time() + ttl,
+                    subkey=owned_subkey(self.validator, member), return_future=True))
+                logger.warning("[%s] published a deny record against %s for %.0f s", self.peer_id[-8:],
+                               member[-8:], ttl)
+            except Exception as e:  # we still refuse it ourselves; others may catch it themselves
+                logger.warning("[%s] could not publish the deny record against %s: %s", self.peer_id[-8:],
+                               member[-8:], e)
+
+        asyncio.ensure_future(store())
+
+    async def _refresh_denied(self, round_idx: int) -> set[str]:
+        """Peers to leave out this round: denied by verify.deny_quorum issuers in the DHT, or by us."""
+        now = time.time()
+        self._own_denies = {p: t for p, t in self._own_denies.items() if t > now}
+        by_dht: dict[str, list[str]] = {}
+        try:
+            assert self.dht is not None
+            result = await self._dht_call(self.dht.get(deny_key(self.swarm_id), latest=True, return_future=True))
+            v = self.spec.verify
+            by_dht = denied_from_values([value for _, value, _ in entries(result)], swarm_id=self.swarm_id,
+                                        max_ttl=v.deny_ttl, quorum=v.deny_quorum, now=now)
+        except AveragingError as e:  # a DHT hiccup: keep last round's view
+            logger.debug("could not read deny records: %s", e)
+            by_dht = {p: [] for p in self._denied}
+        self._denied = set(by_dht) | set(self._own_denies)
+        if self.peer_id in self._denied:
+            logger.warning("[%s] round %d: this peer is denied by %s: others will not average with it",
+                           self.peer_id[-8:], round_idx, ", ".join(i[-8:] for i in by_dht.get(self.peer_id, [])))
+        others = sorted(self._denied - {self.peer_id})
+        if others:
+            logger.info("[%s] round %d: leaving out denied peer(s) %s", self.peer_id[-8:], round_idx,
+                        ", ".join(p[-8:] for p in others))
+        return set(others)
 
     # ---- commit -------------------------------------------------------------------------------
     async def _commit(self, group: Group, round_idx: int, digest: str, failure: str, stats: dict[str, int]) -> bool:

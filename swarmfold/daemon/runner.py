@@ -23,6 +23,7 @@ from swarmfold.averaging.protocol import SpecMismatch, StateSyncError
 from swarmfold.averaging.records import PeerRecord
 from swarmfold.averaging.swarm import JoinError, Swarm
 from swarmfold.daemon.options import PeerOptions
+from swarmfold.daemon.replay import make_swarm_verifier
 from swarmfold.daemon.state import Controls, PeerStatus, RoundRecord
 from swarmfold.peer.local import LocalPeer, RoundReport, TrainingInterrupted
 from swarmfold.peer.trainer import set_threads
@@ -106,7 +107,8 @@ class PeerRunner:
         self.swarm = self.swarm_cls(
             spec, identity, initial_peers=list(o.initial_peers) + list(spec.network.bootstrap_peers),
             host_maddrs=o.host_maddrs, announce_maddrs=o.announce_maddrs, client_mode=o.client_mode,
-            use_relay=o.use_relay, use_auto_relay=o.use_auto_relay, on_phase=self._on_phase)
+            use_relay=o.use_relay, use_auto_relay=o.use_auto_relay, on_phase=self._on_phase,
+            verifier=make_swarm_verifier(peer) if spec.verify.fraction > 0 else None)
         self.swarm.start()
         self.status.update(visible_maddrs=list(self.swarm.maddrs))
         self.swarm.check_spec(list(o.initial_peers) + list(spec.network.bootstrap_peers))

@@ -43,6 +43,7 @@ from swarmfold.averaging.receipt import (
     load_contribution,
     validate_deny_record,
 )
+from swarmfold.averaging.verification import choose_to_verify  # the swarm's draw, re-exported
 from swarmfold.errors import UserError
 from swarmfold.peer.checkpoint import Checkpoint
 from swarmfold.peer.contribute import (
@@ -192,17 +193,6 @@ def verify_contribution(*, spec: Spec, theta: torch.Tensor, round_idx: int, peer
     if claimed_losses is None:
         result.loss_max_abs_diff = None
     return result
-
-
-def choose_to_verify(members: Sequence[str], *, self_id: str, fraction: float,
-                     rng: random.Random | None = None) -> list[str]:
-    """Which of the group's other members to replay this round: each with probability `fraction`.
-
-    The draw uses the verifier's own randomness (SystemRandom by default), so a member
-    cannot predict whether it will be checked.
-    """
-    r = rng or random.SystemRandom()
-    return [m for m in sorted(members) if m != self_id and r.random() < fraction]
 
 
 def deny_record_for(report: VerifyReport, *, identity: Identity, spec: Spec, round_idx: int,

@@ -1,0 +1,184 @@
+"""Verification in the live swarm (issue 6, item 4): replay, exclusion, deny records.
+
+The real-process test runs two honest peers and one that inflates its Δ, all on the
+spec's public data with verify.fraction = 1; the honest peers must end bit-identical to
+`simulate` of the two of them, and keep the cheater out by a deny record afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import fast_spec, write_spec
+from swarm_helpers import last_rounds, log_tail, start_peer, wait_exit, wait_ready
+
+from swarmfold.averaging import codec
+from swarmfold.averaging.base import AverageResult
+from swarmfold.averaging.identity import Identity, load_or_create_identity
+from swarmfold.averaging.receipt import build_deny_record
+from swarmfold.averaging.records import encode_record
+from swarmfold.averaging.verification import denied_from_values, judge_span
+from swarmfold.daemon.replay import PublicDataError, make_swarm_verifier
+from swarmfold.peer.contribute import threads_set
+from swarmfold.peer.data import Shard
+from swarmfold.peer.local import LocalPeer
+from swarmfold.peer.simulate import simulate
+from swarmfold.peer.tokenizer import load_tokenizer
+from swarmfold.spec import Spec
+
+NET = {"matchmaking_timeout": 5.0, "join_timeout": 4.0, "allreduce_timeout": 8.0, "commit_timeout": 4.0,
+       "state_sync_timeout": 30.0}
+
+
+def _public_spec(shard: Path, **averaging: object) -> Spec:
+    probe = fast_spec()
+    manifest = Shard([shard], load_tokenizer(probe.tokenizer), seq_len=probe.data.seq_len,
+                     val_fraction=probe.data.val_fraction).manifest_hash
+    return fast_spec(averaging={**NET, **averaging}, verify={"fraction": 1.0, "public_data": manifest})
+
+
+# ---- fast checks ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("compression", ["none", "fp16", "int8"])
+def test_judge_span_bitwise_and_by_tolerance(compression: str) -> None:
+    g = torch.Generator().manual_seed(0)
+    replay = torch.randn(5000, generator=g) * 1e-3
+    sent = codec.roundtrip(compression, replay)
+    assert judge_span(sent, replay, compression=compression, bitwise=True, tolerance=1e-4).passed
+    assert not judge_span(codec.roundtrip(compression, replay * 1.01), replay, compression=compression,
+                          bitwise=True, tolerance=1e-4).passed
+    # another environment class: an honest replay that drifted by 1e-6 passes, a 1% scale does not
+    drifted = codec.roundtrip(compression, replay * (1 + 1e-6))
+    ok = judge_span(drifted, replay, compression=compression, bitwise=False, tolerance=1e-4)
+    assert ok.passed and ok.mode == "tolerance", ok.reason
+    bad = judge_span(codec.roundtrip(compression, replay * 1.01), replay, compression=compression, bitwise=False,
+                     tolerance=1e-4)
+    assert not bad.passed and bad.distance is not None and bad.distance > 1e-3, bad.reason
+
+
+def test_a_verifying_swarms_round_replays_bitwise_after_rounds_of_state(shards: list[Path]) -> None:
+    """Round 2 of a member (after two outer steps, with AdamW state and a compression residual
+    that a non-verifying swarm would carry) replays bit-identically from θ_2 alone."""
+    spec = _public_spec(shards[0])
+    with threads_set(1):  # what a peer started with --threads 1 runs with
+        member = LocalPeer(spec, [shards[0]], peer_id="member", threads=1)
+        verifier_peer = LocalPeer(spec, [shards[0]], peer_id="verifier", threads=1)
+        verifier = make_swarm_verifier(verifier_peer)
+        for _ in range(2):
+            for p in (member, verifier_peer):
+                phase = p.train_phase()
+                p.finish_round(phase, AverageResult(status="committed", aggregate=phase.delta * 0 + 1e-4,
+                                                    compressed=True))
+        assert member.theta_sha256 == verifier_peer.theta_sha256 and member.residual is not None
+        phase = member.train_phase()
+        replay = verifier.replay("member", member.round, member.theta_sha256)
+        assert torch.equal(replay, phase.delta)
+        assert not torch.equal(verifier.replay("someone-else", member.round, member.theta_sha256), phase.delta)
+        with pytest.raises(ValueError, match="not round"):
+            verifier.replay("member", member.round + 1, member.theta_sha256)
+
+
+def test_a_verifying_swarm_needs_the_public_data(shards: list[Path]) -> None:
+    spec = _public_spec(shards[0])
+    with pytest.raises(PublicDataError, match="Pass the public shard"):
+        make_swarm_verifier(LocalPeer(spec, [shards[1]], peer_id="p", threads=1))
+
+
+def test_deny_records_need_a_quorum_and_expire(tmp_path: Path) -> None:
+    keys = [load_or_create_identity(tmp_path / f"{i}.key") for i in range(3)]
+
+    def deny(k: Identity, who: str, ttl: float = 100.0) -> bytes:
+        return encode_record(build_deny_record(k, swarm_id="s", denied=who, round_idx=1, reason="r",
+                                               evidence={"distance": 0.5}, ttl=ttl, now=0.0))
+
+    values = [deny(keys[0], "x"), deny(keys[1], "x"), deny(keys[0], "y"), b"junk", deny(keys[2], "z", ttl=10)]
+    assert denied_from_values(values, swarm_id="s", max_ttl=100, quorum=1, now=50.0) == {
+        "x": sorted([keys[0].peer_id, keys[1].peer_id]), "y": [keys[0].peer_id]}
+    assert set(denied_from_values(values, swarm_id="s", max_ttl=100, quorum=2, now=50.0)) == {"x"}
+    assert denied_from_values(values, swarm_id="other", max_ttl=100, quorum=1, now=50.0) == {}
+
+
+# ---- real DHTs -------------------------------------------------------------------------------------
+
+def test_a_deny_record_travels_through_the_dht(tmp_path: Path, shards: list[Path]) -> None:
+    """Peer a publishes a deny record; peer b (another DHT node) reads it and leaves the peer out."""
+    from swarmfold.averaging.aggregate import Contribution
+    from swarmfold.averaging.protocol import Expectation
+    from swarmfold.averaging.swarm import Swarm, _Reducer
+    from swarmfold.averaging.verification import SpanVerdict
+
+    spec = _public_spec(shards[0])
+    a = Swarm(spec, load_or_create_identity(tmp_path / "a.key"))
+    a.start()
+    try:
+        b = Swarm(spec, load_or_create_identity(tmp_path / "b.key"), initial_peers=a.maddrs)
+        b.start()
+        try:
+            cheat = load_or_create_identity(tmp_path / "c.key").peer_id
+            red = _Reducer(exp=Expectation(spec_hash=spec.spec_hash, round=3, group_id="g", base_sha256="0" * 64,
+                                           members=frozenset([cheat]), compression="none", numel=1, span_index=0,
+                                           weight_cap=1.0),
+                           parts={cheat: Contribution(torch.zeros(1), 1.0)})
+
+            async def deny() -> None:
+                a._deny(cheat, red, SpanVerdict(False, "bitwise", "replay differs", 0.5))
+
+            a._call(deny())
+            deadline = time.monotonic() + 30
+            seen: set[str] = set()
+            while cheat not in seen:
+                assert time.monotonic() < deadline, "b never saw the deny record"
+                seen = b._call(b._refresh_denied(4))
+                time.sleep(0.3)
+            assert a._call(a._refresh_denied(4)) == {cheat}, "the issuer refuses it too"
+        finally:
+            b.shutdown()
+    finally:
+        a.shutdown()
+
+
+@pytest.mark.slow
+def test_a_cheater_is_caught_by_replay_excluded_and_denied(tmp_path: Path, shards: list[Path],
+                                                           procs: list[subprocess.Popen]) -> None:
+    spec = _public_spec(shards[0], min_group_size=2, group_size=3)
+    spec_path = write_spec(spec, tmp_path / "spec.toml")
+    rounds = 5
+    honest = [tmp_path / "honest-0", tmp_path / "honest-1"]
+    start_peer(procs, honest[0], spec_path, shards[0], rounds=rounds)
+    first = wait_ready(honest[0])["maddrs"][:1]
+    start_peer(procs, honest[1], spec_path, shards[0], rounds=rounds, initial=first)
+    cheat_dir = tmp_path / "cheater"
+    cheater = start_peer(procs, cheat_dir, spec_path, shards[0], rounds=rounds, initial=first,
+                         script=[sys.executable, str(Path(__file__).parent / "peers" / "cheating_peer.py")])
+    for p, w in zip(procs[:2], honest, strict=True):
+        assert wait_exit(p, w, timeout=300) == 0, log_tail(w)
+    cheater.kill()
+    bad = load_or_create_identity(cheat_dir / "identity.key").peer_id
+    ids = [load_or_create_identity(w / "identity.key").peer_id for w in honest]
+    logs = [(w / "peer.log").read_text() for w in honest]
+    assert "cheater: sending" in (cheat_dir / "peer.log").read_text(), log_tail(cheat_dir)
+    assert any(f"rejected the contribution of {bad[-8:]}: verify_failed" in log for log in logs), \
+        [log_tail(w) for w in honest]
+    assert any(f"published a deny record against {bad[-8:]}" in log for log in logs)
+    for other, log in ((ids[1], logs[0]), (ids[0], logs[1])):
+        assert f"replayed {other[-8:]}: replayed bits match (bitwise)" in log, "honest peers pass each other's replay"
+        assert "leaving out denied peer(s)" in log and bad[-8:] in log.split("leaving out denied peer(s)", 1)[1]
+    for w in honest:
+        info = last_rounds(w)
+        assert all(bad not in r.get("included", []) for r in info.values())
+        caught = [r for r, i in info.items() if i.get("rejected", {}).get(bad, "").startswith("verify_failed")]
+        assert len(caught) <= 1, f"after the first failed replay the deny record keeps it out: {caught}"
+    with threads_set(1):
+        _, sim = simulate(spec, [[shards[0]], [shards[0]]], rounds=rounds, threads=1, peer_ids=ids,
+                          save_checkpoints=False)
+    want = {r + 1: sim.per_round[r][ids[0]]["model_sha256"] for r in range(rounds)}
+    for w in honest:
+        got = {r: json.loads((w / "checkpoints" / f"round-{r:06d}" / "meta.json").read_text())["model_sha256"]
+               for r in range(1, rounds + 1)}
+        assert got == want, "the honest peers hold exactly what the two of them alone would have trained"
