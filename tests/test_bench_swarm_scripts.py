@@ -1,0 +1,70 @@
+"""Smoke runs of the swarm benchmarks (scripts/bench_allreduce.py, scripts/bench_round.py) with tiny sizes.
+
+Both start real peers (separate processes with their own DHT and libp2p daemon), so they
+are marked slow. They check what the numbers must obey, never how fast anything was.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.slow
+
+
+def _run(args: list[str], cwd: Path, timeout: float = 240) -> None:
+    proc = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+
+def test_bench_allreduce_smoke(tmp_path: Path) -> None:
+    """4 swarmfold peers and 4 hivemind peers average 64k floats, one measured repeat each."""
+    out = tmp_path / "allreduce.json"
+    _run([str(REPO / "scripts" / "bench_allreduce.py"), "--numel", "65536", "--repeats", "1", "--pause", "0",
+          "--out", str(out)], tmp_path)
+    report = json.loads(out.read_text())
+    summary = report["summary"]
+    sf, hm = summary["swarmfold"], summary["hivemind"]
+    assert sf["repeats_ok"] == hm["repeats_ok"] == 1
+    # every swarmfold peer holds the same bits, and they are the weighted mean of the inputs
+    assert sf["all_peers_bit_identical_every_repeat"] is True
+    assert sf["distinct_results_per_repeat"] == [1]
+    assert sf["max_abs_error_vs_float64_mean"] < 1e-6
+    assert hm["max_abs_error_vs_float64_mean"] < 1e-5  # hivemind averages too (its bits may differ by peer)
+    row = report["runs"]["swarmfold"][0]
+    assert all(p["status"] == "committed" and p["included"] == 4 and p["group_size"] == 4 for p in row["peers"])
+    for p in row["peers"]:  # the phases lie inside the call they were measured in
+        assert 0 < p["timings"]["allreduce"] and sum(p["timings"].values()) <= p["seconds"]
+    assert all(p["group_size"] == 4 for p in report["runs"]["hivemind"][0]["peers"])
+    for system in (sf, hm):
+        assert system["mbps_after_matchmaking"] >= system["mbps_whole_call"] > 0
+    assert summary["ratio_after_matchmaking"] == pytest.approx(
+        sf["mbps_after_matchmaking"] / hm["mbps_after_matchmaking"])
+    assert out.with_suffix(".png").stat().st_size > 10_000
+
+
+def test_bench_round_smoke(tmp_path: Path) -> None:
+    """2 real `swarmfold run` peers, 2 short rounds: the split adds up to the wall time."""
+    out = tmp_path / "round.json"
+    _run([str(REPO / "scripts" / "bench_round.py"), "--smoke", "--out", str(out)], tmp_path)
+    report = json.loads(out.read_text())
+    rows = report["rounds"]
+    assert sorted((r["round"], r["peer"]) for r in rows) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert report["agreement"] == {"every_round_committed_by_all": True, "same_model_every_round": True}
+    for r in rows:
+        phases = r["train"] + r["matchmaking"] + r["allreduce"] + r["commit"]
+        assert r["train"] > 0 and r["allreduce"] > 0 and 0 < phases <= r["wall"]
+        assert r["between"] == pytest.approx(r["wall"] - phases)
+        assert 0 <= r["checkpoint_write"] <= r["between"]
+        assert r["utilization"] == pytest.approx(r["train"] / r["wall"])
+    steady = report["steady_state"]
+    assert steady["rounds_counted"] == 2
+    assert sum(steady["share_of_wall"].values()) == pytest.approx(1.0)
+    assert steady["utilization"] == pytest.approx(steady["share_of_wall"]["train"])
+    assert out.with_suffix(".png").stat().st_size > 10_000
