@@ -8,6 +8,8 @@ spec's public data with verify.fraction = 1; the honest peers must end bit-ident
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -158,7 +160,7 @@ def test_a_cheater_is_caught_by_replay_excluded_and_denied(tmp_path: Path, shard
                          script=[sys.executable, str(Path(__file__).parent / "peers" / "cheating_peer.py")])
     for p, w in zip(procs[:2], honest, strict=True):
         assert wait_exit(p, w, timeout=300) == 0, log_tail(w)
-    cheater.kill()
+    os.killpg(cheater.pid, signal.SIGKILL)  # its whole group: the DHT child and its daemon too
     bad = load_or_create_identity(cheat_dir / "identity.key").peer_id
     ids = [load_or_create_identity(w / "identity.key").peer_id for w in honest]
     logs = [(w / "peer.log").read_text() for w in honest]
