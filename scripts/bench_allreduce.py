@@ -441,37 +441,54 @@ def summarize(rows: dict[str, list[dict[str, Any]]], numel: int) -> dict[str, An
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
+    """Left: MB/s per system (bars: medians, dots: repeats). Right: CPU seconds per all-reduce."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     numel = report["numel"]
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    metrics = [("after_matchmaking_seconds", "all-reduce (after matchmaking)"), ("whole_call_seconds", "whole call")]
+    summ = report["summary"]
+    systems = [s for s in SYSTEMS if s in summ and "after_matchmaking_seconds" in summ[s]]
+    fig, (ax, cpu_ax) = plt.subplots(1, 2, figsize=(11, 4.8), gridspec_kw={"width_ratios": [3, 2]})
+    metrics = [("after_matchmaking_seconds", "all-reduce\n(after matchmaking)"), ("whole_call_seconds", "whole call")]
     colors = {"swarmfold": "tab:blue", "hivemind": "tab:orange"}
     width = 0.38
     for k, (key, _) in enumerate(metrics):
-        for j, system in enumerate(SYSTEMS):
-            s = report["summary"].get(system, {})
-            if key not in s:
-                continue
+        for j, system in enumerate(systems):
+            s = summ[system]
             x = k + (j - 0.5) * width
-            ax.bar(x, mbps(numel, s[key]["median"]), width, color=colors[system],
-                   label=system if k == 0 else None)
+            med = mbps(numel, s[key]["median"])
+            ax.bar(x, med, width, color=colors.get(system, "tab:gray"), label=system if k == 0 else None)
             ax.scatter([x] * len(s[key]["all"]), [mbps(numel, v) for v in s[key]["all"]], color="black", s=10,
                        zorder=3)
-            ax.text(x, mbps(numel, s[key]["median"]), f"{mbps(numel, s[key]['median']):.1f}", ha="center",
-                    va="bottom", fontsize=9)
+            ax.text(x, med, f"{med:.1f}", ha="center", va="bottom", fontsize=9)
     ax.set_xticks(range(len(metrics)), [label for _, label in metrics])
-    ax.set_ylabel("MB/s  (40 MB / slowest peer's seconds; bar = median, dots = repeats)")
-    summ = report["summary"]
+    ax.set_ylabel("MB/s = 40 MB / slowest peer's seconds")
     ratio = summ.get("ratio_after_matchmaking")
     ax.set_title(f"all-reduce of {numel * 4 / 1e6:.0f} MB among {report['peers']} peers on loopback"
-                 + (f": swarmfold/hivemind {ratio:.2f}x (after matchmaking), "
-                    f"{summ['ratio_whole_call']:.2f}x (whole call)" if ratio else ""), fontsize=10)
-    ax.legend()
+                 + (f"\nswarmfold / hivemind: {ratio:.2f}x after matchmaking, {summ['ratio_whole_call']:.2f}x "
+                    "whole call" if ratio else ""), fontsize=10)
+    ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
+    kinds = [("peer_process", "peer process (Python)"), ("python_children", "Python children (DHT; hivemind's "
+                                                                               "averager)"), ("p2pd", "libp2p daemons")]
+    for j, system in enumerate(systems):
+        cpu = summ[system].get("cpu_seconds_median", {})
+        bottom = 0.0
+        for n, (kind, label) in enumerate(kinds):
+            v = cpu.get(kind, 0.0)
+            cpu_ax.bar(j, v, 0.6, bottom=bottom, color=f"C{n + 2}", label=label if j == 0 else None)
+            bottom += v
+        cpu_ax.text(j, bottom, f"{bottom:.2f}", ha="center", va="bottom", fontsize=9)
+    cpu_ax.set_xticks(range(len(systems)), systems)
+    cpu_ax.set_ylabel("CPU seconds per all-reduce, all 4 peers (median)")
+    cpu_ax.set_title("CPU used (the machine has 2 cores)", fontsize=10)
+    top = max((sum(summ[x].get("cpu_seconds_median", {}).get(k, 0.0) for k, _ in kinds) for x in systems),
+              default=1.0)
+    cpu_ax.set_ylim(0, 1.45 * top)  # room for the legend above the bars
+    cpu_ax.legend(fontsize=7, loc="upper right")
+    cpu_ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
