@@ -60,11 +60,11 @@ def procs() -> Iterator[list[subprocess.Popen]]:
     """Child processes started by a test; all are killed (with their process groups) afterwards."""
     started: list[subprocess.Popen] = []
     yield started
-    for p in started:
-        if p.poll() is None:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
+    for p in started:  # the whole group: a peer's DHT process and libp2p daemon outlive a killed parent
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            if p.poll() is None:
                 p.kill()
     for p in started:
         try:

@@ -6,8 +6,12 @@ in-process reference that runs the same round code.
 
 from __future__ import annotations
 
+import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +23,7 @@ from swarmfold.peer.simulate import simulate
 
 pytestmark = pytest.mark.slow
 
-NET = {"matchmaking_timeout": 5.0, "join_timeout": 4.0, "allreduce_timeout": 5.0, "commit_timeout": 4.0,
+NET = {"matchmaking_timeout": 5.0, "join_timeout": 8.0, "allreduce_timeout": 5.0, "commit_timeout": 4.0,
        "state_sync_timeout": 30.0}
 
 
@@ -45,7 +49,8 @@ def test_swarm_equals_simulation(tmp_path: Path, shards: list[Path], procs: list
     for p, w in zip(procs, workdirs, strict=True):
         assert wait_exit(p, w) == 0, log_tail(w)
     ids = _ids(workdirs)
-    simulate(spec, [[s] for s in shards[:3]], rounds=rounds, threads=1, out=tmp_path / "sim", peer_ids=ids)
+    simulate(spec, [[s] for s in shards[:3]], rounds=rounds, threads=1, out=tmp_path / "sim", peer_ids=ids,
+             keep_checkpoints=1000)
     sim = model_hashes(tmp_path / "sim" / "peer-0")
     for w in workdirs:
         got = model_hashes(w)
@@ -58,44 +63,49 @@ def test_swarm_equals_simulation(tmp_path: Path, shards: list[Path], procs: list
 def test_kill_in_every_phase(phase: str, tmp_path: Path, shards: list[Path], procs: list[subprocess.Popen]) -> None:
     spec = fast_spec(averaging={**NET, "min_group_size": 2})
     spec_path = write_spec(spec, tmp_path / "spec.toml")
-    rounds, kill_round, victim = 20, 3, 2
-    workdirs = _start_swarm(procs, tmp_path, spec_path, shards[:3], rounds,
-                            env_of={victim: {"SWARMFOLD_TEST_FAULT": f"{phase}@{kill_round}"}})
-    # the victim SIGKILLs its own process group at that point of its first round >= kill_round
-    assert wait_exit(procs[victim], workdirs[victim], timeout=180) == -9, log_tail(workdirs[victim])
-    assert f"fault injection: SIGKILL in phase {phase}" in log_tail(workdirs[victim])
+    rounds, kill_round = 14, 3
+    workdirs = [tmp_path / f"peer-{i}" for i in range(3)]
+    victim, survivors = workdirs[0], workdirs[1:]
+    # the victim is the first peer (so it is in the groups from the start); it SIGKILLs its own
+    # process group (DHT and libp2p daemon included) at that point of its first round >= kill_round
+    start_peer(procs, victim, spec_path, shards[0], rounds=rounds,
+               env={"SWARMFOLD_TEST_FAULT": f"{phase}@{kill_round}"})
+    first = wait_ready(victim)["maddrs"][:1]
+    for i, w in enumerate(survivors, 1):
+        start_peer(procs, w, spec_path, shards[i], rounds=rounds, initial=first)
+    assert wait_exit(procs[0], victim, timeout=240) == -9, log_tail(victim)
+    assert f"fault injection: SIGKILL in phase {phase}" in log_tail(victim)
     # it restarts from its last checkpoint and must rejoin through state sync
-    restarted = start_peer(procs, workdirs[victim], spec_path, shards[victim], rounds=rounds,
-                           initial=[wait_ready(w)["maddrs"][0] for i, w in enumerate(workdirs) if i != victim])
-    survivors = [w for i, w in enumerate(workdirs) if i != victim]
-    for i, w in enumerate(workdirs):
-        if i != victim:
-            assert wait_exit(procs[i], w) == 0, log_tail(w)
-    assert wait_exit(restarted, workdirs[victim]) == 0, log_tail(workdirs[victim])
+    restarted = start_peer(procs, victim, spec_path, shards[0], rounds=rounds,
+                           initial=[wait_ready(w)["maddrs"][0] for w in survivors])
+    for p, w in zip(procs[1:3], survivors, strict=True):
+        assert wait_exit(p, w) == 0, log_tail(w)
+    assert wait_exit(restarted, victim) == 0, log_tail(victim)
 
     a, b = (model_hashes(w) for w in survivors)
     ia, ib = (last_rounds(w) for w in survivors)
     assert max(a) == max(b) == rounds, "the round counter moves on"
+    killed_at = int(re.search(rf"SIGKILL in phase {phase} of round (\d+)", (victim / "peer.log").read_text())[1])
     # the round the victim died in: both survivors redid it without the victim (or both rolled back)
-    died = min(r for r in range(kill_round + 1, rounds + 1)
-               if ia[r]["status"] != "committed" or len(ia[r]["included"]) < 3)
+    died = killed_at + 1  # checkpoint k holds the outcome of round k - 1
     assert ia[died]["status"] == ib[died]["status"] and a[died] == b[died], (ia[died], ib[died])
-    assert ia[died]["status"] == "rolled_back" or sorted(ia[died]["included"]) == sorted(_ids(survivors))
+    # committed: without the victim, or (killed mid-commit, once every aggregate was out) with its Δ
+    assert ia[died]["status"] == "rolled_back" or set(_ids(survivors)) <= set(ia[died]["included"])
     # no mixed state, ever: members of the same committed group hold the same bits
     for r in range(1, rounds + 1):
         if ia[r]["status"] == "committed" and ia[r]["group_id"] == ib[r]["group_id"]:
             assert a[r] == b[r], f"round {r}: same group, different weights"
-        # the killed peer rejoined: synced, then averaged with the survivors within 2 rounds
-    log = (workdirs[victim] / "peer.log").read_text()
-    assert "synced to round" in log, log_tail(workdirs[victim])
-    victim_hashes = model_hashes(workdirs[victim])
-    victim_info = last_rounds(workdirs[victim])
-    joined = [r for r, info in victim_info.items() if info.get("status") == "committed" and len(info["included"]) == 3
-              and r > kill_round + 1]
-    assert joined, victim_info
-    sync_round = min(r for r in victim_hashes if r > kill_round and victim_hashes[r] == a.get(r))
-    assert min(joined) <= sync_round + 2
-    assert victim_hashes[rounds] == a[rounds]
+    # the killed peer rejoined: it synced, then averaged with both survivors within 2 rounds
+    after_kill = (victim / "peer.log").read_text().split("fault injection")[-1]
+    synced = re.search(r"synced to round (\d+)", after_kill)
+    assert synced, log_tail(victim)
+    sync_round = int(synced[1])
+    joined = [k for k, info in last_rounds(victim).items()
+              if k > sync_round and info.get("status") == "committed" and len(info["included"]) == 3]
+    assert joined and min(joined) <= sync_round + 2, (sync_round, joined)
+    iv, v = last_rounds(victim), model_hashes(victim)
+    for k in joined:  # and held the very bits of the survivors it averaged with
+        assert all(h[k] == v[k] for h, i in ((a, ia), (b, ib)) if i[k].get("group_id") == iv[k]["group_id"])
 
 
 def test_mismatched_spec_is_refused(tmp_path: Path, shards: list[Path], procs: list[subprocess.Popen]) -> None:
@@ -125,6 +135,10 @@ def test_hostile_contributions_are_rejected(tmp_path: Path, shards: list[Path],
     start_peer(procs, honest[0], spec_path, shards[0], rounds=rounds)
     first = wait_ready(honest[0])["maddrs"][:1]
     start_peer(procs, honest[1], spec_path, shards[1], rounds=rounds, initial=first)
+    deadline = time.monotonic() + 180
+    while not all(1 in model_hashes(w) for w in honest):  # the honest pair is averaging before the attack
+        assert time.monotonic() < deadline, log_tail(honest[1])
+        time.sleep(0.3)
     hostile_dir = tmp_path / "hostile"
     hostile = start_peer(procs, hostile_dir, spec_path, shards[2], rounds=rounds, initial=first,
                          script=[sys.executable, str(Path(__file__).parent / "peers" / "hostile_peer.py")])
@@ -138,9 +152,89 @@ def test_hostile_contributions_are_rejected(tmp_path: Path, shards: list[Path],
             f"the hostile peer never got to send {fault.name}; log:\n{log_tail(hostile_dir)}"
         assert any(f"rejected the contribution of {bad_id[-8:]}: {fault.label}" in log for log in logs), fault
     ids = _ids(honest)
-    simulate(spec, [[shards[0]], [shards[1]]], rounds=rounds, threads=1, out=tmp_path / "sim", peer_ids=ids)
+    simulate(spec, [[shards[0]], [shards[1]]], rounds=rounds, threads=1, out=tmp_path / "sim", peer_ids=ids,
+             keep_checkpoints=1000)
     sim = model_hashes(tmp_path / "sim" / "peer-0")
     for w in honest:
         got = model_hashes(w)
         assert {r: got[r] for r in range(1, rounds + 1)} == {r: sim[r] for r in range(1, rounds + 1)}
         assert all(bad_id not in info.get("included", []) for info in last_rounds(w).values())
+
+
+def test_late_joiner_downloads_the_published_state(tmp_path: Path, shards: list[Path],
+                                                   procs: list[subprocess.Popen]) -> None:
+    spec_path = write_spec(fast_spec(averaging=NET), tmp_path / "spec.toml")
+    rounds = 10
+    first, late = tmp_path / "first", tmp_path / "late"
+    start_peer(procs, first, spec_path, shards[0], rounds=rounds)
+    maddr = wait_ready(first)["maddrs"][:1]
+    deadline = time.monotonic() + 120
+    while max(model_hashes(first), default=0) < 3:  # let the swarm get ahead of genesis
+        assert time.monotonic() < deadline, log_tail(first)
+        time.sleep(0.3)
+    start_peer(procs, late, spec_path, shards[1], rounds=rounds, initial=maddr)
+    for p, w in zip(procs, (first, late), strict=True):
+        assert wait_exit(p, w) == 0, log_tail(w)
+    log = (late / "peer.log").read_text()
+    m = re.search(r"synced to round (\d+) \(model ([0-9a-f]{12})\)", log)
+    assert m, log_tail(late)
+    synced = int(m.group(1))
+    ours, theirs = model_hashes(late), model_hashes(first)
+    assert synced >= 3
+    assert ours[synced] == theirs[synced], "the joiner holds exactly the state the swarm published"
+    assert set(ours) - {0} == set(range(synced, rounds + 1)), "it trained nothing before syncing"
+    assert any(info.get("status") == "committed" and len(info["included"]) == 2
+               for info in last_rounds(late).values()), "then it averaged with the swarm"
+
+
+def test_alone_steps_and_waiting_peer_stops_cleanly(tmp_path: Path, shards: list[Path],
+                                                    procs: list[subprocess.Popen]) -> None:
+    alone = tmp_path / "alone"
+    start_peer(procs, alone, write_spec(fast_spec(averaging=NET), tmp_path / "one.toml"), shards[0], rounds=2)
+    assert wait_exit(procs[-1], alone) == 0, log_tail(alone)
+    assert [info["status"] for r, info in sorted(last_rounds(alone).items()) if r > 0] == ["alone", "alone"]
+
+    waiting = tmp_path / "waiting"
+    spec_path = write_spec(fast_spec(averaging={**NET, "min_group_size": 2}), tmp_path / "two.toml")
+    p = start_peer(procs, waiting, spec_path, shards[0], rounds=2)
+    deadline = time.monotonic() + 120
+    while "waiting for a group of at least 2" not in (waiting / "peer.log").read_text():
+        assert time.monotonic() < deadline and p.poll() is None, log_tail(waiting)
+        time.sleep(0.3)
+    os.kill(p.pid, signal.SIGTERM)  # what `swarmfold stop` sends
+    assert wait_exit(p, waiting, timeout=60) == 0, log_tail(waiting)
+    info = last_rounds(waiting)
+    assert info[max(info)].get("status") in (None, "rolled_back"), "a waiting peer never steps alone"
+    assert model_hashes(waiting)[max(info)] == model_hashes(waiting)[0], "θ is still genesis"
+
+
+def test_state_download_is_checked_against_the_published_hash(tmp_path: Path) -> None:
+    """A state whose bytes do not match the hash in the record is refused (two real DHT nodes)."""
+    import torch
+
+    from swarmfold.averaging.protocol import StateSyncError
+    from swarmfold.averaging.records import PeerRecord
+    from swarmfold.averaging.swarm import Swarm
+
+    spec = fast_spec(averaging=NET)
+    a = Swarm(spec, load_or_create_identity(tmp_path / "a.key"))
+    a.start()
+    try:
+        b = Swarm(spec, load_or_create_identity(tmp_path / "b.key"), initial_peers=a.maddrs)
+        b.start()
+        try:
+            theta = torch.arange(2048, dtype=torch.float32)
+            model_sha, outer_sha = a.serve_state(7, theta, {})
+            rec = PeerRecord(peer_id=a.peer_id, round=7, model_sha256=model_sha, outer_sha256=outer_sha,
+                             spec_hash=spec.spec_hash, client_mode=False, maddrs=a.maddrs, state="training")
+            rnd, got, outer, source = b.download_state([rec], numel=2048)
+            assert rnd == 7 and torch.equal(got, theta) and outer == {} and source == a.peer_id
+            lie = PeerRecord(**{**rec.__dict__, "model_sha256": "0" * 64})
+            with pytest.raises(StateSyncError, match="do not match the model hash"):
+                b.download_state([lie], numel=2048)
+            with pytest.raises(StateSyncError, match="elements"):
+                b.download_state([rec], numel=4096)
+        finally:
+            b.shutdown()
+    finally:
+        a.shutdown()

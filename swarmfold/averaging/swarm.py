@@ -102,6 +102,7 @@ T = TypeVar("T")
 POLL_INTERVAL = 0.2
 SMALL_MESSAGE = 1 << 20  # proposals, votes, hello: never need more
 DHT_TIMEOUT = 20.0  # seconds for one DHT store/get
+WAIT_ATTEMPT = 1_000_000  # the matchmaking key of peers waiting for a group of min_group_size
 
 
 @dataclass
@@ -294,7 +295,7 @@ class Swarm:
                 _, reader, writer = await self.p2p.call_binary_stream_handler(pid, proto)
                 return reader, writer
             except Exception as e:
-                raise AveragingError(f"cannot reach {peer}: {e}") from e
+                raise AveragingError(f"cannot reach {peer}: {first}; then dialing {maddrs}: {e}") from e
 
     async def _request(self, peer: str, proto: str, msg: dict[str, Any], *, timeout: float,
                        max_reply: int = SMALL_MESSAGE, maddrs: list[str] | None = None,
@@ -595,6 +596,8 @@ class Swarm:
             if ahead >= max(1, self.avg.min_group_size - 1):
                 self._moved_on = True
                 return None
+            # every waiting peer of this round meets under one key, whatever attempt it came from
+            a.attempt = WAIT_ATTEMPT
             a.locked_to = None
             a.proposal_event.clear()
             a.final = self._loop.create_future()

@@ -108,6 +108,7 @@ class PeerRunner:
             spec, identity, initial_peers=list(o.initial_peers) + list(spec.network.bootstrap_peers),
             host_maddrs=o.host_maddrs, announce_maddrs=o.announce_maddrs, client_mode=o.client_mode,
             use_relay=o.use_relay, use_auto_relay=o.use_auto_relay, on_phase=self._on_phase,
+            stop_event=self.controls.stop,
             verifier=make_swarm_verifier(peer) if spec.verify.fraction > 0 else None)
         self.swarm.start()
         self.status.update(visible_maddrs=list(self.swarm.maddrs))

@@ -31,7 +31,7 @@ class SimulationResult:
 def simulate(spec: Spec, shards: Sequence[Sequence[str | Path]], *, rounds: int, threads: int,
              out: Path | None = None, peer_ids: Sequence[str] | None = None,
              on_round: Callable[[int, list[LocalPeer], dict[str, RoundReport]], None] | None = None,
-             save_checkpoints: bool = True) -> tuple[list[LocalPeer], SimulationResult]:
+             save_checkpoints: bool = True, keep_checkpoints: int = 3) -> tuple[list[LocalPeer], SimulationResult]:
     ids = list(peer_ids) if peer_ids else [f"sim-{i}" for i in range(len(shards))]
     if len(ids) != len(shards):
         raise ValueError(f"simulate: {len(shards)} shards but {len(ids)} peer ids; give one id per shard")
@@ -41,7 +41,8 @@ def simulate(spec: Spec, shards: Sequence[Sequence[str | Path]], *, rounds: int,
         raise ValueError(f"simulate: {len(ids)} peers can never form a group of min_group_size "
                          f"{spec.averaging.min_group_size}; add shards or lower averaging.min_group_size")
     peers = [LocalPeer(spec, shard, peer_id=pid, threads=threads,
-                       workdir=(out / f"peer-{i}") if out and save_checkpoints else None)
+                       workdir=(out / f"peer-{i}") if out and save_checkpoints else None,
+                       keep_checkpoints=keep_checkpoints)
              for i, (pid, shard) in enumerate(zip(ids, shards, strict=True))]
     by_id = {p.peer_id: p for p in peers}
     result = SimulationResult(peer_ids=ids, rounds=rounds)

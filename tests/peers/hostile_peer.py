@@ -43,19 +43,16 @@ FAULTS = list(Fault.__members__.values())
 
 
 class HostileSwarm(Swarm):
+    """Each part it sends (one per remote reducer) carries the next fault, round after round."""
+
     sends = 0
-    _current: Fault | None = None
-    _current_group = ""
 
     def _make_part(self, group: Group, req: AverageRequest, span_index: int, payload: bytes,
                    numel: int) -> dict[str, Any]:
-        if group.group_id != self._current_group:
-            self._current_group = group.group_id
-            self._current = FAULTS[self.sends % len(FAULTS)]
-            self.sends += 1
-            logger.warning("hostile: sending %s (%s) in round %d", self._current.name, self._current.label, req.round)
+        f = FAULTS[self.sends % len(FAULTS)]
+        self.sends += 1
+        logger.warning("hostile: sending %s (%s) in round %d", f.name, f.label, req.round)
         msg = super()._make_part(group, req, span_index, payload, numel)
-        f = self._current
         values = np.frombuffer(payload, dtype=np.float32).copy()
         if f is Fault.NAN:
             values[0] = np.nan
