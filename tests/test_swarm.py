@@ -23,7 +23,7 @@ from swarmfold.peer.simulate import simulate
 
 pytestmark = pytest.mark.slow
 
-NET = {"matchmaking_timeout": 5.0, "join_timeout": 8.0, "allreduce_timeout": 5.0, "commit_timeout": 4.0,
+NET = {"matchmaking_timeout": 10.0, "join_timeout": 8.0, "allreduce_timeout": 5.0, "commit_timeout": 4.0,
        "state_sync_timeout": 30.0}
 
 

@@ -635,9 +635,10 @@ class Swarm:
                                                   maddrs=declared[peer].maddrs)
                 if reply.get("ok"):
                     return peer
-                logger.debug("[%s] %s declined: %s", self.peer_id[-8:], peer[-8:], reply.get("reason"))
+                logger.info("[%s] round %d: %s declined our proposal: %s", self.peer_id[-8:], a.round, peer[-8:],
+                            reply.get("reason"))
             except AveragingError as e:
-                logger.debug("[%s] proposal to %s failed: %s", self.peer_id[-8:], peer[-8:], e)
+                logger.info("[%s] round %d: proposal to %s failed: %s", self.peer_id[-8:], a.round, peer[-8:], e)
             return None
 
         answers = await asyncio.gather(*(ask(p) for p in proposed if p != self.peer_id))
