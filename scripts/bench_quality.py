@@ -2,10 +2,12 @@
 
 Run:
     nice -n 10 .venv/bin/python scripts/bench_quality.py --quick --jobs 2   # ~4 min on 2 (shared) cores
-    nice -n 10 .venv/bin/python scripts/bench_quality.py --jobs 2           # full: seq_len 128, batch 16,
-                                                                            # 600 steps per peer (~30 min)
---quick uses seq_len 64, batch 8 and 200 steps per peer; the swarm's H, outer optimizer
-and compression are the preset's defaults in both modes.
+    nice -n 10 .venv/bin/python scripts/bench_quality.py --jobs 5           # full: seq_len 128, batch 16,
+                                                                            # 300 steps per peer (~20 min)
+--quick uses seq_len 64, batch 8 and 200 steps per peer; the full mode has the issue's
+reference scale (the preset's seq_len 128 and batch 16, 300 steps per peer); --steps
+runs longer. The swarm's H, outer optimizer and compression are the preset's defaults in
+both modes.
 
 K = 4 peers on non-overlapping stdlib shards (split by module). Every arm gets the same
 token budget, the same genesis model and the same inner hyperparameters, and trains on
@@ -63,7 +65,7 @@ def make_setup(args: argparse.Namespace) -> bc.Setup:
     seq_len = args.seq_len or (64 if args.quick else spec.data.seq_len)
     batch = args.batch_size or (8 if args.quick else spec.inner.batch_size)
     spec = spec.replace(data={"seq_len": seq_len}, inner={"batch_size": batch})
-    steps = args.steps or (200 if args.quick else 600)
+    steps = args.steps or (200 if args.quick else 300)
     h = spec.round.inner_steps
     if steps % h:
         raise SystemExit(f"--steps {steps} must be a multiple of the preset's round.inner_steps ({h})")
@@ -156,7 +158,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="seq_len 64, batch 8, 200 steps per peer (~5 min)")
     ap.add_argument("--smoke", action="store_true", help="a seconds-long run for the tests")
     ap.add_argument("--preset", default="tiny", choices=["tiny", "small"])
-    ap.add_argument("--steps", type=int, default=0, help="inner steps per peer (quick 200, full 600)")
+    ap.add_argument("--steps", type=int, default=0, help="inner steps per peer (quick 200, full 300)")
     ap.add_argument("--seq-len", type=int, default=0, help="override data.seq_len (quick 64, full: the preset's)")
     ap.add_argument("--batch-size", type=int, default=0, help="override inner.batch_size (quick 8, full: the preset's)")
     ap.add_argument("--eval-windows", type=int, default=128, help="validation windows per shard (fixed subset)")

@@ -168,7 +168,8 @@ def analyse(workdirs: list[Path], peer_ids: list[str], sampler: MemorySampler, p
                 intervals.append(info["written_at"] - prev["written_at"])
         agree &= all(len(h) == 1 for h in by_group.values())
         groups_seen.append(len(by_group))
-    model_state = numel * 4 * 4  # θ_r, local weights, AdamW exp_avg and exp_avg_sq (float32)
+    # float32 copies: θ_r, the local weights, their gradients, AdamW's two moments, the int8 residual
+    model_state = numel * 4 * 6
     rss_mib = [sampler.peak[p] / 2**20 for p in pids]
     pss_mib = [sampler.peak_pss[p] / 2**20 for p in pids]
 
