@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import hivemind
+import numpy as np
 import torch
 from hivemind.p2p import P2P, PeerID
 from hivemind.utils import get_dht_time
@@ -865,7 +866,7 @@ class Swarm:
                 raise wire.WireError("the result names contributors outside the group")
             if len(payload) != codec.encoded_size(self.avg.compression, numel):
                 raise wire.WireError("the aggregate has the wrong size")
-            if not bool(torch.isfinite(codec.decode(self.avg.compression, payload, numel)).all()):
+            if not bool(np.isfinite(codec.decode(self.avg.compression, payload, numel).numpy()).all()):
                 raise wire.WireError("the aggregate holds NaN or Inf")
             return {"included": sorted(str(p) for p in included), "weights": weights,
                     "rejected": {str(k): str(v) for k, v in rejected.items()}, "payload": payload}
@@ -1124,5 +1125,5 @@ class _AttemptFailed(AveragingError):
 def _digest(group_id: str, included: list[str], weights: dict[str, Any], agg: torch.Tensor) -> str:
     h = hashlib.sha256()
     h.update(json.dumps([group_id, included, sorted(weights.items())], separators=(",", ":")).encode())
-    h.update(agg.contiguous().numpy().tobytes())
+    h.update(agg.contiguous().numpy().data)  # the buffer itself: no 40 MB copy for a 10M model
     return h.hexdigest()
