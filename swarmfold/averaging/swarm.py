@@ -472,7 +472,8 @@ class Swarm:
             self.on_phase("matchmaking", f"round {req.round}, attempt {attempt}")
             group: Group | None = None
             try:
-                group = await self._matchmake(req, attempt, excluded, expected)
+                for_cause = {p for p, why in rejected_all.items() if not why.startswith(Rejection.TIMEOUT.value)}
+                group = await self._matchmake(req, attempt, excluded, expected, for_cause)
                 timings["matchmaking"] += time.perf_counter() - t0
                 if group is None:
                     return self._no_group(req, attempt, timings, rejected_all, sent, received)
@@ -558,7 +559,10 @@ class Swarm:
         return expected, ahead
 
     async def _matchmake(self, req: AverageRequest, attempt: int, excluded: set[str],
-                         expected: set[str] | None) -> Group | None:
+                         expected: set[str] | None, for_cause: set[str] | None = None) -> Group | None:
+        """Form this attempt's group. `excluded` peers are left out; once waiting for a group of
+        min_group_size, only those excluded `for_cause` (a rejected contribution) stay out: a peer
+        that was merely slow or unreachable gets another chance."""
         self._moved_on = False
         a = _Attempt(round=req.round, attempt=attempt, base=req.model_sha256, excluded=set(excluded))
         a.final = self._loop.create_future()
@@ -599,6 +603,7 @@ class Swarm:
                 return None
             # every waiting peer of this round meets under one key, whatever attempt it came from
             a.attempt = WAIT_ATTEMPT
+            a.excluded = set(for_cause or ())
             a.locked_to = None
             a.proposal_event.clear()
             a.final = self._loop.create_future()
