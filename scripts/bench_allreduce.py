@@ -282,7 +282,7 @@ class Peer:
         self.proc.stdin.write(json.dumps(msg) + "\n")
         self.proc.stdin.flush()
 
-    def get(self, timeout: float) -> dict[str, Any]:
+    def get(self, timeout: float, waiting_for: str) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
@@ -290,7 +290,8 @@ class Peer:
             except queue.Empty:
                 if self.proc.poll() is not None:
                     break
-        raise RuntimeError(f"{self.system} peer {self.index} gave no answer (exit {self.proc.poll()}); "
+        state = f"exited with {self.proc.returncode}" if self.proc.poll() is not None else f"no answer in {timeout:.0f}s"
+        raise RuntimeError(f"{self.system} peer {self.index}: {state} while waiting for {waiting_for}; "
                            f"log:\n{tail(self.log)}")
 
     def stop(self) -> None:
@@ -341,10 +342,10 @@ def tail(path: Path, lines: int = 30) -> str:
 
 def start_system(system: str, args: argparse.Namespace, root: Path) -> list[Peer]:
     first = Peer(system, 0, args, root, [])
-    hello = first.get(120)
+    hello = first.get(120, "its addresses")
     peers = [first] + [Peer(system, i, args, root, hello["maddrs"][:1]) for i in range(1, args.peers)]
     for p in peers[1:]:
-        p.get(120)
+        p.get(120, "its addresses")
     return peers
 
 
@@ -365,16 +366,16 @@ def run_repeat(system: str, peers: list[Peer], repeat: int, weights: list[float]
     for i, p in enumerate(peers):
         p.send({"cmd": "prepare", "round": round_idx, "seed": input_seed(repeat, i), "weight": weights[i]})
     for p in peers:
-        p.get(120)
+        p.get(120, "the input to be prepared")
     cpu0 = cpu_seconds(peers)
     for p in peers:
         p.send({"cmd": "go"})
-    outs = [p.get(400) for p in peers]
+    outs = [p.get(900, "the averaging to finish") for p in peers]
     cpu1 = cpu_seconds(peers)
     for i, p in enumerate(peers):
         p.send({"cmd": "result", "save": str(save) if i == 0 else None})
     for o, p in zip(outs, peers, strict=True):
-        o.update(p.get(120))
+        o.update(p.get(120, "the result hash"))
     row: dict[str, Any] = {"repeat": repeat, "peers": outs,
                            "identical": len({o["sha256"] for o in outs}) == 1 and outs[0]["sha256"] is not None,
                            "distinct_results": len({o["sha256"] for o in outs}),
@@ -424,8 +425,10 @@ def summarize(rows: dict[str, list[dict[str, Any]]], numel: int) -> dict[str, An
         if cpu:
             s["cpu_seconds_median"] = {k: statistics.median(c[k] for c in cpu) for k in cpu[0]}
             s["cpu_seconds_median"]["total"] = statistics.median(sum(c.values()) for c in cpu)
-        s["all_peers_bit_identical_every_repeat"] = all(r["identical"] for r in rs)
-        s["distinct_results_per_repeat"] = [r["distinct_results"] for r in rs]
+        s["all_peers_bit_identical_every_repeat"] = all(r["identical"] for r in ok)
+        s["distinct_results_per_repeat"] = [r["distinct_results"] for r in ok]
+        s["failed_repeats"] = [{"repeat": r["repeat"], "reasons": sorted({p.get("reason", "") for p in r["peers"]})}
+                               for r in rs if not r["ok"]]
         errs = [r.get("max_abs_error_vs_float64_mean") for r in rs]
         s["max_abs_error_vs_float64_mean"] = max((e for e in errs if e is not None), default=None)
         out[system] = s
