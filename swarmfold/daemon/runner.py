@@ -45,15 +45,19 @@ def choose_sync_target(records: dict[str, PeerRecord], *, me: str, my_round: int
                        ) -> SyncTarget | None:
     """The state this peer should adopt before training, or None to keep its own.
 
-    The swarm's state is the (round, model hash) published by the most peers (ties: the
-    later round, then the smaller hash). A peer behind it, or at the same round on a
-    minority model (after training alone), downloads it. A peer never goes back a round.
+    Candidates are the states that came out of a group commit (or a sync to one); a peer
+    that trained alone or rolled back publishes its round with a local model, which is
+    never copied while group states exist. The swarm's state is the (round, model hash)
+    held by the most peers (ties: the later round). A peer behind it downloads it; at the
+    same round, only a strictly larger group replaces its own model. Never back a round.
     """
     groups: dict[tuple[int, str, str], list[PeerRecord]] = {}
     for rec in records.values():
         if rec.peer_id == me or rec.state in ("syncing", "starting"):
             continue
         groups.setdefault((rec.round, rec.model_sha256, rec.outer_sha256), []).append(rec)
+    shared = {k: v for k, v in groups.items() if any(r.metrics.get("provenance", "group") == "group" for r in v)}
+    groups = shared or groups
     if not groups:
         return None
     (rnd, model, _), sources = max(groups.items(), key=lambda kv: (len(kv[1]), kv[0][0], _neg(kv[0][1])))
@@ -61,7 +65,7 @@ def choose_sync_target(records: dict[str, PeerRecord], *, me: str, my_round: int
         return None
     if rnd == my_round:
         mine = 1 + sum(len(v) for k, v in groups.items() if k[0] == my_round and k[1] == my_hash)
-        if len(sources) < mine or (len(sources) == mine and model > my_hash):
+        if len(sources) <= mine:
             return None
     return SyncTarget(round=rnd, model_sha256=model, sources=sorted(sources, key=lambda r: r.peer_id))
 
@@ -90,6 +94,7 @@ class PeerRunner:
         self.peer: LocalPeer | None = None
         self.swarm: Swarm | None = None
         self.rounds_done = 0
+        self._synced_at = -1  # the round whose state we last downloaded
 
     # ---- setup ---------------------------------------------------------------------------
     def _setup(self) -> None:
@@ -207,6 +212,7 @@ class PeerRunner:
             logger.warning("[%s] state sync failed: %s; training from our own state", self.peer.peer_id[-8:], e)
             return
         self.peer.load_shared_state(rnd, theta, outer)
+        self._synced_at = rnd
         self.status.update(round=self.peer.round, model_sha256=self.peer.theta_sha256)
         logger.info("[%s] synced to round %d (model %s) from %s", self.peer.peer_id[-8:], rnd,
                     self.peer.theta_sha256[:12], source[-8:])
@@ -232,6 +238,14 @@ class PeerRunner:
         if self.on_round:
             self.on_round(report)
 
+    def _provenance(self) -> str:
+        """'group' when θ_r came out of a group commit (or genesis, or a sync to such a state);
+        'local' after a round alone or rolled back, when θ_r is this peer's own."""
+        assert self.peer is not None
+        if self._synced_at == self.peer.round:
+            return "group"
+        return "local" if self.peer.last_round.get("status") in ("alone", "rolled_back") else "group"
+
     def _checkpoint(self) -> None:
         assert self.peer is not None
         path = self.peer.save()
@@ -246,7 +260,8 @@ class PeerRunner:
         record = PeerRecord(
             peer_id=self.peer.peer_id, round=self.peer.round, model_sha256=model_sha, outer_sha256=outer_sha,
             spec_hash=self.peer.spec.spec_hash, client_mode=self.options.client_mode, maddrs=list(self.swarm.maddrs),
-            state=state, metrics={"loss": snap["loss"], "tokens_total": snap["tokens_total"],
+            state=state, metrics={"provenance": self._provenance(),
+                                  "loss": snap["loss"], "tokens_total": snap["tokens_total"],
                                   "tokens_per_second": snap["tokens_per_second"],
                                   "rounds_committed": snap["rounds"].get("committed", 0),
                                   "timings": last.get("timings", {})})

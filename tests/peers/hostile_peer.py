@@ -7,6 +7,7 @@ fault of `Fault`, so one run exercises every kind of bad contribution.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import enum
 import logging
 import sys
@@ -46,6 +47,12 @@ class HostileSwarm(Swarm):
     """Each part it sends (one per remote reducer) carries the next fault, round after round."""
 
     sends = 0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # once rejected, give the round up at once (a local setting: the spec, and so the swarm id,
+        # is unchanged), resync and attack the next round instead of waiting to be let back in
+        self.avg = dataclasses.replace(self.avg, max_attempts=1)
 
     def _make_part(self, group: Group, req: AverageRequest, span_index: int, payload: bytes,
                    numel: int) -> dict[str, Any]:

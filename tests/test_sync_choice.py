@@ -1,0 +1,40 @@
+"""Which state a peer adopts before training (pure function, no network)."""
+
+from __future__ import annotations
+
+from swarmfold.averaging.records import PeerRecord
+from swarmfold.daemon.runner import choose_sync_target
+
+
+def rec(pid: str, rnd: int, model: str, provenance: str = "group", state: str = "training") -> PeerRecord:
+    return PeerRecord(peer_id=pid, round=rnd, model_sha256=model, outer_sha256="o", spec_hash="s",
+                      client_mode=False, maddrs=[], state=state, metrics={"provenance": provenance})
+
+
+def choose(records: list[PeerRecord], my_round: int, my_hash: str) -> tuple[int, str] | None:
+    t = choose_sync_target({r.peer_id: r for r in records}, me="me", my_round=my_round, my_hash=my_hash)
+    return None if t is None else (t.round, t.model_sha256)
+
+
+def test_a_peer_behind_adopts_the_swarm_state() -> None:
+    assert choose([rec("a", 7, "X"), rec("b", 7, "X")], 3, "old") == (7, "X")
+
+
+def test_a_fresh_joiner_adopts_a_lone_peers_state_when_no_group_state_exists() -> None:
+    assert choose([rec("a", 5, "L", provenance="local")], 0, "genesis") == (5, "L")
+
+
+def test_a_rolled_back_peer_is_never_copied_while_a_group_state_exists() -> None:
+    # the attacker rolled back: same round number, its stale model; the honest peer keeps its commit
+    assert choose([rec("bad", 9, "A", provenance="local")], 9, "Z") is None
+    assert choose([rec("bad", 9, "A", provenance="local"), rec("b", 9, "Z")], 9, "Z") is None
+
+
+def test_same_round_only_a_strictly_larger_group_replaces_ours() -> None:
+    assert choose([rec("a", 4, "A")], 4, "Z") is None  # one against one: keep ours (no hash tie-break)
+    assert choose([rec("a", 4, "A"), rec("b", 4, "A")], 4, "Z") == (4, "A")
+
+
+def test_never_back_a_round_and_ignore_syncing_peers() -> None:
+    assert choose([rec("a", 2, "A"), rec("b", 2, "A")], 3, "Z") is None
+    assert choose([rec("a", 9, "A", state="syncing")], 3, "Z") is None
