@@ -7,13 +7,15 @@ Run (a few minutes per size on a 2-core machine):
 
 For each N it starts N real `swarmfold run` processes (each with its hivemind DHT child and
 p2pd daemon) on 127.0.0.1 with the tiny model, one stdlib shard each, and
-averaging.min_group_size = min(N, G) so that every round waits for a full group. It samples
+averaging.min_group_size = min(N, G) so that every round waits for a full group (and
+join_timeout 10 s, see bench_spec). It samples
 the resident memory of every peer's whole process tree (the peer, its DHT process and p2pd)
 while they run, and reads each peer's checkpoints afterwards: the model hash of every
 round and what happened in it (group, members, timings, bytes).
 
 Reported per N: round wall time (median interval between a peer's checkpoints), median
-matchmaking / all-reduce / commit / training seconds, memory per peer (peak PSS of its
+matchmaking / all-reduce / commit / training seconds, per round the committed group
+sizes and how many peers then adopted a larger group's model, memory per peer (peak PSS of its
 process tree, which splits pages shared after fork fairly; and peak RSS, which counts
 them in every process; and the PSS beyond the model and optimizer state), and whether
 every member of every group committed the same hash.
@@ -32,6 +34,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -54,9 +57,17 @@ LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 def bench_spec(n: int, rounds_h: int) -> Any:
     spec = preset("tiny")
     g = spec.averaging.group_size
+    # up to G peers: every round waits for all of them. Beyond G, the ready peers are cut into
+    # ceil(n/G) near-equal groups, smaller than G unless a multiple of G is ready at once;
+    # waiting for full groups then stalls (measured: 16 peers, min 8, 1 round in 3 committed)
+    min_group = n if n <= g else 2
+    # join_timeout 10 s: a follower waits 2 x join_timeout for its leader's proposal, which must
+    # outlast the leader's gathering window (matchmaking_timeout, 15 s). With the default 5 s a
+    # follower can give up on a leader that is still gathering, exclude it for the round and,
+    # with min_group_size > 1, neither can ever average (seen here; reported to the swarm's owner).
     return spec.replace(data={"seq_len": 64}, inner={"batch_size": 8, "warmup_steps": 5},
                         round={"inner_steps": rounds_h},
-                        averaging={"min_group_size": min(n, g), "matchmaking_timeout": 30.0})
+                        averaging={"min_group_size": min_group, "join_timeout": 10.0})
 
 
 class MemorySampler(threading.Thread):
@@ -141,23 +152,49 @@ def read_rounds(workdir: Path) -> dict[int, dict[str, Any]]:
     return out
 
 
+_COMMIT = re.compile(r"\] round (\d+) committed \(.*?\): loss .*, model ([0-9a-f]{12})")
+_SYNC = re.compile(r"\] synced to round (\d+)")
+
+
+def read_log(workdir: Path) -> tuple[dict[int, str], list[int]]:
+    """From a peer's log: round -> model hash right after it committed that round; rounds it synced to.
+
+    The hash is taken at commit time because a checkpoint can be rewritten later in the
+    same round: a peer whose group was smaller adopts a strictly larger group's model.
+    """
+    text = (workdir / "peer.log").read_text(errors="replace") if (workdir / "peer.log").exists() else ""
+    commits = {int(m.group(1)): m.group(2) for m in _COMMIT.finditer(text)}
+    return commits, [int(m.group(1)) for m in _SYNC.finditer(text)]
+
+
 def analyse(workdirs: list[Path], peer_ids: list[str], sampler: MemorySampler, pids: list[int], rounds: int,
             numel: int) -> dict[str, Any]:
     per_peer = [read_rounds(w) for w in workdirs]
-    agree, groups_seen, statuses = True, [], []
+    logs = [read_log(w) for w in workdirs]
+    agree, statuses = True, []
+    disagreements: list[dict[str, Any]] = []
+    per_round: list[dict[str, Any]] = []
     timings: dict[str, list[float]] = {"matchmaking": [], "allreduce": [], "commit": [], "train": []}
     intervals: list[float] = []
     bytes_sent: list[int] = []
     for r in range(1, rounds + 1):
         by_group: dict[str, set[str]] = {}
-        for pid, rounds_of in zip(peer_ids, per_peer, strict=True):
+        round_status: list[str] = []
+        members_of: dict[str, list[dict[str, Any]]] = {}
+        for pid, rounds_of, (commits, _) in zip(peer_ids, per_peer, logs, strict=True):
             info = rounds_of.get(r)
             if info is None:
                 agree = False
                 continue
             last = info["last_round"]
             statuses.append(last.get("status", "?"))
-            by_group.setdefault(last.get("group_id") or f"alone-{pid}", set()).add(info["sha256"])
+            round_status.append(last.get("status", "?"))
+            if last.get("status") == "committed":
+                at_commit = commits.get(r - 1, "missing from the log")
+                by_group.setdefault(last["group_id"], set()).add(at_commit)
+                members_of.setdefault(last["group_id"], []).append(
+                    {"peer": pid[-8:], "sha256_at_commit": at_commit, "last_round": last.get("round"),
+                     "members": len(last.get("members", [])), "included": len(last.get("included", []))})
             for k in timings:
                 if k in last.get("timings", {}):
                     timings[k].append(float(last["timings"][k]))
@@ -166,8 +203,17 @@ def analyse(workdirs: list[Path], peer_ids: list[str], sampler: MemorySampler, p
             prev = rounds_of.get(r - 1)
             if r >= 2 and prev and prev["written_at"] and info["written_at"]:
                 intervals.append(info["written_at"] - prev["written_at"])
-        agree &= all(len(h) == 1 for h in by_group.values())
-        groups_seen.append(len(by_group))
+        # a committed round missing from a member's log counts as a disagreement: nothing unchecked passes
+        split = {gid[:12]: members_of[gid] for gid, h in by_group.items()
+                 if len(h) > 1 or "missing from the log" in h}
+        if split:
+            disagreements.append({"round": r - 1, "groups": split})
+        agree &= not split
+        sizes = sorted((sum(1 for rounds_of in per_peer if (rounds_of.get(r) or {}).get("last_round", {})
+                            .get("group_id") == gid) for gid in by_group), reverse=True)
+        per_round.append({"round": r - 1, "statuses": {st: round_status.count(st) for st in sorted(set(round_status))},
+                          "committed_group_sizes": sizes,
+                          "adopted_a_larger_groups_model": sum(syncs.count(r) for _, syncs in logs)})
     # float32 copies: θ_r, the local weights, their gradients, AdamW's two moments, the int8 residual
     model_state = numel * 4 * 6
     rss_mib = [sampler.peak[p] / 2**20 for p in pids]
@@ -178,9 +224,10 @@ def analyse(workdirs: list[Path], peer_ids: list[str], sampler: MemorySampler, p
 
     return {
         "rounds": rounds,
-        "groups_per_round": groups_seen,
+        "per_round": per_round,
         "statuses": {s: statuses.count(s) for s in sorted(set(statuses))},
-        "every_group_committed_the_same_hash": agree,
+        "every_group_committed_the_same_hash": agree,  # over committed groups; rolled-back peers keep θ_r
+        "disagreements": disagreements,
         "round_wall_seconds_median": med(intervals),
         "matchmaking_seconds_median": med(timings["matchmaking"]),
         "allreduce_seconds_median": med(timings["allreduce"]),
@@ -194,7 +241,7 @@ def analyse(workdirs: list[Path], peer_ids: list[str], sampler: MemorySampler, p
     }
 
 
-def run_size(n: int, *, rounds: int, root: Path, h: int, netns: list[str] | None = None,
+def run_size(n: int, *, rounds: int, root: Path, h: int, timeout: float, netns: list[str] | None = None,
              hosts: list[str] | None = None) -> dict[str, Any]:
     base = root / f"n{n}{'-netns' if netns else ''}"
     shutil.rmtree(base, ignore_errors=True)
@@ -218,18 +265,30 @@ def run_size(n: int, *, rounds: int, root: Path, h: int, netns: list[str] | None
         peer_ids = [info0["peer_id"]] + [wait_ready(w, p, 600)["peer_id"] for w, p in zip(workdirs[1:], procs[1:],
                                                                                           strict=True)]
         startup = time.monotonic() - t0
-        codes = []
-        for w, p in zip(workdirs, procs, strict=True):
+        codes: list[int | None] = []
+        deadline = time.monotonic() + timeout
+        for p in procs:
             try:
-                codes.append(p.wait(timeout=900))
-            except subprocess.TimeoutExpired as e:
-                raise TimeoutError(f"peer in {w} did not finish:\n{log_tail(w)}") from e
+                codes.append(p.wait(timeout=max(1.0, deadline - time.monotonic())))
+            except subprocess.TimeoutExpired:
+                codes.append(None)
+        stuck = [i for i, c in enumerate(codes) if c is None]
+        if stuck:  # stop them gracefully (SIGTERM rolls a round back), then read what they committed
+            for i in stuck:
+                os.killpg(procs[i].pid, signal.SIGTERM)
+            for i in stuck:
+                try:
+                    procs[i].wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    pass
         sampler.stop.set()
         sampler.join()
         from swarmfold.peer.model import build_model
 
         numel = sum(p.numel() for p in build_model(spec, 257, 256).parameters())
         res = analyse(workdirs, peer_ids, sampler, [p.pid for p in procs], rounds, numel)
+        if stuck:
+            res["unfinished_peers"] = {str(i): log_tail(workdirs[i], 6) for i in stuck}
         res.update(peers=n, exit_codes=codes, startup_seconds=round(startup, 1),
                    total_seconds=round(time.monotonic() - t0, 1), group_size=spec.averaging.group_size,
                    min_group_size=spec.averaging.min_group_size, inner_steps=h)
@@ -304,8 +363,16 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--inner-steps", type=int, default=5)
     ap.add_argument("--netns", action="store_true", help="also run 4 peers with 50 ms RTT, 100 Mbit/s links")
+    ap.add_argument("--timeout", type=float, default=600.0,
+                    help="seconds a size may take after its peers joined; stragglers are stopped and reported")
     ap.add_argument("--out", type=Path, default=Path("results/scale.json"))
     args = ap.parse_args()
+
+    def stop(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")  # so that `finally` stops every peer started
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)  # also when started in the background, where SIGINT is ignored
     root = Path(tempfile.mkdtemp(prefix="swarmfold-scale-"))
     os.environ.setdefault("SWARMFOLD_CACHE", str(root / "cache"))
     report: dict[str, Any] = {"setup": {"sizes": args.sizes, "rounds": args.rounds, "inner_steps": args.inner_steps,
@@ -313,7 +380,7 @@ def main() -> int:
     try:
         for n in args.sizes:
             print(f"N = {n} ...", flush=True)
-            res = run_size(n, rounds=args.rounds, root=root, h=args.inner_steps)
+            res = run_size(n, rounds=args.rounds, root=root, h=args.inner_steps, timeout=args.timeout)
             report["loopback"][str(n)] = res
             print(json.dumps(res), flush=True)
         if args.netns:
@@ -324,7 +391,8 @@ def main() -> int:
             else:
                 try:
                     names, hosts = netns_up(4, 25, "100mbit")
-                    res = run_size(4, rounds=args.rounds, root=root, h=args.inner_steps, netns=names, hosts=hosts)
+                    res = run_size(4, rounds=args.rounds, root=root, h=args.inner_steps, timeout=args.timeout,
+                                   netns=names, hosts=hosts)
                     report["netns"] = {"rtt_ms": 50, "rate": "100mbit", **res}
                     print(json.dumps(res), flush=True)
                 finally:
@@ -333,7 +401,10 @@ def main() -> int:
         report["setup"]["load_average_at_end"] = list(os.getloadavg())
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1))
-        shutil.rmtree(root, ignore_errors=True)
+        if all(r.get("every_group_committed_the_same_hash", True) for r in report["loopback"].values()):
+            shutil.rmtree(root, ignore_errors=True)
+        else:
+            print(f"kept the peers' workdirs in {root} for inspection", flush=True)
     return 0
 
 

@@ -77,13 +77,14 @@ def test_bench_scale_smoke(tmp_path: Path) -> None:
     """Two real peers on loopback, one round: the script reads back agreement, timings and memory."""
     out = tmp_path / "scale.json"
     cmd = [sys.executable, str(REPO / "scripts" / "bench_scale.py"), "--sizes", "2", "--rounds", "1",
-           "--inner-steps", "2", "--out", str(out)]
+           "--inner-steps", "2", "--timeout", "240", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     res = json.loads(out.read_text())["loopback"]["2"]
     assert res["exit_codes"] == [0, 0]
     assert res["statuses"] == {"committed": 2}
-    assert res["groups_per_round"] == [1]
+    assert res["per_round"] == [{"round": 0, "statuses": {"committed": 2}, "committed_group_sizes": [2],
+                                 "adopted_a_larger_groups_model": 0}]
     assert res["every_group_committed_the_same_hash"] is True
     assert res["pss_peak_mib_per_peer"]["mean"] > res["model_and_optimizer_state_mib"] > 0
     assert res["allreduce_seconds_median"] is not None and res["allreduce_seconds_median"] > 0
