@@ -63,7 +63,7 @@ def test_swarm_equals_simulation(tmp_path: Path, shards: list[Path], procs: list
 def test_kill_in_every_phase(phase: str, tmp_path: Path, shards: list[Path], procs: list[subprocess.Popen]) -> None:
     spec = fast_spec(averaging={**NET, "min_group_size": 2})
     spec_path = write_spec(spec, tmp_path / "spec.toml")
-    rounds, kill_round = 14, 3
+    rounds, kill_round = 24, 3  # enough rounds after the kill for the restarted victim to come back
     workdirs = [tmp_path / f"peer-{i}" for i in range(3)]
     victim, survivors = workdirs[0], workdirs[1:]
     # the victim is the first peer (so it is in the groups from the start); it SIGKILLs its own

@@ -118,12 +118,30 @@ class PeerRunner:
         self.swarm.start()
         self.status.update(visible_maddrs=list(self.swarm.maddrs))
         self.swarm.check_spec(list(o.initial_peers) + list(spec.network.bootstrap_peers))
+        self._await_swarm_view(bool(o.initial_peers or spec.network.bootstrap_peers))
         self._share_state("starting")
         _write_json_atomic(Path(o.workdir) / "peer.json", {
             "peer_id": identity.peer_id, "swarm_id": spec.swarm_id, "spec_hash": spec.spec_hash,
             "maddrs": list(self.swarm.maddrs), "client_mode": o.client_mode})
         if self.on_ready:
             self.on_ready(list(self.swarm.maddrs))
+
+    def _await_swarm_view(self, joining: bool, timeout: float = 15.0) -> None:
+        """A peer that joins through others waits (bounded) until it sees their records, so that
+        its first catch-up knows where the swarm is instead of training a stale round."""
+        assert self.swarm is not None and self.peer is not None
+        if not joining:
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not self.controls.stop.is_set():
+            try:
+                if any(pid != self.peer.peer_id for pid in self.swarm.records()):
+                    return
+            except Exception as e:  # the DHT is still settling; try again shortly
+                logger.debug("records not readable yet: %s", e)
+            time.sleep(0.5)
+        logger.info("[%s] no other peer's record visible after %.0fs; starting from our own state",
+                    self.peer.peer_id[-8:], timeout)
 
     def _on_phase(self, phase: str, detail: str) -> None:
         self.status.set_state("averaging" if phase != "matchmaking" else "waiting", f"{phase}: {detail}")
