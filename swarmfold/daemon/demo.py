@@ -32,7 +32,7 @@ from swarmfold.spec import Spec, preset, to_toml
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_ROUNDS = 15  # 300 inner steps per peer with the tiny preset's H = 20
+DEFAULT_ROUNDS = 12  # 300 inner steps per peer with the tiny preset's H = 25
 EVAL_WINDOWS = 128  # validation windows per shard (the same for every model)
 
 
