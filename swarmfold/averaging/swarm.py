@@ -585,7 +585,7 @@ class Swarm:
                     if mine[0] == self.peer_id:
                         group = await self._lead(a, mine, members)
                     else:
-                        group = await self._await_leader(a, mine)
+                        group = await self._await_leader(a, mine, deadline)
             if group is not None and len(group.members) >= self.avg.min_group_size:
                 return group
             if group is not None:  # too small to average: release the members
@@ -678,10 +678,14 @@ class Swarm:
                "group_id": group.group_id}
         await asyncio.gather(*(self._send_final(p, msg, []) for p in group.members if p != self.peer_id))
 
-    async def _await_leader(self, a: _Attempt, mine: list[str]) -> Group | None:
-        """Wait for our group's leader (or any valid leader) to propose, then for its final list."""
+    async def _await_leader(self, a: _Attempt, mine: list[str], deadline: float) -> Group | None:
+        """Wait for our group's leader (or any valid leader) to propose, then for its final list.
+
+        The leader may still be gathering until about our own deadline (it began when we did),
+        so we wait that long plus the join timeout before giving up on it."""
+        patience = max(0.0, deadline - time.monotonic()) + self.avg.join_timeout * 2
         try:
-            await asyncio.wait_for(a.proposal_event.wait(), self.avg.join_timeout * 2)
+            await asyncio.wait_for(a.proposal_event.wait(), patience)
         except TimeoutError:
             pass
         if a.locked_to is None:
