@@ -611,12 +611,24 @@ class Swarm:
             deadline = time.monotonic() + self.avg.matchmaking_timeout
             expected = set()
 
+    async def _moved_past(self, round_idx: int) -> set[str]:
+        """Peers whose records say they are already past `round_idx` (their declarations are stale)."""
+        try:
+            return {pid for pid, r in (await self._records()).items() if r.round > round_idx}
+        except AveragingError:
+            return set()
+
     async def _gather(self, a: _Attempt, expected: set[str], deadline: float) -> dict[str, Declaration]:
         """Poll declarations until the group can be full, everyone expected is in, or the deadline."""
+        polls = 0
+        gone: set[str] = set()
         while True:
             declared = await self._declared(a.round, a.attempt)
+            if polls % 5 == 0:
+                gone = await self._moved_past(a.round)
+            polls += 1
             members = {pid: d for pid, d in declared.items()
-                       if d.model_sha256 == a.base and pid not in a.excluded}
+                       if d.model_sha256 == a.base and pid not in a.excluded and pid not in gone}
             members.setdefault(self.peer_id, Declaration(self.peer_id, a.base, self.client_mode, self.maddrs))
             others = set(members) - {self.peer_id}
             if (len(members) >= self.avg.group_size or (expected and expected <= others)
@@ -683,11 +695,13 @@ class Swarm:
 
         The leader may still be gathering until about our own deadline (it began when we did),
         so we wait that long plus the join timeout before giving up on it."""
-        patience = max(0.0, deadline - time.monotonic()) + self.avg.join_timeout * 2
-        try:
-            await asyncio.wait_for(a.proposal_event.wait(), patience)
-        except TimeoutError:
-            pass
+        give_up = time.monotonic() + max(0.0, deadline - time.monotonic()) + self.avg.join_timeout * 2
+        while not a.proposal_event.is_set() and time.monotonic() < give_up:
+            try:
+                await asyncio.wait_for(a.proposal_event.wait(), min(1.0, max(0.01, give_up - time.monotonic())))
+            except TimeoutError:
+                if mine[0] in await self._moved_past(a.round):  # the leader is gone to a later round
+                    break
         if a.locked_to is None:
             a.locked_to = self.peer_id  # stop accepting: we give up on this attempt
             raise _AttemptFailed(f"leader {mine[0][-8:]} did not propose in time", {mine[0]},
