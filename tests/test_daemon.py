@@ -334,11 +334,15 @@ def test_watcher_idle_only_pauses_when_busy_and_resumes_after_idle_period() -> N
 
 
 def test_other_load_sees_a_busy_process() -> None:
-    """The real measurement: two spinning processes on this machine register as others' load."""
-    meter = OtherLoad()
+    """The real measurement: two spinning processes on this machine register as others' load.
+
+    The meter excludes its own process tree, so it watches from a separate idle process: the
+    spinners (children of this test process) are then "other" load, as they would be for a peer."""
+    idle = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    meter = OtherLoad(pid=idle.pid)
     assert meter.read() is None
     ncpu = os.cpu_count() or 1
-    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(min(ncpu, 2))]
+    spinners = [idle] + [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(min(ncpu, 2))]
     try:
         time.sleep(2.0)
         meter.read()
