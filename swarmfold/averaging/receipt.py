@@ -32,6 +32,7 @@ from typing import Any
 
 from swarmfold.averaging.identity import Identity, peer_id_from_public_key, verify_signature
 from swarmfold.errors import UserError
+from swarmfold.hashing import file_sha256
 
 RECEIPT_FORMAT = "swarmfold-receipt"
 DENY_FORMAT = "swarmfold-deny"
@@ -115,13 +116,6 @@ def contribution_paths(target: str | Path) -> tuple[Path, Path]:
         stem = s
     return Path(stem + DELTA_SUFFIX), Path(stem + RECEIPT_SUFFIX)
 
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # Field -> type the receipt body must carry (nested dicts checked one level down).

@@ -16,7 +16,6 @@ and the one before it is used. Nothing is ever unpickled.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -30,6 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from swarmfold.errors import UserError
+from swarmfold.hashing import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -55,13 +55,6 @@ class Checkpoint:
     def round(self) -> int:
         return int(self.meta["round"])
 
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def round_dir_name(round_idx: int) -> str:

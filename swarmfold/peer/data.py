@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from swarmfold.errors import UserError
+from swarmfold.hashing import file_sha256
 from swarmfold.peer.seeds import derive_seed, make_generator
 from swarmfold.peer.tokenizer import Tokenizer
 from swarmfold.spec import canonical_hash
@@ -96,13 +97,6 @@ def _skipped(rel: Path) -> bool:
     return any(part in _SKIP_DIRS or part.startswith(".") for part in rel.parts)
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def read_documents(path: Path) -> list[str]:
     """The documents of one file, or DataError naming the file (binary, undecodable, bad JSONL)."""
@@ -136,7 +130,7 @@ class Shard:
         self.seq_len = seq_len
         self.tokenizer = tokenizer
         named = resolve_paths(paths)
-        self.manifest = [ManifestEntry(name, p, _file_sha256(p), p.stat().st_size) for name, p in named]
+        self.manifest = [ManifestEntry(name, p, file_sha256(p), p.stat().st_size) for name, p in named]
         self.manifest_hash = canonical_hash(
             [[e.name, e.sha256] for e in self.manifest] + [["tokenizer", tokenizer.ident]]
         )
