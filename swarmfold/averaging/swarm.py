@@ -260,6 +260,23 @@ class Swarm:
     def _call(self, coro: Awaitable[T], timeout: float | None = None) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)  # type: ignore[arg-type]
 
+    # ---- for other protocols on this peer's P2P (e.g. averaging/datashare.py) -------------
+    def add_handler(self, proto: str, handler: Callable[[Any, asyncio.StreamReader, asyncio.StreamWriter],
+                                                         Awaitable[None]]) -> None:
+        """Serve `proto` on this peer's P2P with `handler(info, reader, writer)` (after start())."""
+        assert self.p2p is not None, "start() the swarm first"
+        p2p = self.p2p
+        self._call(p2p.add_binary_stream_handler(proto, handler), timeout=30)
+
+    def run_coroutine(self, coro: Awaitable[T], timeout: float | None = None) -> T:
+        """Run `coro` on the swarm's network loop and wait for its result (from another thread)."""
+        return self._call(coro, timeout)
+
+    async def open_stream(self, peer: str, proto: str, maddrs: list[str] | None = None
+                          ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A stream to `peer`'s `proto` handler (dialing `maddrs` if there is no route yet); on the loop."""
+        return await self._open(peer, proto, maddrs)
+
     def _fault(self, phase: Phase, round_idx: int) -> None:
         """Test-only crash injection. SWARMFOLD_TEST_FAULT=PHASE@R SIGKILLs this peer's whole process
         group (the DHT and its libp2p daemon included) the first time it reaches PHASE at a round >= R."""
