@@ -9,7 +9,7 @@ so they give the same bits on every machine.
 
 int8 layout: one float32 absmax/127 scale per block (all scales first), then one int8 per
 element: numel + 4 * ceil(numel / BLOCK) bytes, 3.98x fewer than float32. `decode` checks
-sizes only; callers check that what they decoded is finite (protocol.check_part, swarm).
+sizes only; callers check that what they decoded is finite (protocol.check_chunk, swarm).
 """
 
 from __future__ import annotations
@@ -72,6 +72,19 @@ def decode(codec: str, data: bytes, numel: int) -> torch.Tensor:
     padded = torch.zeros(nb * BLOCK, dtype=torch.float32)
     padded[:numel] = q.to(torch.float32)
     return (padded.view(nb, BLOCK) * scale[:, None]).reshape(-1)[:numel].contiguous()
+
+
+def decode_into(codec: str, data: bytes, out: torch.Tensor) -> None:
+    """`out[:] = decode(codec, data, out.numel())` with a single copy (out: a contiguous flat float32 tensor)."""
+    expected = encoded_size(codec, out.numel())
+    if len(data) != expected:
+        raise ValueError(f"decode: {codec} payload of {out.numel()} elements must be {expected} bytes, got {len(data)}")
+    if codec == "none":
+        out.numpy()[:] = np.frombuffer(data, dtype=np.float32)
+    elif codec == "fp16":  # float16 -> float32 is exact, in numpy as in torch
+        out.numpy()[:] = np.frombuffer(data, dtype=np.float16)
+    else:
+        out.copy_(decode(codec, data, out.numel()))
 
 
 def roundtrip(codec: str, x: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,10 @@
 """The averaging protocol's vocabulary: phases, named rejections, errors, and checks of contributions.
 
 A contribution (one sender's span of its pseudo-gradient, sent to that span's reducer)
-is untrusted input. `check_part` turns it into a float32 tensor or a `Rejection` with a
-message; a rejected contribution is left out of the round and never stalls the others.
+is untrusted input. It travels as a header (`check_header`: everything but the numbers)
+and then the span in chunks of CHUNK_ELEMENTS (`check_chunk`: size and finiteness), so
+that a reducer can aggregate chunk k and send it back while later chunks are still on
+the wire. A rejected contribution is left out of the round and never stalls the others.
 """
 
 from __future__ import annotations
@@ -18,10 +20,31 @@ import torch
 from swarmfold.averaging import codec
 from swarmfold.averaging.wire import WireError, field
 
-PROTOCOL = "swarmfold/1"
+PROTOCOL = "swarmfold/2"  # 2: spans stream in chunks
 HELLO, PROPOSE, REDUCE, VOTE, STATE = (f"{PROTOCOL}/{name}" for name in ("hello", "propose", "reduce", "vote", "state"))
+DATA = f"{PROTOCOL}/data"  # the public data's manifest and files (averaging/datashare.py)
 
 DTYPE_OF_CODEC = {"none": "float32", "fp16": "float16", "int8": "int8-absmax"}
+
+# Elements per streamed chunk of a span: 512 KiB of float32, 128 KiB of int8 (hivemind streams
+# 512 KB parts too). A multiple of codec.BLOCK, so chunking never changes a codec's bits.
+CHUNK_ELEMENTS = 128 * codec.BLOCK
+CHUNK_FRAME_SLACK = 4096  # a chunk frame's msgpack overhead is far below this
+
+
+def chunk_bounds(numel: int) -> list[tuple[int, int]]:
+    """The chunks of a span of `numel` elements, as (lo, hi) within the span (none for an empty span)."""
+    return [(lo, min(lo + CHUNK_ELEMENTS, numel)) for lo in range(0, numel, CHUNK_ELEMENTS)]
+
+
+def span_payload_size(compression: str, numel: int) -> int:
+    """Bytes of a span on the wire: the encodings of its chunks, one after another."""
+    return sum(codec.encoded_size(compression, hi - lo) for lo, hi in chunk_bounds(numel))
+
+
+def encode_span(compression: str, x: torch.Tensor) -> bytes:
+    """A span's wire payload: each chunk encoded on its own (for int8, scales then values per chunk)."""
+    return b"".join(codec.encode(compression, x[lo:hi].contiguous()) for lo, hi in chunk_bounds(x.numel()))
 
 
 class Phase(enum.Enum):
@@ -87,10 +110,11 @@ class Expectation:
     numel: int  # elements of this span
     span_index: int
     weight_cap: float
+    max_payload_bytes: int = 1 << 62  # averaging.max_message_bytes
 
 
-def check_part(msg: dict[str, Any], sender: str, exp: Expectation) -> tuple[torch.Tensor, float]:
-    """Validate one contribution; returns (decoded span, weight) or raises Rejected."""
+def check_header(msg: dict[str, Any], sender: str, exp: Expectation) -> float:
+    """Validate a contribution's header (everything but the numbers); returns its weight or raises Rejected."""
     try:
         if sender not in exp.members:
             raise Rejected(Rejection.NOT_A_MEMBER, f"{sender} is not in group {exp.group_id[:8]}")
@@ -108,22 +132,40 @@ def check_part(msg: dict[str, Any], sender: str, exp: Expectation) -> tuple[torc
             raise Rejected(Rejection.WRONG_DTYPE, f"dtype {dtype!r}, expected {DTYPE_OF_CODEC[exp.compression]!r}")
         numel = field(msg, "numel", int)
         span = field(msg, "span", int)
-        payload = field(msg, "payload", bytes)
         if span != exp.span_index or numel != exp.numel:
             raise Rejected(Rejection.WRONG_SHAPE, f"span {span} of {numel} elements, expected span "
                            f"{exp.span_index} of {exp.numel}")
-        if len(payload) != codec.encoded_size(exp.compression, exp.numel):
-            raise Rejected(Rejection.WRONG_SHAPE, f"payload of {len(payload)} bytes, expected "
-                           f"{codec.encoded_size(exp.compression, exp.numel)}")
+        size = field(msg, "payload_bytes", int)
+        if size > exp.max_payload_bytes:
+            raise Rejected(Rejection.OVERSIZED, f"a payload of {size} bytes exceeds the limit of "
+                           f"{exp.max_payload_bytes} bytes")
+        if size != span_payload_size(exp.compression, exp.numel):
+            raise Rejected(Rejection.WRONG_SHAPE, f"payload of {size} bytes, expected "
+                           f"{span_payload_size(exp.compression, exp.numel)}")
+        if field(msg, "chunk", int) != CHUNK_ELEMENTS:
+            raise Rejected(Rejection.MALFORMED, f"chunks of {msg['chunk']} elements, expected {CHUNK_ELEMENTS}")
         weight = field(msg, "weight", (int, float))
         if not math.isfinite(weight) or weight <= 0:
             raise Rejected(Rejection.MALFORMED, f"weight {weight} must be a positive number")
         if weight > exp.weight_cap:
             raise Rejected(Rejection.WEIGHT_ABOVE_CAP, f"weight {weight} exceeds the cap {exp.weight_cap}")
-        tensor = codec.decode(exp.compression, payload, exp.numel)
-        if not bool(np.isfinite(tensor.numpy()).all()):  # numpy: ~50x faster than torch.isfinite on 1 thread
-            raise Rejected(Rejection.NONFINITE, "the contribution holds NaN or Inf")
-        return tensor, float(weight)
+        return float(weight)
+    except WireError as e:
+        raise Rejected(Rejection.MALFORMED, str(e)) from e
+
+
+def check_chunk(msg: dict[str, Any], index: int, compression: str, out: torch.Tensor) -> None:
+    """Validate chunk `index` of a contribution and decode it into `out` (its place in the part); raises Rejected."""
+    try:
+        if field(msg, "kind", str) != "chunk" or field(msg, "k", int) != index:
+            raise Rejected(Rejection.MALFORMED, f"expected chunk {index}, got {msg.get('kind')!r} {msg.get('k')!r}")
+        data = field(msg, "data", bytes)
+        if len(data) != codec.encoded_size(compression, out.numel()):
+            raise Rejected(Rejection.WRONG_SHAPE, f"chunk {index} of {len(data)} bytes, expected "
+                           f"{codec.encoded_size(compression, out.numel())}")
+        codec.decode_into(compression, data, out)
+        if not bool(np.isfinite(out.numpy()).all()):  # numpy: ~50x faster than torch.isfinite on 1 thread
+            raise Rejected(Rejection.NONFINITE, f"chunk {index} of the contribution holds NaN or Inf")
     except WireError as e:
         raise Rejected(Rejection.MALFORMED, str(e)) from e
     except ValueError as e:

@@ -59,6 +59,8 @@ from swarmfold.averaging.identity import Identity
 from swarmfold.averaging.inprocess import group_id_for
 from swarmfold.averaging.outer import outer_state_sha256
 from swarmfold.averaging.protocol import (
+    CHUNK_ELEMENTS,
+    CHUNK_FRAME_SLACK,
     DTYPE_OF_CODEC,
     HELLO,
     PROPOSE,
@@ -72,7 +74,10 @@ from swarmfold.averaging.protocol import (
     Rejection,
     SpecMismatch,
     StateSyncError,
-    check_part,
+    check_chunk,
+    check_header,
+    chunk_bounds,
+    encode_span,
 )
 from swarmfold.averaging.receipt import build_deny_record
 from swarmfold.averaging.records import (
@@ -135,21 +140,101 @@ class _Attempt:
 
 @dataclass
 class _Reducer:
-    """This peer's reduction of one span for one group."""
+    """This peer's reduction of one span for one group, chunk by chunk.
+
+    Each member's part fills a span-sized float32 buffer chunk by chunk (`received` counts
+    the chunks in). Chunk k is aggregated as soon as every included member has sent it,
+    and its encoded aggregate is appended to `results`, which every member's stream sends
+    back at once; the `trailer` (who was included, rejected, and whether the result is
+    complete) ends each stream. Everything runs on the swarm's loop; `wake` tells the
+    waiters that something changed.
+    """
 
     exp: Expectation
     offset: int = 0  # where this span starts in the flat Δ
     parts: dict[str, Contribution] = field(default_factory=dict)
     claims: dict[str, dict[str, Any] | None] = field(default_factory=dict)  # environment class each part claims
     rejected: dict[str, str] = field(default_factory=dict)
-    accounted: asyncio.Event = field(default_factory=asyncio.Event)
-    result: asyncio.Future | None = None
+    received: dict[str, int] = field(default_factory=dict)  # chunks received from each member
+    included: list[str] | None = None  # fixed when the first chunk is aggregated
+    results: list[bytes] = field(default_factory=list)  # the encoded aggregate, chunk by chunk
+    trailer: dict[str, Any] | None = None  # the last message of every member's stream
     bytes_sent: int = 0  # results sent back to members
     bytes_received: int = 0  # parts received from members
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def account(self) -> None:
-        if set(self.parts) | set(self.rejected) >= self.exp.members:
-            self.accounted.set()
+    @property
+    def chunks(self) -> list[tuple[int, int]]:
+        return chunk_bounds(self.exp.numel)
+
+    def wake(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def until(self, ready: Callable[[], bool], deadline: float) -> bool:
+        """Wait until `ready()` (re-checked after every change) or the loop's clock passes `deadline`."""
+        loop = asyncio.get_running_loop()
+        while not ready():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            try:
+                await asyncio.wait_for(self._changed.wait(), None if math.isinf(remaining) else remaining)
+            except TimeoutError:
+                return ready()
+        return True
+
+    def reject(self, sender: str, label: str) -> None:
+        self.parts.pop(sender, None)
+        self.rejected[sender] = label
+        self.wake()
+
+    def accounted(self) -> bool:
+        return set(self.parts) | set(self.rejected) >= self.exp.members
+
+    def has_chunk(self, k: int) -> bool:
+        return all(self.received.get(p, 0) > k for p in self.parts)
+
+    def news(self, seen: int) -> bool:
+        """Is there more to send to a member that has `seen` result chunks?"""
+        return len(self.results) > seen or self.trailer is not None
+
+    def complete_parts(self) -> bool:
+        n = len(self.chunks)
+        return all(self.received.get(p, 0) >= n for p in self.parts)
+
+
+class _SpanCollector:
+    """A span's aggregate as it arrives: each chunk is decoded into its place in `out`, checked to be
+    finite, and its encoded bytes hashed (the span's digest), while later chunks are still coming."""
+
+    def __init__(self, compression: str, out: torch.Tensor):
+        self.compression = compression
+        self.out = out
+        self.bounds = chunk_bounds(out.numel())
+        self.count = 0
+        self._hash = hashlib.sha256()
+
+    @property
+    def complete(self) -> bool:
+        return self.count == len(self.bounds)
+
+    def add(self, data: bytes) -> None:
+        if self.complete:
+            raise wire.WireError(f"more than the span's {len(self.bounds)} chunks")
+        lo, hi = self.bounds[self.count]
+        dst = self.out[lo:hi]
+        try:
+            codec.decode_into(self.compression, data, dst)
+        except ValueError as e:
+            raise wire.WireError(f"chunk {self.count}: {e}") from e
+        if not bool(np.isfinite(dst.numpy()).all()):
+            raise wire.WireError(f"chunk {self.count} of the aggregate holds NaN or Inf")
+        self._hash.update(data)
+        self.count += 1
+
+    def digest(self) -> str:
+        return self._hash.hexdigest()
 
 
 @dataclass
@@ -786,9 +871,10 @@ class Swarm:
         return True, ""
 
     # ---- all-reduce -------------------------------------------------------------------------
-    def _make_part(self, group: Group, req: AverageRequest, span_index: int, payload: bytes,
+    def _make_part(self, group: Group, req: AverageRequest, span_index: int, payload: bytes | memoryview,
                    numel: int) -> dict[str, Any]:
-        """The message carrying our contribution to span `span_index` (tests subclass this)."""
+        """Our contribution to span `span_index`: the header fields and the payload (the span encoded chunk
+        by chunk, protocol.encode_span), which is streamed in chunk frames after the header (tests subclass this)."""
         return {"kind": "part", "group_id": group.group_id, "spec_hash": self.spec.spec_hash,
                 "round": req.round, "base_sha256": req.model_sha256, "span": span_index, "numel": numel,
                 "dtype": DTYPE_OF_CODEC[self.avg.compression], "weight": float(req.weight), "payload": payload,
@@ -807,24 +893,30 @@ class Swarm:
         spans = codec.spans(numel, len(reducers))
         members = frozenset(group.members)
         my_span = reducers.index(self.peer_id) if self.peer_id in reducers else None
+        red: _Reducer | None = None
         if my_span is not None:
             lo, hi = spans[my_span]
-            red = _Reducer(offset=lo, exp=Expectation(spec_hash=self.spec.spec_hash, round=req.round, group_id=group.group_id,
-                                           base_sha256=req.model_sha256, members=members, compression=comp,
-                                           numel=hi - lo, span_index=my_span,
-                                           weight_cap=float(self.spec.token_cap)))
-            red.result = self._loop.create_future()
+            red = _Reducer(offset=lo, exp=Expectation(
+                spec_hash=self.spec.spec_hash, round=req.round, group_id=group.group_id,
+                base_sha256=req.model_sha256, members=members, compression=comp, numel=hi - lo,
+                span_index=my_span, weight_cap=float(self.spec.token_cap),
+                max_payload_bytes=self.avg.max_message_bytes))
             red.parts[self.peer_id] = Contribution(codec.roundtrip(comp, req.delta[lo:hi].contiguous()),
                                                    float(req.weight))
-            red.account()
+            red.received[self.peer_id] = len(red.chunks)
             self._reducers[group.group_id] = red
             self._reducer_ready.setdefault(group.group_id, self._loop.create_future())
             if not self._reducer_ready[group.group_id].done():
                 self._reducer_ready[group.group_id].set_result(red)
             reduce_task = asyncio.ensure_future(self._reduce(red, req.round))
         stats = {"sent": 0, "received": 0}
-        encoded = await self._loop.run_in_executor(
-            self._executor, lambda: [codec.encode(comp, req.delta[lo:hi].contiguous()) for lo, hi in spans])
+        if comp == "none":  # the float32 span is its own payload: send it from Δ's memory, no copy
+            encoded: list[bytes | memoryview] = [req.delta[lo:hi].numpy().data.cast("B") for lo, hi in spans]
+        else:
+            encoded = await self._loop.run_in_executor(
+                self._executor, lambda: [encode_span(comp, req.delta[lo:hi]) if j != my_span else b""
+                                         for j, (lo, hi) in enumerate(spans)])
+        out = torch.empty(numel, dtype=torch.float32)  # the aggregate, filled span by span, chunk by chunk
 
         sent_first = asyncio.Event()
 
@@ -834,20 +926,20 @@ class Swarm:
                 self._fault(Phase.SEND, req.round)
 
         async def send_to(j: int, reducer: str) -> dict[str, Any] | None:
-            if reducer == self.peer_id:
-                assert red.result is not None
-                return await asyncio.shield(red.result)
             lo, hi = spans[j]
+            if reducer == self.peer_id:
+                assert red is not None
+                return await self._collect_own(red, group, j, out[lo:hi])
             msg = self._make_part(group, req, j, encoded[j], hi - lo)
             try:
-                reply, s, r = await self._request(reducer, REDUCE, msg, timeout=self.avg.allreduce_timeout * 2,
-                                                  max_reply=self.avg.max_message_bytes, after_send=after_send)
-                stats["sent"] += s
-                stats["received"] += r
-                return self._check_result(reply, group, j, hi - lo)
+                return await asyncio.wait_for(self._exchange_span(reducer, msg, group, j, out[lo:hi], stats,
+                                                                  after_send), self.avg.allreduce_timeout * 2)
+            except TimeoutError:
+                logger.info("[%s] span %d from %s: no result within %.0fs", self.peer_id[-8:], j, reducer[-8:],
+                            self.avg.allreduce_timeout * 2)
             except AveragingError as e:
                 logger.info("[%s] span %d from %s: %s", self.peer_id[-8:], j, reducer[-8:], e)
-                return None
+            return None
 
         results = await asyncio.gather(*(send_to(j, r) for j, r in enumerate(reducers)))
         if my_span is not None:
@@ -859,25 +951,27 @@ class Swarm:
         for res in results:
             if res is not None:
                 rejected.update(res["rejected"])
+        cut = [j for j, res in enumerate(results) if res is not None and not res["complete"]]
         included_sets = {tuple(res["included"]) for res in results if res is not None}
         weight_sets = {json.dumps(res["weights"], sort_keys=True) for res in results if res is not None}
         failure = ""
         if missing:
             failure = f"no aggregate from reducer(s) {', '.join(sorted(m[-8:] for m in missing))}"
+        elif cut:
+            failure = (f"span(s) {', '.join(map(str, cut))} cut off mid-stream (a contributor was rejected "
+                       "after its first chunks were averaged)")
         elif len(included_sets) != 1 or len(weight_sets) != 1:
             failure = "reducers included different contributors"
-        aggregate_t: torch.Tensor | None = None
         digest = ""
+        first = results[0] or {}
+        included = list(first.get("included", []))
         if not failure:
-            aggregate_t = torch.cat([codec.decode(comp, res["payload"], spans[j][1] - spans[j][0])
-                                     for j, res in enumerate(results) if res is not None])
-            included = results[0]["included"] if results[0] is not None else []
             if self.peer_id not in included:
                 failure = "our own contribution was rejected"
-            digest = _digest(group.group_id, included, results[0]["weights"] if results[0] else {}, aggregate_t)
+            digest = _digest(group.group_id, included, first["weights"], [res["digest"] for res in results if res])
         exclude = set(missing) | set(rejected)
         committed = await self._commit(group, req.round, digest, failure, stats)
-        if my_span is not None:  # our reducer's traffic (complete: every voter had our result first)
+        if red is not None:  # our reducer's traffic (complete: every voter had our result first)
             stats["sent"] += red.bytes_sent
             stats["received"] += red.bytes_received
         timings["commit"] += time.perf_counter() - t1
@@ -885,73 +979,151 @@ class Swarm:
         if failure or not committed:
             raise _AttemptFailed(failure or "the group did not agree on the aggregate", exclude - {self.peer_id},
                                  rejected=rejected, bytes_sent=stats["sent"], bytes_received=stats["received"])
-        assert aggregate_t is not None
-        included = results[0]["included"] if results[0] is not None else []
         logger.info("[%s] round %d: committed with %d of %d members (group %s, digest %s)", self.peer_id[-8:],
                     req.round, len(included), len(group.members), group.group_id[:8], digest[:12])
-        return AverageResult(status="committed", aggregate=aggregate_t, group_id=group.group_id,
-                             members=group.members, included=list(included), rejected=rejected,
+        return AverageResult(status="committed", aggregate=out, group_id=group.group_id,
+                             members=group.members, included=included, rejected=rejected,
                              timings=timings, bytes_sent=stats["sent"], bytes_received=stats["received"],
                              compressed=comp != "none")
 
-    def _check_result(self, reply: dict[str, Any], group: Group, span: int, numel: int) -> dict[str, Any] | None:
+    async def _exchange_span(self, reducer: str, msg: dict[str, Any], group: Group, span: int, out: torch.Tensor,
+                             stats: dict[str, int], after_send: Callable[[], None]) -> dict[str, Any] | None:
+        """Stream our part of `span` to its reducer while its aggregate streams back into `out`."""
+        payload = msg.pop("payload")
+        header = {**msg, "payload_bytes": len(payload), "chunk": CHUNK_ELEMENTS}
+        comp = self.avg.compression
+        chunks = chunk_bounds(out.numel())
+        reader, writer = await self._open(reducer, REDUCE)
+
+        async def write_chunks() -> None:
+            view, pos = memoryview(payload), 0
+            sizes = [codec.encoded_size(comp, hi - lo) for lo, hi in chunks]
+            if sum(sizes) != len(payload):  # not what the header promised (tests' hostile peer): send it anyway
+                sizes = sizes + [len(payload) - sum(sizes)] if len(payload) > sum(sizes) else [len(payload)]
+            for k, size in enumerate(sizes):
+                stats["sent"] += await wire.send_chunk(writer, k, view[pos:pos + size])
+                pos += size
+                after_send()
+
         try:
-            if reply.get("kind") != "result" or reply.get("group_id") != group.group_id or reply.get("span") != span:
-                raise wire.WireError(f"unexpected reply {reply.get('kind')!r} / {reply.get('reason', '')}")
-            included = wire.field(reply, "included", list)
-            weights = wire.field(reply, "weights", dict)
-            rejected = wire.field(reply, "rejected", dict)
-            payload = wire.field(reply, "payload", bytes)
+            stats["sent"] += await wire.send(writer, header)
+            writing = asyncio.ensure_future(write_chunks())
+            try:
+                collector = _SpanCollector(comp, out)
+                limit = codec.encoded_size(comp, CHUNK_ELEMENTS) + CHUNK_FRAME_SLACK
+                while True:
+                    frame, n = await wire.recv(reader, limit)
+                    stats["received"] += n
+                    kind = frame.get("kind")
+                    if kind == "chunk" and frame.get("k") == collector.count:
+                        collector.add(wire.field(frame, "data", bytes))
+                    elif kind == "result":
+                        return self._take_result(frame, collector, group, span)
+                    else:
+                        raise wire.WireError(f"unexpected {kind!r} from the reducer: {str(frame.get('reason', ''))[:200]}")
+            finally:
+                if not writing.done():  # the reducer stopped reading us (we were rejected): stop sending
+                    writing.cancel()
+                await asyncio.gather(writing, return_exceptions=True)
+        except (wire.WireError, ConnectionError, OSError) as e:
+            raise AveragingError(f"{REDUCE} with {reducer} failed: {e}") from e
+        finally:
+            wire.close(writer)
+
+    async def _collect_own(self, red: _Reducer, group: Group, span: int, out: torch.Tensor) -> dict[str, Any] | None:
+        """Our own span's aggregate, decoded into `out` chunk by chunk as our reducer computes it."""
+        collector = _SpanCollector(self.avg.compression, out)
+        try:
+            while True:
+                await red.until(functools.partial(red.news, collector.count), math.inf)
+                while collector.count < len(red.results):
+                    collector.add(red.results[collector.count])
+                if red.trailer is not None and collector.count == len(red.results):
+                    return self._take_result(red.trailer, collector, group, span)
+        except wire.WireError as e:  # our own aggregate overflowed float32
+            logger.warning("[%s] bad aggregate for our span %d: %s", self.peer_id[-8:], span, e)
+            return None
+
+    def _take_result(self, trailer: dict[str, Any], collector: _SpanCollector, group: Group,
+                     span: int) -> dict[str, Any] | None:
+        """Check a span's trailer against the chunks collected; None if the result is unusable."""
+        try:
+            if trailer.get("kind") != "result" or trailer.get("group_id") != group.group_id or \
+                    trailer.get("span") != span:
+                raise wire.WireError(f"unexpected reply {trailer.get('kind')!r} / {trailer.get('reason', '')}")
+            included = wire.field(trailer, "included", list)
+            weights = wire.field(trailer, "weights", dict)
+            rejected = wire.field(trailer, "rejected", dict)
+            complete = wire.field(trailer, "complete", bool)
             if not set(included) <= set(group.members) or set(weights) != set(included):
                 raise wire.WireError("the result names contributors outside the group")
-            if len(payload) != codec.encoded_size(self.avg.compression, numel):
-                raise wire.WireError("the aggregate has the wrong size")
-            if not bool(np.isfinite(codec.decode(self.avg.compression, payload, numel).numpy()).all()):
-                raise wire.WireError("the aggregate holds NaN or Inf")
-            return {"included": sorted(str(p) for p in included), "weights": weights,
-                    "rejected": {str(k): str(v) for k, v in rejected.items()}, "payload": payload}
+            if complete and not collector.complete:
+                raise wire.WireError(f"the aggregate has {collector.count} of {len(collector.bounds)} chunks")
+            return {"included": sorted(str(p) for p in included), "weights": weights, "complete": complete,
+                    "rejected": {str(k): str(v) for k, v in rejected.items()},
+                    "digest": collector.digest() if complete else ""}
         except wire.WireError as e:
             logger.warning("[%s] bad aggregate for span %d: %s", self.peer_id[-8:], span, e)
             return None
 
     async def _reduce(self, red: _Reducer, round_idx: int) -> None:
-        """Wait for the parts (bounded), aggregate, set `red.result`; never leaves it unset."""
+        """Aggregate our span chunk by chunk (bounded); always ends with `red.trailer` set."""
         try:
             await self._reduce_inner(red, round_idx)
         except Exception as e:
             logger.exception("[%s] round %d: reducing span %d failed", self.peer_id[-8:], round_idx,
                              red.exp.span_index)
-            assert red.result is not None
-            if not red.result.done():
-                red.result.set_result({"kind": "error", "reason": f"reducer failed: {e}"})
+            if red.trailer is None:
+                red.trailer = {"kind": "error", "reason": f"reducer failed: {e}"}
+                red.wake()
+
+    def _time_out(self, red: _Reducer, round_idx: int, missing: set[str], what: str) -> None:
+        for peer in sorted(missing):
+            red.reject(peer, f"{Rejection.TIMEOUT.value}: {what} within {self.avg.allreduce_timeout}s")
+            logger.warning("[%s] round %d: no %s from %s in time", self.peer_id[-8:], round_idx, what, peer[-8:])
 
     async def _reduce_inner(self, red: _Reducer, round_idx: int) -> None:
-        try:
-            await asyncio.wait_for(red.accounted.wait(), self.avg.allreduce_timeout)
-        except TimeoutError:
-            for peer in red.exp.members - set(red.parts) - set(red.rejected):
-                red.rejected[peer] = f"{Rejection.TIMEOUT.value}: no contribution within {self.avg.allreduce_timeout}s"
-                logger.warning("[%s] round %d: no contribution from %s in time", self.peer_id[-8:], round_idx,
-                               peer[-8:])
+        deadline = self._loop.time() + self.avg.allreduce_timeout
+        if not await red.until(red.accounted, deadline):
+            self._time_out(red, round_idx, set(red.exp.members - set(red.parts) - set(red.rejected)), "contribution")
         self._fault(Phase.REDUCE, round_idx)
-        await self._verify_parts(red)
-        parts = dict(red.parts)
+        chunks = red.chunks
+        if self.verifier is not None and self.verifier.fraction > 0:
+            # the replay judges whole spans, exactly as they would enter the average: wait for them first
+            if not await red.until(red.complete_parts, deadline):
+                self._time_out(red, round_idx, {p for p in red.parts if red.received.get(p, 0) < len(chunks)},
+                               "complete contribution")
+            await self._verify_parts(red)
         comp, rule, trim = self.avg.compression, self.avg.aggregation, self.avg.trim_fraction
+        complete = True
+        for k, (lo, hi) in enumerate(chunks):
+            if not await red.until(functools.partial(red.has_chunk, k), deadline):
+                self._time_out(red, round_idx, {p for p in red.parts if red.received.get(p, 0) <= k},
+                               f"chunk {k}")
+            if red.included is None:
+                red.included = sorted(red.parts)
+            elif sorted(red.parts) != red.included:  # someone was rejected after chunks were averaged with it
+                complete = False
+                break
+            parts = {p: Contribution(c.tensor[lo:hi], c.weight) for p, c in red.parts.items()}
 
-        def compute() -> bytes:
-            return codec.encode(comp, aggregate(parts, rule, trim_fraction=trim))
+            def compute(parts: dict[str, Contribution] = parts) -> bytes:
+                return codec.encode(comp, aggregate(parts, rule, trim_fraction=trim))
 
-        payload = await self._loop.run_in_executor(self._executor, compute)
-        assert red.result is not None
-        red.result.set_result({"kind": "result", "group_id": red.exp.group_id, "span": red.exp.span_index,
-                               "included": sorted(parts), "weights": {p: c.weight for p, c in parts.items()},
-                               "rejected": dict(red.rejected), "payload": payload})
+            red.results.append(await self._loop.run_in_executor(self._executor, compute))
+            red.wake()
+        included = red.included if red.included is not None else sorted(red.parts)
+        red.trailer = {"kind": "result", "group_id": red.exp.group_id, "span": red.exp.span_index,
+                       "included": included, "complete": complete, "rejected": dict(red.rejected),
+                       "weights": {p: red.parts[p].weight if p in red.parts else 0.0 for p in included}}
+        red.wake()
 
     async def _on_reduce(self, info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         sender = str(info.peer_id)
+        streaming: asyncio.Future | None = None
         try:
             try:
-                msg, received = await wire.recv(reader, self.avg.max_message_bytes)
+                msg, received = await wire.recv(reader, SMALL_MESSAGE)
             except wire.MessageTooLarge as e:
                 self._reject_everywhere(sender, Rejected(Rejection.OVERSIZED, str(e)))
                 await wire.send(writer, {"kind": "error", "reason": f"oversized: {e}"})
@@ -970,33 +1142,77 @@ class Swarm:
             if sender in red.parts or sender in red.rejected:
                 await wire.send(writer, {"kind": "error", "reason": "duplicate contribution"})
                 return
+            red.bytes_received += received
             try:
                 if sender in self._denied:
                     raise Rejected(Rejection.DENIED, "a deny record names it (its contribution failed replay)")
-                tensor, weight = await self._loop.run_in_executor(self._executor, check_part, msg, sender, red.exp)
-                red.parts[sender] = Contribution(tensor, weight)
+                weight = check_header(msg, sender, red.exp)
+                red.parts[sender] = Contribution(torch.empty(red.exp.numel, dtype=torch.float32), weight)
+                red.received[sender] = 0
                 red.claims[sender] = claimed_environment(msg.get("environment"))
+                red.wake()
             except Rejected as r:
-                red.rejected[sender] = r.label
-                logger.warning("[%s] round %d: rejected the contribution of %s: %s", self.peer_id[-8:],
-                               red.exp.round, sender[-8:], r.label)
-            red.account()
-            assert red.result is not None
-            result = await asyncio.wait_for(asyncio.shield(red.result), self.avg.allreduce_timeout * 2)
-            red.bytes_received += received
-            red.bytes_sent += await wire.send(writer, result)
+                self._reject(red, sender, r)
+            streaming = asyncio.ensure_future(self._stream_result(red, writer))
+            if sender in red.parts:
+                await asyncio.wait_for(self._receive_chunks(red, sender, reader), self.avg.allreduce_timeout * 2)
+            await asyncio.wait_for(asyncio.shield(streaming), self.avg.allreduce_timeout * 2)
         except (wire.WireError, ConnectionError, TimeoutError) as e:
             logger.debug("reduce exchange with %s failed: %s", sender[-8:], e)
         finally:
+            if streaming is not None and not streaming.done():
+                streaming.cancel()
             wire.close(writer)
+
+    async def _receive_chunks(self, red: _Reducer, sender: str, reader: asyncio.StreamReader) -> None:
+        """Read `sender`'s chunks into its part; a bad or missing chunk rejects it (by name)."""
+        comp = red.exp.compression
+        limit = codec.encoded_size(comp, CHUNK_ELEMENTS) + CHUNK_FRAME_SLACK
+        part = red.parts[sender]
+        for k, (lo, hi) in enumerate(red.chunks):
+            try:
+                frame, n = await wire.recv(reader, limit)
+            except wire.MessageTooLarge as e:
+                self._reject(red, sender, Rejected(Rejection.OVERSIZED, f"chunk {k}: {e}"))
+                return
+            except (wire.WireError, ConnectionError) as e:
+                if sender in red.parts:
+                    self._reject(red, sender, Rejected(Rejection.TIMEOUT, f"its stream ended after {k} of "
+                                                       f"{len(red.chunks)} chunks ({e})"))
+                return
+            red.bytes_received += n
+            if red.parts.get(sender) is not part:  # rejected meanwhile (e.g. timed out): stop reading
+                return
+            try:
+                check_chunk(frame, k, comp, part.tensor[lo:hi])
+            except Rejected as r:
+                self._reject(red, sender, r)
+                return
+            red.received[sender] = k + 1
+            red.wake()
+
+    async def _stream_result(self, red: _Reducer, writer: asyncio.StreamWriter) -> None:
+        """Send the aggregate's chunks to one member as they are computed, then the trailer."""
+        sent = 0
+        while True:
+            await red.until(functools.partial(red.news, sent), math.inf)
+            while sent < len(red.results):
+                red.bytes_sent += await wire.send_chunk(writer, sent, red.results[sent])
+                sent += 1
+            if red.trailer is not None and sent == len(red.results):
+                red.bytes_sent += await wire.send(writer, red.trailer)
+                return
+
+    def _reject(self, red: _Reducer, sender: str, r: Rejected) -> None:
+        red.reject(sender, r.label)
+        logger.warning("[%s] round %d: rejected the contribution of %s: %s", self.peer_id[-8:],
+                       red.exp.round, sender[-8:], r.label)
 
     def _reject_everywhere(self, sender: str, r: Rejected) -> None:
         for red in self._reducers.values():
-            if sender in red.exp.members and sender not in red.parts and not red.accounted.is_set():
-                red.rejected[sender] = r.label
-                logger.warning("[%s] round %d: rejected the contribution of %s: %s", self.peer_id[-8:],
-                               red.exp.round, sender[-8:], r.label)
-                red.account()
+            if sender in red.exp.members and sender not in red.parts and sender not in red.rejected \
+                    and red.included is None:
+                self._reject(red, sender, r)
 
     # ---- verification by replay ------------------------------------------------------------------
     async def _verify_parts(self, red: _Reducer) -> None:
@@ -1162,8 +1378,8 @@ class _AttemptFailed(AveragingError):
         self.bytes_received = bytes_received
 
 
-def _digest(group_id: str, included: list[str], weights: dict[str, Any], agg: torch.Tensor) -> str:
-    h = hashlib.sha256()
-    h.update(json.dumps([group_id, included, sorted(weights.items())], separators=(",", ":")).encode())
-    h.update(agg.contiguous().numpy().data)  # the buffer itself: no 40 MB copy for a 10M model
-    return h.hexdigest()
+def _digest(group_id: str, included: list[str], weights: dict[str, Any], span_digests: list[str]) -> str:
+    """What every member votes on: the group, who was included with what weight, and the sha256 of
+    each span's aggregate exactly as its reducer encoded it (the same bytes went to every member)."""
+    blob = json.dumps([group_id, included, sorted(weights.items()), span_digests], separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()

@@ -50,6 +50,21 @@ async def send(writer: asyncio.StreamWriter, msg: dict[str, Any]) -> int:
     return len(data)
 
 
+# {"kind": "chunk", "k": <k>, "data": <bin 32>}: the msgpack map of a chunk frame, up to its data
+_CHUNK_HEAD = b"\x83" + msgpack.packb("kind") + msgpack.packb("chunk") + msgpack.packb("k")
+_CHUNK_DATA = msgpack.packb("data") + b"\xc6"
+
+
+async def send_chunk(writer: asyncio.StreamWriter, index: int, data: bytes | memoryview) -> int:
+    """Send the message {"kind": "chunk", "k": index, "data": data} without copying `data` into a frame
+    (tensor chunks are most of the bytes of a round); `recv` reads it like any other message."""
+    head = _CHUNK_HEAD + msgpack.packb(index) + _CHUNK_DATA + len(data).to_bytes(4, "big")
+    writer.write((len(head) + len(data)).to_bytes(HEADER_LEN, "big") + head)
+    writer.write(data)
+    await writer.drain()
+    return HEADER_LEN + len(head) + len(data)
+
+
 async def recv(reader: asyncio.StreamReader, max_bytes: int) -> tuple[dict[str, Any], int]:
     """Read one framed message of at most `max_bytes`; returns (message, bytes read)."""
     try:

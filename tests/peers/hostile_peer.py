@@ -15,7 +15,9 @@ from typing import Any
 
 import numpy as np
 
+from swarmfold.averaging import codec
 from swarmfold.averaging.base import AverageRequest
+from swarmfold.averaging.protocol import encode_span
 from swarmfold.averaging.swarm import Group, Swarm
 from swarmfold.daemon.options import add_peer_arguments, options_from_args
 from swarmfold.daemon.runner import PeerRunner
@@ -54,22 +56,23 @@ class HostileSwarm(Swarm):
         # is unchanged), resync and attack the next round instead of waiting to be let back in
         self.avg = dataclasses.replace(self.avg, max_attempts=1)
 
-    def _make_part(self, group: Group, req: AverageRequest, span_index: int, payload: bytes,
+    def _make_part(self, group: Group, req: AverageRequest, span_index: int, payload: bytes | memoryview,
                    numel: int) -> dict[str, Any]:
         f = FAULTS[self.sends % len(FAULTS)]
         self.sends += 1
         logger.warning("hostile: sending %s (%s) in round %d", f.name, f.label, req.round)
         msg = super()._make_part(group, req, span_index, payload, numel)
-        values = np.frombuffer(payload, dtype=np.float32).copy()
-        if f is Fault.NAN:
-            values[0] = np.nan
-            msg["payload"] = values.tobytes()
-        elif f is Fault.INF:
-            values[-1] = np.inf
-            msg["payload"] = values.tobytes()
+        comp = self.avg.compression
+        lo = codec.spans(req.delta.numel(), len(group.reducers))[span_index][0]
+        if f in (Fault.NAN, Fault.INF):
+            # NaN in the first element (caught before any chunk is averaged), Inf in the last (caught in the
+            # last chunk, after the others were averaged and sent back: the reducer cuts the span off)
+            values = req.delta[lo:lo + numel].clone()
+            values[0 if f is Fault.NAN else -1] = np.nan if f is Fault.NAN else np.inf
+            msg["payload"] = encode_span(comp, values)
         elif f is Fault.WRONG_SHAPE:
             msg["numel"] = numel + 1
-            msg["payload"] = payload + b"\0\0\0\0"
+            msg["payload"] = bytes(payload) + b"\0\0\0\0"
         elif f is Fault.WRONG_DTYPE:
             msg["dtype"] = "float64"
         elif f is Fault.WRONG_ROUND:
