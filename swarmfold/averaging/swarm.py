@@ -994,6 +994,7 @@ class Swarm:
         comp = self.avg.compression
         chunks = chunk_bounds(out.numel())
         reader, writer = await self._open(reducer, REDUCE)
+        wire.widen(reader)
 
         async def write_chunks() -> None:
             view, pos = memoryview(payload), 0
@@ -1143,6 +1144,7 @@ class Swarm:
                 await wire.send(writer, {"kind": "error", "reason": "duplicate contribution"})
                 return
             red.bytes_received += received
+            wire.widen(reader)
             try:
                 if sender in self._denied:
                     raise Rejected(Rejection.DENIED, "a deny record names it (its contribution failed replay)")

@@ -81,6 +81,18 @@ async def recv(reader: asyncio.StreamReader, max_bytes: int) -> tuple[dict[str, 
     return unpack(body, max_bytes), HEADER_LEN + length
 
 
+def widen(reader: asyncio.StreamReader, limit: int = 4 << 20) -> None:
+    """Let `reader` buffer up to `limit` bytes before pausing its transport.
+
+    asyncio's StreamReader pauses reading once 2 x 64 KiB are buffered and resumes at the
+    next read, so a stream of 512 KiB chunks costs several pause/resume round trips (epoll
+    updates, task wake-ups) per chunk. hivemind creates our readers and asyncio has no
+    public setter, hence the attribute; without it nothing breaks, it is only slower.
+    """
+    if isinstance(getattr(reader, "_limit", None), int):
+        reader._limit = max(reader._limit, limit)  # type: ignore[attr-defined]
+
+
 def field(msg: dict[str, Any], name: str, typ: type | tuple[type, ...]) -> Any:
     """A required, typed field of a message, or WireError naming it."""
     if name not in msg:
