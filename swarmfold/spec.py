@@ -133,6 +133,8 @@ class NetworkSpec:
     bootstrap_peers: list[str] = _doc(
         "multiaddrs of public peers to join (not part of the swarm id)", default_factory=list
     )
+    dht_timeout: float = _doc("seconds one DHT store or get may take before it counts as failed (a local "
+                              "setting, not part of the swarm id)", default=20.0)
 
 
 @dataclass(kw_only=True)
@@ -403,6 +405,8 @@ def validate(s: Spec) -> list[str]:
 
     need(isinstance(s.seed, int) and 0 <= s.seed < 2**63, f"seed: must be an integer in [0, 2^63), got {s.seed}")
     need(bool(s.name.strip()), "name: must not be empty")
+    need(s.network.dht_timeout > 0, f"network.dht_timeout: must be a positive number of seconds, "
+         f"got {s.network.dht_timeout}")
     for addr in s.network.bootstrap_peers:
         need(addr.startswith("/") and "/p2p/" in addr,
              f"network.bootstrap_peers: {addr!r} is not a full multiaddr; expected /ip4/HOST/tcp/PORT/p2p/PEER_ID")

@@ -107,7 +107,6 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 POLL_INTERVAL = 0.2
 SMALL_MESSAGE = 1 << 20  # proposals, votes, hello: never need more
-DHT_TIMEOUT = 20.0  # seconds for one DHT store/get
 WAIT_ATTEMPT = 1_000_000  # the matchmaking key of peers waiting for a group of min_group_size
 
 
@@ -376,9 +375,10 @@ class Swarm:
     async def _dht_call(self, future: Any) -> Any:
         """Await a DHT operation, bounded: a stuck DHT must not stall the round."""
         try:
-            return await asyncio.wait_for(future, DHT_TIMEOUT)
+            return await asyncio.wait_for(future, self.spec.network.dht_timeout)
         except TimeoutError as e:
-            raise AveragingError(f"the DHT did not answer within {DHT_TIMEOUT}s") from e
+            raise AveragingError(f"the DHT did not answer within {self.spec.network.dht_timeout}s "
+                                 "(network.dht_timeout)") from e
 
     # ---- calling peers -----------------------------------------------------------------
     async def _open(self, peer: str, proto: str, maddrs: list[str] | None = None
