@@ -994,7 +994,7 @@ class Swarm:
         comp = self.avg.compression
         chunks = chunk_bounds(out.numel())
         reader, writer = await self._open(reducer, REDUCE)
-        wire.widen(reader)
+        wire.widen(reader, writer)
 
         async def write_chunks() -> None:
             view, pos = memoryview(payload), 0
@@ -1144,7 +1144,7 @@ class Swarm:
                 await wire.send(writer, {"kind": "error", "reason": "duplicate contribution"})
                 return
             red.bytes_received += received
-            wire.widen(reader)
+            wire.widen(reader, writer)
             try:
                 if sender in self._denied:
                     raise Rejected(Rejection.DENIED, "a deny record names it (its contribution failed replay)")

@@ -9,6 +9,7 @@ Tensor payloads travel as msgpack `bin` fields, encoded by averaging/codec.py.
 from __future__ import annotations
 
 import asyncio
+import socket
 from typing import Any
 
 import msgpack
@@ -81,16 +82,24 @@ async def recv(reader: asyncio.StreamReader, max_bytes: int) -> tuple[dict[str, 
     return unpack(body, max_bytes), HEADER_LEN + length
 
 
-def widen(reader: asyncio.StreamReader, limit: int = 4 << 20) -> None:
-    """Let `reader` buffer up to `limit` bytes before pausing its transport.
+def widen(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, limit: int = 4 << 20) -> None:
+    """Let a bulk stream (tensor chunks) move `limit` bytes between wake-ups, instead of asyncio's
+    64 KiB defaults: fewer pause/resume round trips, epoll updates and task switches per chunk.
 
-    asyncio's StreamReader pauses reading once 2 x 64 KiB are buffered and resumes at the
-    next read, so a stream of 512 KiB chunks costs several pause/resume round trips (epoll
-    updates, task wake-ups) per chunk. hivemind creates our readers and asyncio has no
-    public setter, hence the attribute; without it nothing breaks, it is only slower.
+    The socket buffers and the writer's limits have public setters. The reader's does not:
+    asyncio's StreamReader pauses reading once 2 x its limit (64 KiB) is buffered and hivemind
+    creates our readers, hence the attribute; were it gone, nothing breaks, it is only slower.
     """
     if isinstance(getattr(reader, "_limit", None), int):
         reader._limit = max(reader._limit, limit)  # type: ignore[attr-defined]
+    writer.transport.set_write_buffer_limits(high=limit)
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, limit)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, limit)
+        except OSError:  # the kernel may cap or refuse it; the defaults still work
+            pass
 
 
 def field(msg: dict[str, Any], name: str, typ: type | tuple[type, ...]) -> Any:
