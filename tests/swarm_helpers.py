@@ -13,13 +13,15 @@ from pathlib import Path
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 
 
-def start_peer(procs: list[subprocess.Popen], workdir: Path, spec: Path, shard: Path, *, rounds: int,
+def start_peer(procs: list[subprocess.Popen], workdir: Path, spec: Path, shard: Path | None, *, rounds: int,
                initial: list[str] | None = None, env: dict[str, str] | None = None,
                script: list[str] | None = None, extra: list[str] | None = None) -> subprocess.Popen:
-    """Start one peer in its own process group (so a test can SIGKILL it whole); log in workdir/peer.log."""
+    """Start one peer in its own process group (so a test can SIGKILL it whole); log in workdir/peer.log.
+    With `shard` None the peer gets no --data (a verifying swarm's peer then fetches the public data)."""
     workdir.mkdir(parents=True, exist_ok=True)
     base = script or [sys.executable, "-m", "swarmfold"]
-    cmd = [*base, "run", "--spec", str(spec), "--data", str(shard), "--workdir", str(workdir),
+    data = ["--data", str(shard)] if shard is not None else []
+    cmd = [*base, "run", "--spec", str(spec), *data, "--workdir", str(workdir),
            "--host-maddrs", LOOPBACK, "--rounds", str(rounds), "--threads", "1", "--keep", "100",
            "--api-port", "0", *(extra or [])]
     if initial:

@@ -33,7 +33,9 @@ class PeerOptions:
 def add_peer_arguments(p: argparse.ArgumentParser) -> None:
     """The options of `run` and `start` (the same for both)."""
     p.add_argument("--spec", required=True, type=Path, help="the swarm spec (TOML)")
-    p.add_argument("--data", required=True, nargs="+", help="files, folders or globs of this peer's shard")
+    p.add_argument("--data", nargs="+", default=[],
+                   help="files, folders or globs of this peer's shard (required unless the swarm verifies by "
+                        "replay: then a peer without --data fetches the public shard from peers)")
     p.add_argument("--workdir", required=True, type=Path, help="checkpoints, identity key, logs, token")
     p.add_argument("--initial-peers", nargs="*", default=[], metavar="MULTIADDR",
                    help="multiaddrs of peers to join (in addition to the spec's bootstrap_peers)")
@@ -86,8 +88,10 @@ def options_from_args(args: argparse.Namespace) -> PeerOptions:
 
 def options_to_argv(o: PeerOptions) -> list[str]:
     """The arguments that `add_peer_arguments` parses back into `o` (paths made absolute), for `start`."""
-    argv = ["--spec", str(Path(o.spec).absolute()), "--data", *[os.path.abspath(d) for d in o.data],
-            "--workdir", str(Path(o.workdir).absolute()), "--keep", str(o.keep_checkpoints)]
+    argv = ["--spec", str(Path(o.spec).absolute()), "--workdir", str(Path(o.workdir).absolute()),
+            "--keep", str(o.keep_checkpoints)]
+    if o.data:
+        argv += ["--data", *[os.path.abspath(d) for d in o.data]]
     for flag, values in (("--initial-peers", o.initial_peers), ("--host-maddrs", o.host_maddrs),
                          ("--announce-maddrs", o.announce_maddrs), ("--initial-peers-from", o.initial_peers_from)):
         if values:

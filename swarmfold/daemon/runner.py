@@ -18,13 +18,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from swarmfold.averaging.datashare import DataServer
 from swarmfold.averaging.identity import load_or_create_identity
 from swarmfold.averaging.protocol import SpecMismatch, StateSyncError
 from swarmfold.averaging.records import PeerRecord
 from swarmfold.averaging.swarm import JoinError, Swarm
 from swarmfold.daemon.options import PeerOptions
+from swarmfold.daemon.publicdata import fetch_public_shard, serve_shard
 from swarmfold.daemon.replay import make_swarm_verifier
 from swarmfold.daemon.state import Controls, PeerStatus, RoundRecord
+from swarmfold.peer.data import DataError
 from swarmfold.peer.local import LocalPeer, RoundReport, TrainingInterrupted
 from swarmfold.peer.trainer import set_threads
 from swarmfold.spec import Spec, load_spec
@@ -95,6 +98,7 @@ class PeerRunner:
         self.swarm: Swarm | None = None
         self.rounds_done = 0
         self._synced_at = -1  # the round whose state we last downloaded
+        self._data_server: DataServer | None = None  # serves the public data in a verifying swarm
 
     # ---- setup ---------------------------------------------------------------------------
     def _setup(self) -> None:
@@ -104,20 +108,27 @@ class PeerRunner:
         o.workdir.mkdir(parents=True, exist_ok=True)
         identity = load_or_create_identity(Path(o.workdir) / "identity.key")
         self.status.update(peer_id=identity.peer_id, swarm_id=spec.swarm_id, spec_hash=spec.spec_hash)
-        self.peer = peer = LocalPeer(spec, o.data, peer_id=identity.peer_id, threads=o.threads, workdir=o.workdir,
-                                     keep_checkpoints=o.keep_checkpoints)
-        if not peer.resume():
-            self._checkpoint()  # round 0: a stop before the first round still leaves a checkpoint
-        self.status.update(round=peer.round, model_sha256=peer.theta_sha256)
+        verifying = spec.verify.fraction > 0
+        if not o.data and not verifying:
+            raise DataError("--data is required: this swarm does not verify by replay (verify.fraction = 0), so "
+                            "every peer trains on its own shard; pass its files, folders or globs with --data")
+        # bad data, or data other than a verifying swarm's public shard, fails before we join
+        peer = self._make_peer(spec, o.data, identity.peer_id) if o.data else None
         self.swarm = self.swarm_cls(
             spec, identity, initial_peers=list(o.initial_peers) + list(spec.network.bootstrap_peers),
             host_maddrs=o.host_maddrs, announce_maddrs=o.announce_maddrs, client_mode=o.client_mode,
             use_relay=o.use_relay, use_auto_relay=o.use_auto_relay, on_phase=self._on_phase,
             stop_event=self.controls.stop,
-            verifier=make_swarm_verifier(peer) if spec.verify.fraction > 0 else None)
+            verifier=make_swarm_verifier(peer) if verifying and peer is not None else None)
         self.swarm.start()
         self.status.update(visible_maddrs=list(self.swarm.maddrs))
         self.swarm.check_spec(list(o.initial_peers) + list(spec.network.bootstrap_peers))
+        if peer is None:  # a verifying swarm's peer without --data: fetch the public shard from peers
+            self.status.set_state("syncing", "fetching the public data from peers")
+            peer = self._make_peer(spec, [str(fetch_public_shard(self.swarm, spec, o.workdir))], identity.peer_id)
+            self.swarm.verifier = make_swarm_verifier(peer)
+        if verifying and not o.client_mode:  # every peer of a verifying swarm holds the public shard: serve it
+            self._data_server = serve_shard(self.swarm, peer.shard)
         self._await_swarm_view(bool(o.initial_peers or spec.network.bootstrap_peers))
         self._share_state("starting")
         _write_json_atomic(Path(o.workdir) / "peer.json", {
@@ -125,6 +136,15 @@ class PeerRunner:
             "maddrs": list(self.swarm.maddrs), "client_mode": o.client_mode})
         if self.on_ready:
             self.on_ready(list(self.swarm.maddrs))
+
+    def _make_peer(self, spec: Spec, data: list[str], peer_id: str) -> LocalPeer:
+        o = self.options
+        self.peer = peer = LocalPeer(spec, data, peer_id=peer_id, threads=o.threads, workdir=o.workdir,
+                                     keep_checkpoints=o.keep_checkpoints)
+        if not peer.resume():
+            self._checkpoint()  # round 0: a stop before the first round still leaves a checkpoint
+        self.status.update(round=peer.round, model_sha256=peer.theta_sha256)
+        return peer
 
     def _await_swarm_view(self, joining: bool, timeout: float = 15.0) -> None:
         """A peer that joins through others waits (bounded) until it sees their records, so that

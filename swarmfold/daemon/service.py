@@ -50,6 +50,7 @@ from swarmfold.daemon.options import PeerOptions, add_peer_arguments, options_fr
 from swarmfold.daemon.resources import DutyCycle, ResourceWatcher
 from swarmfold.daemon.settings import Settings, SettingsError, load_settings, reload_settings
 from swarmfold.daemon.state import Controls, PeerStatus
+from swarmfold.errors import UserError
 from swarmfold.peer.checkpoint import CheckpointError
 from swarmfold.peer.data import DataError
 from swarmfold.spec import SpecError
@@ -275,7 +276,7 @@ def _serve(options: PeerOptions, *, status: PeerStatus, runner: RunPeer) -> int:
             logger.info("settings from %s: %s", settings.source, settings.to_dict())
             return int(runner(options, status=status, controls=controls, settings=settings,
                               step_hook=DutyCycle(settings, controls)) or 0)
-        except (RemoteBindRefused, SpecError, DataError, CheckpointError, FileNotFoundError) as e:
+        except (RemoteBindRefused, SpecError, DataError, CheckpointError, UserError, FileNotFoundError) as e:
             logger.error("%s", e)
             return EXIT_BAD_INPUT
         except ConnectionError as e:

@@ -26,14 +26,13 @@ import torch
 
 from swarmfold.errors import UserError
 from swarmfold.hashing import file_sha256
+from swarmfold.manifest import folder_files, manifest_hash
 from swarmfold.peer.seeds import derive_seed, make_generator
 from swarmfold.peer.tokenizer import Tokenizer
-from swarmfold.spec import canonical_hash
 
 logger = logging.getLogger(__name__)
 
 CACHE_VERSION = 2  # 2: meta.json carries the sha256 of the tokens
-_SKIP_DIRS = {"__pycache__", ".git", ".hg", ".svn", "node_modules"}
 
 
 class DataError(UserError):
@@ -74,10 +73,10 @@ def resolve_paths(args: Sequence[str | Path]) -> list[tuple[str, Path]]:
             if p.is_file():
                 out.append((p.name, p))
             elif p.is_dir():
-                files = sorted(f for f in p.rglob("*") if f.is_file() and not _skipped(f.relative_to(p)))
-                if not files:
+                named = folder_files(p)  # swarmfold/manifest.py: shared with the public data's fetcher
+                if not named:
                     raise DataError(f"{p}: empty shard, the folder holds no files")
-                out += [(f.relative_to(p).as_posix(), f) for f in files]
+                out += named
             else:
                 raise DataError(f"{p}: no such file or folder; check the --data path")
     return out
@@ -91,10 +90,6 @@ def _glob_root(pattern: str) -> str:
             break
         root.append(part)
     return str(Path(*root)) if root else "."
-
-
-def _skipped(rel: Path) -> bool:
-    return any(part in _SKIP_DIRS or part.startswith(".") for part in rel.parts)
 
 
 
@@ -131,9 +126,7 @@ class Shard:
         self.tokenizer = tokenizer
         named = resolve_paths(paths)
         self.manifest = [ManifestEntry(name, p, file_sha256(p), p.stat().st_size) for name, p in named]
-        self.manifest_hash = canonical_hash(
-            [[e.name, e.sha256] for e in self.manifest] + [["tokenizer", tokenizer.ident]]
-        )
+        self.manifest_hash = manifest_hash([(e.name, e.sha256) for e in self.manifest], tokenizer.ident)
         self.tokens = self._load_or_build()
         num_windows = self._check_windows(len(self.tokens))
         n_val = max(1, math.ceil(val_fraction * num_windows))

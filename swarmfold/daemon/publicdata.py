@@ -1,0 +1,50 @@
+"""A verifying swarm's public data in a running peer: fetched from peers without --data, served when held.
+
+A peer of a verifying swarm started without `--data` fetches the public shard (the spec's
+`verify.public_data`) into `W/public/<manifest hash>/` and trains on that folder; a
+restart finds it complete there and asks no one. Every peer of a verifying swarm trains on
+the public shard, so every peer serves it, except in client mode (no one can connect to
+it). See averaging/datashare.py for the checks.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from swarmfold.averaging.datashare import (
+    DataServer,
+    Manifest,
+    ManifestFile,
+    fetch_public_data,
+    serve_public_data,
+)
+from swarmfold.averaging.swarm import Swarm
+from swarmfold.peer.data import Shard
+from swarmfold.peer.tokenizer import load_tokenizer
+from swarmfold.spec import Spec
+
+logger = logging.getLogger(__name__)
+
+FETCH_WAIT = 60.0  # seconds to look for a provider in the DHT
+FETCH_TIMEOUT = 30.0  # seconds a provider may take to answer one request or send one chunk
+
+
+def public_data_dir(workdir: Path, manifest_hash: str) -> Path:
+    return Path(workdir) / "public" / manifest_hash
+
+
+def fetch_public_shard(swarm: Swarm, spec: Spec, workdir: Path) -> Path:
+    """The folder holding the spec's public data, fetched from the swarm's peers unless already complete."""
+    dest = public_data_dir(workdir, spec.verify.public_data)
+    logger.info("no --data: this swarm trains on its public data %s…; getting it from peers into %s",
+                spec.verify.public_data[:12], dest)
+    fetch_public_data(swarm, spec.verify.public_data, dest, tokenizer_ident=load_tokenizer(spec.tokenizer).ident,
+                      timeout=FETCH_TIMEOUT, wait=FETCH_WAIT)
+    return dest
+
+
+def serve_shard(swarm: Swarm, shard: Shard) -> DataServer:
+    """Serve `shard` (a started swarm's peer's data) to peers that fetch it by its manifest hash."""
+    manifest = Manifest(tuple(ManifestFile(e.name, e.sha256, e.size) for e in shard.manifest), shard.tokenizer.ident)
+    return serve_public_data(swarm, manifest, {e.sha256: e.path for e in shard.manifest})
