@@ -522,7 +522,13 @@ def coordinator_main(args: argparse.Namespace) -> int:
             for system in order:
                 round_idx += 1
                 saved = root / f"result-{system}-{repeat}.f32"
+                idle = [p for other in systems if other != system for p in peers[other]]
+                idle0 = cpu_seconds(idle)
                 row = run_repeat(system, peers[system], repeat, weights, round_idx, saved)
+                idle1 = cpu_seconds(idle)
+                # the other system's processes stay up between its repeats: what their background work
+                # (DHT upkeep, averager loops) took from the machine during this repeat
+                row["idle_other_system_cpu_seconds"] = round(sum(idle1.values()) - sum(idle0.values()), 3)
                 if ref is not None:
                     check_against_reference(row, ref, saved)
                 saved.unlink(missing_ok=True)
