@@ -63,6 +63,7 @@ from swarmfold.averaging.records import (
     owner_peer_id,
 )
 from swarmfold.errors import UserError
+from swarmfold.fsutil import fsync_dir, write_atomic
 from swarmfold.hashing import file_sha256
 from swarmfold.manifest import SKIP_DIRS, folder_files, layout_key, manifest_hash
 
@@ -597,7 +598,7 @@ class _Fetcher:
             extra = sorted(set(names) - {f.name for f in m.files})
             raise PublicDataFetchError(f"{self.dest} holds files that are not part of the public data: {extra[:5]}; "
                                        "remove them (the folder must hold the public data only) and start again")
-        _write_atomic(self.dest / MANIFEST_FILE, json.dumps({"manifest_hash": self.wanted, **m.to_dict()}).encode())
+        write_atomic(self.dest / MANIFEST_FILE, json.dumps({"manifest_hash": self.wanted, **m.to_dict()}).encode())
         return self.report
 
     def _check_disk(self, todo: list[ManifestFile]) -> None:
@@ -682,25 +683,7 @@ class _Fetcher:
             raise _Refused(f"served bytes of {f.name!r} that do not hash to its sha256 "
                            f"(got {got[:12]}…, want {f.sha256[:12]}…)")
         os.replace(part.path, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
         self.part = None
         self._present.pop(f.name, None)
         self.report.downloaded.append(f.name)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)

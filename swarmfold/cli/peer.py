@@ -9,6 +9,8 @@ import os
 import sys
 from pathlib import Path
 
+from swarmfold.fsutil import write_atomic
+
 logger = logging.getLogger(__name__)
 
 
@@ -93,9 +95,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         return 2
     spec = preset(args.preset)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(f".{args.out.name}.tmp")
-    tmp.write_text(to_toml(spec), encoding="utf-8")
-    os.replace(tmp, args.out)
+    write_atomic(args.out, to_toml(spec))
     print(f"wrote {args.out} (preset {args.preset}, swarm id {spec.swarm_id})")
     return 0
 

@@ -35,6 +35,7 @@ from swarmfold.daemon.metrics import make_registry, render
 from swarmfold.daemon.settings import Settings
 from swarmfold.daemon.state import Controls, PeerStatus
 from swarmfold.daemon.summary import swarm_summary
+from swarmfold.fsutil import write_atomic, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -77,11 +78,7 @@ def ensure_token(workdir: Path) -> str:
         logger.warning("%s is readable by others or malformed; writing a new token", path)
         path.unlink()
     token = secrets.token_urlsafe(32)
-    tmp = path.with_name(f".{TOKEN_FILE}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(token + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, token + "\n", mode=0o600)
     return token
 
 
@@ -287,10 +284,8 @@ def _finite(obj: Any) -> Any:
 def write_api_file(workdir: Path, api: ControlApi) -> Path:
     """W/api.json tells CLI commands where this peer's API is."""
     path = Path(workdir) / API_FILE
-    tmp = path.with_name(f".{API_FILE}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps({"url": api.url, "host": api.host, "port": api.port, "pid": os.getpid(),
-                               "started_at": time.time()}) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_json_atomic(path, {"url": api.url, "host": api.host, "port": api.port, "pid": os.getpid(),
+                             "started_at": time.time()}, indent=None)
     return path
 
 

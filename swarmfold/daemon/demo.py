@@ -23,6 +23,7 @@ from typing import IO, Any
 
 from swarmfold.averaging.base import allreduce_fp32_bytes_per_step
 from swarmfold.errors import UserError
+from swarmfold.fsutil import write_json_atomic
 from swarmfold.peer.checkpoint import list_checkpoints, load_checkpoint_dir
 from swarmfold.peer.corpus import write_stdlib_shards
 from swarmfold.peer.local import LocalPeer, evaluate_model, model_from_checkpoint
@@ -193,9 +194,7 @@ def _report(spec: Spec, shard_paths: list[Path], workdirs: list[Path], rounds: i
         "rounds": rounds, "inner_steps": spec.round.inner_steps, "spec_hash": spec.spec_hash,
         "eval_windows_per_shard": EVAL_WINDOWS,
     }
-    tmp = out / ".result.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, out / "result.json")
+    write_json_atomic(out / "result.json", result)
 
     print("\nvalidation loss (lower is better), every model on every shard:", file=stdout)
     print(f"  {'model':<28}" + "  ".join(f"{n:>8}" for n in names) + f"  {'mean':>8}", file=stdout)

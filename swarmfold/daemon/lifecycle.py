@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from swarmfold.fsutil import write_json_atomic
+
 logger = logging.getLogger(__name__)
 
 PID_FILE = "daemon.pid"
@@ -132,10 +134,7 @@ def running_pid(workdir: Path) -> int | None:
 
 def write_exit_file(workdir: Path, code: int, **extra: Any) -> None:
     path = Path(workdir) / EXIT_FILE
-    tmp = path.with_name(f".{EXIT_FILE}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps({"pid": os.getpid(), "code": code, "time": time.time(), **extra}) + "\n",
-                   encoding="utf-8")
-    os.replace(tmp, path)
+    write_json_atomic(path, {"pid": os.getpid(), "code": code, "time": time.time(), **extra}, indent=None)
 
 
 def read_exit_file(workdir: Path) -> dict[str, Any] | None:
@@ -159,9 +158,7 @@ def record_children(workdir: Path, known: set[tuple[int, float]] | None = None) 
             continue
     if found != known:
         path = Path(workdir) / CHILDREN_FILE
-        tmp = path.with_name(f".{CHILDREN_FILE}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps({"parent": os.getpid(), "children": sorted(found)}) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        write_json_atomic(path, {"parent": os.getpid(), "children": sorted(found)}, indent=None)
     return found
 
 

@@ -27,6 +27,7 @@ from swarmfold.daemon.options import PeerOptions
 from swarmfold.daemon.publicdata import fetch_public_shard, serve_shard
 from swarmfold.daemon.replay import make_swarm_verifier
 from swarmfold.daemon.state import Controls, PeerStatus, RoundRecord
+from swarmfold.fsutil import write_json_atomic
 from swarmfold.peer.data import DataError
 from swarmfold.peer.local import LocalPeer, RoundReport, TrainingInterrupted
 from swarmfold.peer.trainer import set_threads
@@ -131,7 +132,7 @@ class PeerRunner:
             self._data_server = serve_shard(self.swarm, peer.shard)
         self._await_swarm_view(bool(o.initial_peers or spec.network.bootstrap_peers))
         self._share_state("starting")
-        _write_json_atomic(Path(o.workdir) / "peer.json", {
+        write_json_atomic(Path(o.workdir) / "peer.json", {
             "peer_id": identity.peer_id, "swarm_id": spec.swarm_id, "spec_hash": spec.spec_hash,
             "maddrs": list(self.swarm.maddrs), "client_mode": o.client_mode})
         if self.on_ready:
@@ -307,15 +308,6 @@ class PeerRunner:
             self.swarm.publish(record)
         except Exception as e:  # publishing is best effort; the heartbeat retries
             logger.warning("could not publish our record: %s", e)
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    import json
-    import os
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
 
 
 def _record_view(r: PeerRecord) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from swarmfold.errors import UserError
+from swarmfold.fsutil import fsync_dir
 from swarmfold.hashing import file_sha256
 
 logger = logging.getLogger(__name__)
@@ -74,14 +75,6 @@ def list_checkpoints(workdir: Path) -> list[Path]:
     return sorted(dirs, key=lambda p: int(p.name[6:]), reverse=True)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"format": "swarmfold"})
     with open(path, "rb") as f:
@@ -110,7 +103,7 @@ def save_checkpoint(workdir: Path, *, round_idx: int, model: dict[str, torch.Ten
         json.dump(full_meta, f, indent=1, sort_keys=True)
         f.flush()
         os.fsync(f.fileno())
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     if final.exists():  # the same round written again (e.g. a replay): replace it whole
         old = root / f".{final.name}.old-{os.getpid()}"
         os.replace(final, old)
@@ -118,7 +111,7 @@ def save_checkpoint(workdir: Path, *, round_idx: int, model: dict[str, torch.Ten
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     prune(workdir, keep)
     return final
 

@@ -45,6 +45,7 @@ from swarmfold.averaging.receipt import (
     sign_record,
 )
 from swarmfold.errors import UserError
+from swarmfold.fsutil import write_json_atomic
 from swarmfold.peer.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -91,15 +92,6 @@ def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: 
     digest = file_sha256(tmp)
     os.replace(tmp, path)
     return digest
-
-
-def atomic_write_json(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def snapshot_name(delta_path: Path, step: int) -> Path:
@@ -342,7 +334,7 @@ def _train_and_write(ckpt: Checkpoint, spec: Spec, shard: Shard, identity: Ident
     }
     record = sign_record(RECEIPT_FORMAT, body, identity)
     written.append(receipt_path)
-    atomic_write_json(record, receipt_path)
+    write_json_atomic(receipt_path, record, sort_keys=True)
     logger.info("[%s] contribution from round %d: %d steps, mean loss %.4f, |Δ| %.4g -> %s", peer_id[-8:],
                 ckpt.round, steps, sum(losses) / len(losses), body["delta"]["norm"], delta_path)
     return ContributionResult(delta_path=delta_path, receipt_path=receipt_path,

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from swarmfold.errors import UserError
+from swarmfold.fsutil import write_atomic
 from swarmfold.hashing import file_sha256
 from swarmfold.manifest import folder_files, manifest_hash
 from swarmfold.peer.seeds import derive_seed, make_generator
@@ -177,8 +178,8 @@ class Shard:
         self._check_windows(len(built))  # bad input leaves nothing in the cache
         directory.mkdir(parents=True, exist_ok=True)
         blob = built.tobytes()
-        _atomic_write(tok_path, blob)
-        _atomic_write(meta_path, json.dumps({"count": int(len(built)), "dtype": np.dtype(dtype).name,
+        write_atomic(tok_path, blob)
+        write_atomic(meta_path, json.dumps({"count": int(len(built)), "dtype": np.dtype(dtype).name,
                                               "sha256": hashlib.sha256(blob).hexdigest(),
                                               "manifest_hash": self.manifest_hash}).encode())
         return np.memmap(tok_path, dtype=dtype, mode="r", shape=(len(built),))
@@ -214,10 +215,3 @@ class Shard:
         return [{"name": e.name, "sha256": e.sha256, "size": e.size} for e in self.manifest]
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
