@@ -135,6 +135,10 @@ class NetworkSpec:
     )
     dht_timeout: float = _doc("seconds one DHT store or get may take before it counts as failed (a local "
                               "setting, not part of the swarm id)", default=20.0)
+    fetch_wait: float = _doc("seconds a peer without --data looks for peers serving a verifying swarm's "
+                             "public data before it gives up", default=60.0)
+    fetch_timeout: float = _doc("seconds a peer serving or fetching public data waits for the other side's "
+                                "next answer or chunk before it moves on", default=30.0)
 
 
 @dataclass(kw_only=True)
@@ -405,8 +409,10 @@ def validate(s: Spec) -> list[str]:
 
     need(isinstance(s.seed, int) and 0 <= s.seed < 2**63, f"seed: must be an integer in [0, 2^63), got {s.seed}")
     need(bool(s.name.strip()), "name: must not be empty")
-    need(s.network.dht_timeout > 0, f"network.dht_timeout: must be a positive number of seconds, "
-         f"got {s.network.dht_timeout}")
+    for name in ("dht_timeout", "fetch_wait", "fetch_timeout"):
+        value = getattr(s.network, name)
+        need(isinstance(value, (int, float)) and value > 0,
+             f"network.{name}: must be a positive number of seconds, got {value}")
     for addr in s.network.bootstrap_peers:
         need(addr.startswith("/") and "/p2p/" in addr,
              f"network.bootstrap_peers: {addr!r} is not a full multiaddr; expected /ip4/HOST/tcp/PORT/p2p/PEER_ID")

@@ -83,7 +83,6 @@ MAX_TOKENIZER_CHARS = 256
 REQUEST_BYTES = 4096
 DISK_MARGIN = 64 << 20  # free space to leave on the disk after the download
 SERVE_SLOTS = 4  # files served at once; further requests wait their turn
-SEND_TIMEOUT = 60.0  # seconds a fetcher may take to accept one chunk before its slot is freed
 MANIFEST_FILE = ".manifest.json"  # hidden: a shard over the folder leaves it out
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -358,7 +357,8 @@ class DataServer:
                     data = await loop.run_in_executor(None, f.read, min(CHUNK, size - offset))
                     if not data:
                         return  # the file shrank; the client sees the stream end
-                    await asyncio.wait_for(wire.send(writer, {"data": data}), SEND_TIMEOUT)
+                    await asyncio.wait_for(wire.send(writer, {"data": data}),
+                                           2 * self.swarm.spec.network.fetch_timeout)
                     offset += len(data)
 
 

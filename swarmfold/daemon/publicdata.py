@@ -26,8 +26,6 @@ from swarmfold.spec import Spec
 
 logger = logging.getLogger(__name__)
 
-FETCH_WAIT = 60.0  # seconds to look for a provider in the DHT
-FETCH_TIMEOUT = 30.0  # seconds a provider may take to answer one request or send one chunk
 
 
 def public_data_dir(workdir: Path, manifest_hash: str) -> Path:
@@ -40,7 +38,7 @@ def fetch_public_shard(swarm: Swarm, spec: Spec, workdir: Path) -> Path:
     logger.info("no --data: this swarm trains on its public data %s…; getting it from peers into %s",
                 spec.verify.public_data[:12], dest)
     fetch_public_data(swarm, spec.verify.public_data, dest, tokenizer_ident=load_tokenizer(spec.tokenizer).ident,
-                      timeout=FETCH_TIMEOUT, wait=FETCH_WAIT)
+                      timeout=spec.network.fetch_timeout, wait=spec.network.fetch_wait)
     return dest
 
 
