@@ -156,12 +156,13 @@ def run_demo(*, peers: int = 3, rounds: int | None = None, out: Path = Path("run
 
     print(f"  swarm finished in {swarm_seconds:.0f}s; training the references on the same batches...",
           file=stdout, flush=True)
-    return _report(spec, shard_paths, workdirs, rounds, threads, out, stdout)
+    return _report(spec, shard_paths, workdirs, rounds, out, stdout)
 
 
-def _report(spec: Spec, shard_paths: list[Path], workdirs: list[Path], rounds: int, threads: int, out: Path,
+def _report(spec: Spec, shard_paths: list[Path], workdirs: list[Path], rounds: int, out: Path,
             stdout: IO[str]) -> int:
-    set_threads(max(1, os.cpu_count() or 1))
+    cores = max(1, os.cpu_count() or 1)  # the peers have finished: the references may use every core
+    set_threads(cores)
     shards = load_shards(spec, shard_paths)
     names = [p.name for p in shard_paths]
     metas = [json.loads((list_checkpoints(w)[0] / "meta.json").read_text()) for w in workdirs]
@@ -175,7 +176,7 @@ def _report(spec: Spec, shard_paths: list[Path], workdirs: list[Path], rounds: i
     swarm = per_shard(swarm_model)
     isolated: list[dict[str, Any]] = []
     for pid, shard, name in zip(ids, shards, names, strict=True):
-        alone: LocalPeer = train_isolated(spec, shard, pid, rounds=rounds, threads=threads)
+        alone: LocalPeer = train_isolated(spec, shard, pid, rounds=rounds, threads=cores)
         isolated.append({"peer_id": pid, "shard": name, "val_loss_per_shard": per_shard(alone.model)})
     dp_model = train_data_parallel(spec, shards, ids, rounds=rounds)
     data_parallel = per_shard(dp_model)
