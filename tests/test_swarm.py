@@ -208,6 +208,30 @@ def test_alone_steps_and_waiting_peer_stops_cleanly(tmp_path: Path, shards: list
     assert model_hashes(waiting)[max(info)] == model_hashes(waiting)[0], "θ is still genesis"
 
 
+def test_a_late_peer_joins_the_peers_already_waiting(tmp_path: Path, shards: list[Path],
+                                                      procs: list[subprocess.Popen]) -> None:
+    """Two peers wait for a group of 3; the third, arriving late, joins them in the waiting room at
+    once instead of waiting on their first attempt's leader (which has moved on) until it times out."""
+    spec_path = write_spec(fast_spec(averaging={**NET, "min_group_size": 3, "matchmaking_timeout": 60.0}),
+                           tmp_path / "spec.toml")
+    early = _start_swarm(procs, tmp_path, spec_path, shards[:2], rounds=1)
+    deadline = time.monotonic() + 150
+    while not all("waiting for a group of at least 3" in (w / "peer.log").read_text() for w in early):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), [log_tail(w) for w in early]
+        time.sleep(0.3)
+    late = tmp_path / "late"
+    start_peer(procs, late, spec_path, shards[2], rounds=1, initial=wait_ready(early[0])["maddrs"][:1])
+    # bounded below the 60 s gathering cycle: without the waiting room the late peer waited that long
+    for p, w in zip(procs, [*early, late], strict=True):
+        assert wait_exit(p, w, timeout=50) == 0, log_tail(w)
+    log = (late / "peer.log").read_text()
+    assert "already waiting, waiting for a group of at least 3" in log, log_tail(late)
+    assert "did not propose" not in log, log_tail(late)
+    hashes = {model_hashes(w)[1] for w in [*early, late]}
+    assert len(hashes) == 1, "all three committed round 0 together"
+    assert all(len(last_rounds(w)[1]["included"]) == 3 for w in [*early, late])
+
+
 def test_state_download_is_checked_against_the_published_hash(tmp_path: Path) -> None:
     """A state whose bytes do not match the hash in the record is refused (two real DHT nodes)."""
     import torch

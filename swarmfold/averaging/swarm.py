@@ -676,29 +676,33 @@ class Swarm:
             expected, _ = await self._expected_peers(req.round, excluded)
         deadline = time.monotonic() + window
         while True:
-            members = await self._gather(a, expected, deadline)
-            group = None
-            if a.locked_to is not None and a.locked_to != self.peer_id:
-                group = await self._follow(a)
-            else:
-                groups = [g for g in partition_groups(sorted(members), self.avg.group_size) if self.peer_id in g]
-                mine = groups[0] if groups else [self.peer_id]
-                if len(mine) > 1:
-                    if mine[0] == self.peer_id:
-                        group = await self._lead(a, mine, members)
-                    else:
-                        group = await self._await_leader(a, mine, deadline)
-            if group is not None and len(group.members) >= self.avg.min_group_size:
-                return group
-            if group is not None:  # too small to average: release the members
-                await self._cancel(group)
+            try:
+                members = await self._gather(a, expected, deadline)
+                group = None
+                if a.locked_to is not None and a.locked_to != self.peer_id:
+                    group = await self._follow(a)
+                else:
+                    groups = [g for g in partition_groups(sorted(members), self.avg.group_size) if self.peer_id in g]
+                    mine = groups[0] if groups else [self.peer_id]
+                    if len(mine) > 1:
+                        if mine[0] == self.peer_id:
+                            group = await self._lead(a, mine, members)
+                        else:
+                            group = await self._await_leader(a, mine, deadline)
+                if group is not None and len(group.members) >= self.avg.min_group_size:
+                    return group
+                if group is not None:  # too small to average: release the members
+                    await self._cancel(group)
+                what = f"{len(members)} ready"
+            except _JoinWaiters as w:
+                what = f"{w.count} already waiting"
             if self.avg.min_group_size <= 1 or self._stopping.is_set():
                 return None
             # min_group_size > 1: keep waiting at this round unless the swarm has moved past it
             self.on_phase("matchmaking", f"round {req.round}: waiting for a group of at least "
-                          f"{self.avg.min_group_size} (have {len(members)} ready)")
-            logger.info("[%s] round %d: %d ready, waiting for a group of at least %d", self.peer_id[-8:], req.round,
-                        len(members), self.avg.min_group_size)
+                          f"{self.avg.min_group_size} ({what})")
+            logger.info("[%s] round %d: %s, waiting for a group of at least %d", self.peer_id[-8:], req.round,
+                        what, self.avg.min_group_size)
             _, ahead = await self._expected_peers(req.round, excluded)
             if ahead >= max(1, self.avg.min_group_size - 1):
                 self._moved_on = True
@@ -720,20 +724,36 @@ class Swarm:
         except AveragingError:
             return set()
 
+    async def _waiting(self, a: _Attempt) -> set[str]:
+        """Other peers already waiting for a group of min_group_size at this round (same base)."""
+        return {pid for pid, d in (await self._declared(a.round, WAIT_ATTEMPT)).items()
+                if d.model_sha256 == a.base and pid != self.peer_id and pid not in a.excluded}
+
     async def _gather(self, a: _Attempt, expected: set[str], deadline: float) -> dict[str, Declaration]:
-        """Poll declarations until the group can be full, everyone expected is in, or the deadline."""
+        """Poll declarations until the group can be full, everyone expected is in, or the deadline.
+
+        With min_group_size > 1: peers that already wait for a group of that size meet under the
+        WAIT key, so a peer that sees any there joins them at once (_JoinWaiters) instead of
+        forming a group of its attempt with peers that have left it; and the waiting peers stop
+        gathering as soon as they are min_group_size."""
         polls = 0
         gone: set[str] = set()
+        waiting_room = self.avg.min_group_size > 1
         while True:
             declared = await self._declared(a.round, a.attempt)
             if polls % 5 == 0:
                 gone = await self._moved_past(a.round)
             polls += 1
+            if waiting_room and a.attempt != WAIT_ATTEMPT and a.locked_to is None:
+                waiting = await self._waiting(a)
+                if waiting - gone:
+                    raise _JoinWaiters(len(waiting - gone))
             members = {pid: d for pid, d in declared.items()
                        if d.model_sha256 == a.base and pid not in a.excluded and pid not in gone}
             members.setdefault(self.peer_id, Declaration(self.peer_id, a.base, self.client_mode, self.maddrs))
             others = set(members) - {self.peer_id}
-            if (len(members) >= self.avg.group_size or (expected and expected <= others)
+            enough = waiting_room and a.attempt == WAIT_ATTEMPT and len(members) >= self.avg.min_group_size
+            if (len(members) >= self.avg.group_size or (expected and expected <= others) or enough
                     or time.monotonic() >= deadline or a.locked_to is not None or self._stopping.is_set()):
                 return members
             try:
@@ -804,6 +824,10 @@ class Swarm:
             except TimeoutError:
                 if mine[0] in await self._moved_past(a.round):  # the leader is gone to a later round
                     break
+                if (self.avg.min_group_size > 1 and a.attempt != WAIT_ATTEMPT and not a.proposal_event.is_set()
+                        and mine[0] in await self._waiting(a)):  # the leader now waits for a bigger group
+                    a.locked_to = self.peer_id  # accept no proposal of this attempt any more
+                    raise _JoinWaiters(1) from None
         if a.locked_to is None:
             a.locked_to = self.peer_id  # stop accepting: we give up on this attempt
             raise _AttemptFailed(f"leader {mine[0][-8:]} did not propose in time", {mine[0]},
@@ -1363,6 +1387,14 @@ class Swarm:
         for d in (self._reducers, self._reducer_ready, self._votes, self._vote_events):
             while len(d) > 8:
                 d.pop(next(iter(d)))
+
+
+class _JoinWaiters(Exception):
+    """Control flow in matchmaking: peers of this round already wait for a group; join them."""
+
+    def __init__(self, count: int):
+        super().__init__(f"{count} peer(s) already waiting")
+        self.count = count
 
 
 class JoinError(Exception):
