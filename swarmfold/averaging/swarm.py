@@ -753,7 +753,11 @@ class Swarm:
             members.setdefault(self.peer_id, Declaration(self.peer_id, a.base, self.client_mode, self.maddrs))
             others = set(members) - {self.peer_id}
             enough = waiting_room and a.attempt == WAIT_ATTEMPT and len(members) >= self.avg.min_group_size
-            if (len(members) >= self.avg.group_size or (expected and expected <= others) or enough
+            # too few here and enough already past this round: stop gathering, so that the round is
+            # rolled back and the catch-up moves us to where they are (instead of chasing them)
+            left_behind = (waiting_room and len(members) < self.avg.min_group_size
+                           and len(gone) >= self.avg.min_group_size - 1)
+            if (len(members) >= self.avg.group_size or (expected and expected <= others) or enough or left_behind
                     or time.monotonic() >= deadline or a.locked_to is not None or self._stopping.is_set()):
                 return members
             try:
