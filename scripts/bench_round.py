@@ -31,7 +31,6 @@ import json
 import os
 import platform
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -40,7 +39,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-LOOPBACK = "/ip4/127.0.0.1/tcp/0"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _swarm_procs import kill_all, log_tail, start_peer, wait_ready  # noqa: E402
+
 PHASES = ("train", "matchmaking", "allreduce", "commit")
 TARGET = 0.95
 
@@ -59,47 +60,12 @@ def bench_spec(*, peers: int, inner_steps: int, smoke: bool, min_group_size: int
 
 # ---- running the peers ------------------------------------------------------------------------
 
-def start_peer(workdir: Path, spec_path: Path, shard: Path, rounds: int, initial: list[str]) -> subprocess.Popen:
-    workdir.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "swarmfold", "run", "--spec", str(spec_path), "--data", str(shard),
-           "--workdir", str(workdir), "--host-maddrs", LOOPBACK, "--rounds", str(rounds), "--threads", "1",
-           "--keep", "1000", "--api-port", "0"]
-    if initial:
-        cmd += ["--initial-peers", *initial]
-    log = open(workdir / "peer.log", "ab")
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=True)
 
 
-def log_tail(workdir: Path, lines: int = 30) -> str:
-    p = workdir / "peer.log"
-    return "\n".join(p.read_text(errors="replace").splitlines()[-lines:]) if p.exists() else "(no log)"
 
 
-def wait_ready(workdir: Path, proc: subprocess.Popen, timeout: float) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"peer in {workdir} exited with {proc.returncode}:\n{log_tail(workdir)}")
-        try:
-            return dict(json.loads((workdir / "peer.json").read_text()))
-        except (FileNotFoundError, json.JSONDecodeError):
-            time.sleep(0.2)
-    raise TimeoutError(f"peer in {workdir} did not join within {timeout:.0f}s:\n{log_tail(workdir)}")
 
 
-def kill_all(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    for p in procs:
-        try:
-            p.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
 
 
 def run_swarm(root: Path, spec: Any, *, peers: int, rounds: int, shard_bytes: int, timeout: float
@@ -114,10 +80,10 @@ def run_swarm(root: Path, spec: Any, *, peers: int, rounds: int, shard_bytes: in
     procs: list[subprocess.Popen] = []
     t0 = time.monotonic()
     try:
-        procs.append(start_peer(workdirs[0], spec_path, shards[0], rounds, []))
+        procs.append(start_peer(workdirs[0], spec_path, shards[0], rounds, [], keep=1000))
         first = wait_ready(workdirs[0], procs[0], 300)["maddrs"][:1]
         for i in range(1, peers):
-            procs.append(start_peer(workdirs[i], spec_path, shards[i], rounds, first))
+            procs.append(start_peer(workdirs[i], spec_path, shards[i], rounds, first, keep=1000))
         codes = []
         for w, p in zip(workdirs, procs, strict=True):
             try:

@@ -51,7 +51,8 @@ import psutil
 from swarmfold.peer.corpus import write_stdlib_shards
 from swarmfold.spec import preset, to_toml
 
-LOOPBACK = "/ip4/127.0.0.1/tcp/0"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _swarm_procs import LOOPBACK, kill_all, log_tail, start_peer, wait_ready  # noqa: E402
 
 
 def bench_spec(n: int, rounds_h: int) -> Any:
@@ -94,49 +95,12 @@ class MemorySampler(threading.Thread):
             self.stop.wait(self.interval)
 
 
-def start_peer(workdir: Path, spec_path: Path, shard: Path, rounds: int, initial: list[str],
-               netns: str | None = None, host: str = LOOPBACK) -> subprocess.Popen:
-    workdir.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "swarmfold", "run", "--spec", str(spec_path), "--data", str(shard),
-           "--workdir", str(workdir), "--host-maddrs", host, "--rounds", str(rounds), "--threads", "1",
-           "--keep", "100", "--api-port", "0"]
-    if initial:
-        cmd += ["--initial-peers", *initial]
-    if netns:
-        cmd = ["ip", "netns", "exec", netns, *cmd]
-    log = open(workdir / "peer.log", "ab")
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def wait_ready(workdir: Path, proc: subprocess.Popen, timeout: float) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"peer in {workdir} exited with {proc.returncode}:\n{log_tail(workdir)}")
-        try:
-            return json.loads((workdir / "peer.json").read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            time.sleep(0.2)
-    raise TimeoutError(f"peer in {workdir} did not join in {timeout}s:\n{log_tail(workdir)}")
 
 
-def log_tail(workdir: Path, lines: int = 30) -> str:
-    p = workdir / "peer.log"
-    return "\n".join(p.read_text(errors="replace").splitlines()[-lines:]) if p.exists() else "(no log)"
 
 
-def kill_all(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                p.kill()
-    for p in procs:
-        try:
-            p.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
 
 
 def read_rounds(workdir: Path) -> dict[int, dict[str, Any]]:
@@ -254,12 +218,13 @@ def run_size(n: int, *, rounds: int, root: Path, h: int, timeout: float, netns: 
     t0 = time.monotonic()
     try:
         host0 = hosts[0] if hosts else LOOPBACK
-        procs.append(start_peer(workdirs[0], spec_path, shards[0], rounds, [], netns[0] if netns else None, host0))
+        procs.append(start_peer(workdirs[0], spec_path, shards[0], rounds, [], keep=100,
+                                netns=netns[0] if netns else None, host=host0))
         info0 = wait_ready(workdirs[0], procs[0], 300)
         initial = [a for a in info0["maddrs"] if "/127.0.0.1/" in a or (hosts and hosts[0].split("/")[2] in a)][:1]
         for i in range(1, n):
-            procs.append(start_peer(workdirs[i], spec_path, shards[i], rounds, initial,
-                                    netns[i] if netns else None, hosts[i] if hosts else LOOPBACK))
+            procs.append(start_peer(workdirs[i], spec_path, shards[i], rounds, initial, keep=100,
+                                    netns=netns[i] if netns else None, host=hosts[i] if hosts else LOOPBACK))
         sampler = MemorySampler([p.pid for p in procs])
         sampler.start()
         peer_ids = [info0["peer_id"]] + [wait_ready(w, p, 600)["peer_id"] for w, p in zip(workdirs[1:], procs[1:],

@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
+TESTS = Path(__file__).resolve().parent
+
+
+def peer_script(module: str) -> list[str]:
+    """The command of a test peer in tests/peers/ (a Swarm subclass behind `swarmfold run`'s arguments);
+    start_peer puts tests/ on its PYTHONPATH."""
+    return [sys.executable, "-m", f"peers.{module}"]
 
 
 def start_peer(procs: list[subprocess.Popen], workdir: Path, spec: Path, shard: Path | None, *, rounds: int,
@@ -27,8 +37,9 @@ def start_peer(procs: list[subprocess.Popen], workdir: Path, spec: Path, shard: 
     if initial:
         cmd += ["--initial-peers", *initial]
     log = open(workdir / "peer.log", "ab")
+    path = {"PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))} if script else {}
     p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                         env={**os.environ, **(env or {})})
+                         env={**os.environ, **path, **(env or {})})
     procs.append(p)
     return p
 
@@ -76,3 +87,23 @@ def last_rounds(workdir: Path) -> dict[int, dict]:
         if (d / "meta.json").exists():
             out[int(d.name[6:])] = json.loads((d / "meta.json").read_text()).get("last_round", {})
     return out
+
+
+@contextlib.contextmanager
+def connected_swarms(spec: Any, keys: Path, names: Sequence[str]) -> Iterator[list[Any]]:
+    """Real in-process `Swarm`s on 127.0.0.1 (identity keys `keys/<name>.key`), each joined through the
+    first; all shut down, last first, however the block ends."""
+    from swarmfold.averaging.identity import load_or_create_identity
+    from swarmfold.averaging.swarm import Swarm
+
+    swarms: list[Swarm] = []
+    try:
+        for name in names:
+            s = Swarm(spec, load_or_create_identity(keys / f"{name}.key"),
+                      initial_peers=swarms[0].maddrs if swarms else None)
+            s.start()
+            swarms.append(s)
+        yield swarms
+    finally:
+        for s in reversed(swarms):
+            s.shutdown()

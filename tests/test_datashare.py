@@ -22,7 +22,14 @@ from typing import Any
 
 import pytest
 from conftest import fast_spec, write_spec
-from swarm_helpers import log_tail, model_hashes, start_peer, wait_exit, wait_ready
+from swarm_helpers import (
+    connected_swarms,
+    log_tail,
+    model_hashes,
+    start_peer,
+    wait_exit,
+    wait_ready,
+)
 
 from swarmfold.averaging import wire
 from swarmfold.averaging.datashare import (
@@ -36,7 +43,6 @@ from swarmfold.averaging.datashare import (
     name_problem,
     size_problem,
 )
-from swarmfold.averaging.identity import load_or_create_identity
 from swarmfold.averaging.swarm import Swarm
 from swarmfold.daemon.options import (
     PeerOptions,
@@ -121,20 +127,10 @@ class Net:
 
 @pytest.fixture(scope="module")
 def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
-    keys = tmp_path_factory.mktemp("keys")
     spec = fast_spec()
-    swarms: list[Swarm] = []
-    try:
-        for name in ("honest", "bad", "client"):
-            s = Swarm(spec, load_or_create_identity(keys / f"{name}.key"),
-                      initial_peers=swarms[0].maddrs if swarms else None)
-            s.start()
-            swarms.append(s)
+    with connected_swarms(spec, tmp_path_factory.mktemp("keys"), ["honest", "bad", "client"]) as swarms:
         honest, bad, client = swarms
         yield Net(spec, honest, bad, client, DataServer(honest), MisbehavingServer(bad))
-    finally:
-        for s in reversed(swarms):
-            s.shutdown()
 
 
 def _seed_trying_first(first: str, other: str) -> random.Random:

@@ -10,13 +10,21 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from conftest import fast_spec, write_spec
-from swarm_helpers import last_rounds, log_tail, model_hashes, start_peer, wait_exit, wait_ready
+from swarm_helpers import (
+    connected_swarms,
+    last_rounds,
+    log_tail,
+    model_hashes,
+    peer_script,
+    start_peer,
+    wait_exit,
+    wait_ready,
+)
 
 from swarmfold.averaging.identity import load_or_create_identity
 from swarmfold.peer.simulate import simulate
@@ -139,7 +147,7 @@ def test_hostile_contributions_are_rejected(tmp_path: Path, shards: list[Path],
     # the attacker joins as early as the second honest peer: whoever it is grouped with rejects it,
     # redoes the round without it, and the two honest peers (min_group_size 2) always average together
     hostile = start_peer(procs, hostile_dir, spec_path, shards[2], rounds=rounds, initial=first,
-                         script=[sys.executable, str(Path(__file__).parent / "peers" / "hostile_peer.py")])
+                         script=peer_script("hostile_peer"))
     start_peer(procs, honest[1], spec_path, shards[1], rounds=rounds, initial=first)
     procs[1], procs[2] = procs[2], procs[1]  # honest peers first
     for p, w in zip(procs[:2], honest, strict=True):
@@ -238,27 +246,17 @@ def test_state_download_is_checked_against_the_published_hash(tmp_path: Path) ->
 
     from swarmfold.averaging.protocol import StateSyncError
     from swarmfold.averaging.records import PeerRecord
-    from swarmfold.averaging.swarm import Swarm
 
     spec = fast_spec(averaging=NET)
-    a = Swarm(spec, load_or_create_identity(tmp_path / "a.key"))
-    a.start()
-    try:
-        b = Swarm(spec, load_or_create_identity(tmp_path / "b.key"), initial_peers=a.maddrs)
-        b.start()
-        try:
-            theta = torch.arange(2048, dtype=torch.float32)
-            model_sha, outer_sha = a.serve_state(7, theta, {})
-            rec = PeerRecord(peer_id=a.peer_id, round=7, model_sha256=model_sha, outer_sha256=outer_sha,
-                             spec_hash=spec.spec_hash, client_mode=False, maddrs=a.maddrs, state="training")
-            rnd, got, outer, source = b.download_state([rec], numel=2048)
-            assert rnd == 7 and torch.equal(got, theta) and outer == {} and source == a.peer_id
-            lie = PeerRecord(**{**rec.__dict__, "model_sha256": "0" * 64})
-            with pytest.raises(StateSyncError, match="do not match the model hash"):
-                b.download_state([lie], numel=2048)
-            with pytest.raises(StateSyncError, match="elements"):
-                b.download_state([rec], numel=4096)
-        finally:
-            b.shutdown()
-    finally:
-        a.shutdown()
+    with connected_swarms(spec, tmp_path, ["a", "b"]) as (a, b):
+        theta = torch.arange(2048, dtype=torch.float32)
+        model_sha, outer_sha = a.serve_state(7, theta, {})
+        rec = PeerRecord(peer_id=a.peer_id, round=7, model_sha256=model_sha, outer_sha256=outer_sha,
+                         spec_hash=spec.spec_hash, client_mode=False, maddrs=a.maddrs, state="training")
+        rnd, got, outer, source = b.download_state([rec], numel=2048)
+        assert rnd == 7 and torch.equal(got, theta) and outer == {} and source == a.peer_id
+        lie = PeerRecord(**{**rec.__dict__, "model_sha256": "0" * 64})
+        with pytest.raises(StateSyncError, match="do not match the model hash"):
+            b.download_state([lie], numel=2048)
+        with pytest.raises(StateSyncError, match="elements"):
+            b.download_state([rec], numel=4096)

@@ -11,14 +11,21 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import fast_spec, write_spec
-from swarm_helpers import last_rounds, log_tail, start_peer, wait_exit, wait_ready
+from swarm_helpers import (
+    connected_swarms,
+    last_rounds,
+    log_tail,
+    peer_script,
+    start_peer,
+    wait_exit,
+    wait_ready,
+)
 
 from swarmfold.averaging import codec
 from swarmfold.averaging.base import AverageResult
@@ -112,37 +119,28 @@ def test_a_deny_record_travels_through_the_dht(tmp_path: Path, shards: list[Path
     """Peer a publishes a deny record; peer b (another DHT node) reads it and leaves the peer out."""
     from swarmfold.averaging.aggregate import Contribution
     from swarmfold.averaging.protocol import Expectation
-    from swarmfold.averaging.swarm import Swarm, _Reducer
+    from swarmfold.averaging.swarm import _Reducer
     from swarmfold.averaging.verification import SpanVerdict
 
     spec = _public_spec(shards[0])
-    a = Swarm(spec, load_or_create_identity(tmp_path / "a.key"))
-    a.start()
-    try:
-        b = Swarm(spec, load_or_create_identity(tmp_path / "b.key"), initial_peers=a.maddrs)
-        b.start()
-        try:
-            cheat = load_or_create_identity(tmp_path / "c.key").peer_id
-            red = _Reducer(exp=Expectation(spec_hash=spec.spec_hash, round=3, group_id="g", base_sha256="0" * 64,
-                                           members=frozenset([cheat]), compression="none", numel=1, span_index=0,
-                                           weight_cap=1.0),
-                           parts={cheat: Contribution(torch.zeros(1), 1.0)})
+    with connected_swarms(spec, tmp_path, ["a", "b"]) as (a, b):
+        cheat = load_or_create_identity(tmp_path / "c.key").peer_id
+        red = _Reducer(exp=Expectation(spec_hash=spec.spec_hash, round=3, group_id="g", base_sha256="0" * 64,
+                                       members=frozenset([cheat]), compression="none", numel=1, span_index=0,
+                                       weight_cap=1.0),
+                       parts={cheat: Contribution(torch.zeros(1), 1.0)})
 
-            async def deny() -> None:
-                a._deny(cheat, red, SpanVerdict(False, "bitwise", "replay differs", 0.5))
+        async def deny() -> None:
+            a._deny(cheat, red, SpanVerdict(False, "bitwise", "replay differs", 0.5))
 
-            a._call(deny())
-            deadline = time.monotonic() + 30
-            seen: set[str] = set()
-            while cheat not in seen:
-                assert time.monotonic() < deadline, "b never saw the deny record"
-                seen = b._call(b._refresh_denied(4))
-                time.sleep(0.3)
-            assert a._call(a._refresh_denied(4)) == {cheat}, "the issuer refuses it too"
-        finally:
-            b.shutdown()
-    finally:
-        a.shutdown()
+        a._call(deny())
+        deadline = time.monotonic() + 30
+        seen: set[str] = set()
+        while cheat not in seen:
+            assert time.monotonic() < deadline, "b never saw the deny record"
+            seen = b._call(b._refresh_denied(4))
+            time.sleep(0.3)
+        assert a._call(a._refresh_denied(4)) == {cheat}, "the issuer refuses it too"
 
 
 @pytest.mark.slow
@@ -157,7 +155,7 @@ def test_a_cheater_is_caught_by_replay_excluded_and_denied(tmp_path: Path, shard
     start_peer(procs, honest[1], spec_path, shards[0], rounds=rounds, initial=first)
     cheat_dir = tmp_path / "cheater"
     cheater = start_peer(procs, cheat_dir, spec_path, shards[0], rounds=rounds, initial=first,
-                         script=[sys.executable, str(Path(__file__).parent / "peers" / "cheating_peer.py")])
+                         script=peer_script("cheating_peer"))
     for p, w in zip(procs[:2], honest, strict=True):
         assert wait_exit(p, w, timeout=300) == 0, log_tail(w)
     os.killpg(cheater.pid, signal.SIGKILL)  # its whole group: the DHT child and its daemon too

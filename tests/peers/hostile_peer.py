@@ -1,12 +1,12 @@
 """A test peer: the real swarm code, but every contribution it sends is corrupted.
 
-Run like `swarmfold run` (same arguments). Each time it sends its parts it uses the next
+Run like `swarmfold run` (same arguments), as a module with tests/ on the path:
+`python -m peers.hostile_peer run ...` (swarm_helpers.peer_script). Each time it sends its parts it uses the next
 fault of `Fault`, so one run exercises every kind of bad contribution.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import enum
 import logging
@@ -15,12 +15,11 @@ from typing import Any
 
 import numpy as np
 
+from peers._main import run_peer
 from swarmfold.averaging import codec
 from swarmfold.averaging.base import AverageRequest
 from swarmfold.averaging.protocol import encode_span
 from swarmfold.averaging.swarm import Group, Swarm
-from swarmfold.daemon.options import add_peer_arguments, options_from_args
-from swarmfold.daemon.runner import PeerRunner
 
 logger = logging.getLogger("hostile")
 
@@ -87,13 +86,7 @@ class HostileSwarm(Swarm):
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser()
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_peer_arguments(sub.add_parser("run"))
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("hivemind").setLevel(logging.WARNING)
-    return PeerRunner(options_from_args(args), swarm_cls=HostileSwarm).run()
+    return run_peer(HostileSwarm)
 
 
 if __name__ == "__main__":
