@@ -67,6 +67,10 @@ class InnerSpec:
     warmup_steps: int = _doc("linear learning-rate warm-up, in inner steps of this peer", default=20)
     grad_clip: float = _doc("clip the global gradient norm to this (0 = no clipping)", default=1.0)
     batch_size: int = _doc("sequences per inner step", default=16)
+    precision: str = _doc("inner-loop arithmetic: 'fp32', or 'bf16' (autocast forward and backward; float32 "
+                          "master weights, optimizer state, loss and pseudo-gradient)", default="fp32")
+    allow_tf32: bool = _doc("let CUDA matmuls use TF32 (faster on Ampere and later, other bits than float32); "
+                            "no effect on the CPU", default=False)
 
 
 @dataclass(kw_only=True)
@@ -363,6 +367,7 @@ def validate(s: Spec) -> list[str]:
     need(i.warmup_steps >= 0, f"inner.warmup_steps: must be >= 0, got {i.warmup_steps}")
     need(i.grad_clip >= 0, f"inner.grad_clip: must be >= 0 (0 disables clipping), got {i.grad_clip}")
     need(i.batch_size > 0, f"inner.batch_size: must be positive, got {i.batch_size}")
+    need(i.precision in ("fp32", "bf16"), f"inner.precision: {i.precision!r} is unknown; use 'fp32' or 'bf16'")
 
     r = s.round
     need(r.inner_steps > 0, f"round.inner_steps: must be positive, got {r.inner_steps}; 25 suits the presets")

@@ -96,7 +96,7 @@ def kill_daemon(workdir: Path) -> None:
 
 def fed_status(peer_id: str = "12D3KooWself") -> PeerStatus:
     """A PeerStatus after two rounds, one rejection and a two-peer swarm view."""
-    st = PeerStatus(peer_id=peer_id, swarm_id="abc123", spec_hash="f" * 64)
+    st = PeerStatus(peer_id=peer_id, swarm_id="abc123", spec_hash="f" * 64, device="cpu", precision="bf16")
     for r, (loss, status) in enumerate([(4.5, "committed"), (4.1, "rolled_back")]):
         st.on_round(RoundRecord(round=r, status=status, train_loss=loss, tokens=1000, tokens_per_second=500.0,
                                 group_size=2, model_sha256=f"h{r}", finished_at=time.time(),

@@ -85,6 +85,7 @@ def test_layout_and_metadata(trained: tuple[Path, dict[int, str]]) -> None:
     assert env["threads"] == 1
     assert env["torch"] == torch.__version__
     assert {"transformers", "cpu_capability"} <= env.keys()
+    assert env["device"] == "cpu" and {"device_name", "compute_capability", "cuda", "cudnn", "driver"} <= env.keys()
     for name, digest in meta["files"].items():
         assert file_sha256(newest / name) == digest
 

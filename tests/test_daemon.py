@@ -141,6 +141,7 @@ def test_status_json(served: ControlApi) -> None:
     snap = json.loads(body)
     assert code == 200
     assert snap["peer_id"] == "12D3KooWself" and snap["round"] == 2 and snap["loss"] == 4.1
+    assert snap["device"] == "cpu" and snap["precision"] == "bf16"
     assert snap["summary"]["peers_alive"] == 2
     assert snap["summary"]["swarm_tokens_per_second"] == 2000.0
     assert snap["summary"]["my_share"] == 0.25
@@ -202,6 +203,7 @@ def test_metrics_parse_and_have_the_required_families(served: ControlApi) -> Non
     assert outcomes["committed"] == 1 and outcomes["rolled_back"] == 1 and outcomes["failed"] == 0
     info = samples["swarmfold_build_info"].labels
     assert info["spec_hash"] == "f" * 64 and info["version"] and info["torch"]
+    assert info["device"] == "cpu" and info["precision"] == "bf16"
     for s in samples.values():  # no per-peer labels
         assert not any("peer" in k for k in s.labels), s
     served.controls.pause()

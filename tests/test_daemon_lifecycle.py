@@ -17,6 +17,7 @@ from daemon_helpers import NET, api_status, daemons, finished_rounds, start, swa
 
 from swarmfold.daemon.lifecycle import running_pid
 from swarmfold.peer.checkpoint import list_checkpoints, load_checkpoint_dir
+from swarmfold.peer.device import resolve_device
 
 pytestmark = pytest.mark.slow
 
@@ -50,9 +51,10 @@ def test_start_status_pause_resume_stop_then_start_resumes(tmp_path: Path, shard
     assert again.returncode == 3
     assert "already running in" in again.stderr and "swarmfold stop --workdir" in again.stderr
 
-    wait_status(w, "a finished round", lambda s: finished_rounds(s) >= 1 and s["loss"] is not None)
+    first = wait_status(w, "a finished round", lambda s: finished_rounds(s) >= 1 and s["loss"] is not None)
+    assert first["device"].startswith(resolve_device("auto").type) and first["precision"] == "fp32"
     text = swarmfold("status", "--workdir", str(w), check=True).stdout
-    for label in ("state", "round", "peers seen", "loss", "tokens/s", "checkpoint", "dashboard"):
+    for label in ("state", "device", "round", "peers seen", "loss", "tokens/s", "checkpoint", "dashboard"):
         assert f"  {label}" in text, text
 
     assert "paused" in swarmfold("pause", "--workdir", str(w), check=True).stdout

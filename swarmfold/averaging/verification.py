@@ -30,8 +30,19 @@ from swarmfold.averaging import codec
 from swarmfold.averaging.receipt import denied_peers
 from swarmfold.averaging.records import decode_record
 
-# What decides bit-exactness of a replay (the rest of the environment is informational).
-ENVIRONMENT_CLASS = ("torch", "threads", "cpu_capability")
+# What decides bit-exactness of a replay (the rest of the environment is informational): the
+# torch build, the CPU threads and capability, and the training device (peer/device.py
+# `device_environment`: kind, and for GPUs name, compute capability, CUDA, cuDNN, driver).
+ENVIRONMENT_CLASS = ("torch", "threads", "cpu_capability", "device", "device_name", "compute_capability",
+                     "cuda", "cudnn", "driver")
+# What an environment recorded before devices were recorded means: it trained on the CPU.
+ENVIRONMENT_DEFAULTS: dict[str, Any] = {"device": "cpu", "device_name": "", "compute_capability": "", "cuda": "",
+                                        "cudnn": "", "driver": ""}
+
+
+def environment_class(env: Mapping[str, Any]) -> dict[str, Any]:
+    """The class keys of an environment record (older CPU-only records get the CPU's device fields)."""
+    return {k: env.get(k, ENVIRONMENT_DEFAULTS.get(k)) for k in ENVIRONMENT_CLASS}
 
 # replay(member peer id, round, base model sha256) -> that member's Δ as this peer replays it
 ReplayFn = Callable[[str, int, str], torch.Tensor]
@@ -72,14 +83,14 @@ def claimed_environment(value: Any) -> dict[str, Any] | None:
     """The environment class a part claims, or None if it claims none or a malformed one."""
     if not isinstance(value, dict):
         return None
-    out = {k: value.get(k) for k in ENVIRONMENT_CLASS}
+    out = environment_class(value)
     if not all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in out.values()):
         return None
     return out
 
 
 def same_class(a: Mapping[str, Any] | None, b: Mapping[str, Any]) -> bool:
-    return a is not None and all(a.get(k) == b.get(k) for k in ENVIRONMENT_CLASS)
+    return a is not None and environment_class(a) == environment_class(b)
 
 
 def judge_span(received: torch.Tensor, replay_span: torch.Tensor, *, compression: str, bitwise: bool,

@@ -38,9 +38,12 @@ def default_identity() -> Path:
 
 
 def _add_threads(p: argparse.ArgumentParser, default: int | None) -> None:
+    from swarmfold.cli.peer import add_device
+
     p.add_argument("--threads", type=int, default=default,
                    help="intra-op CPU threads; part of the determinism contract"
                         + (f" (default {default})" if default else " (default: the receipt's)"))
+    add_device(p)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -102,7 +105,8 @@ def cmd_contribute(args: argparse.Namespace) -> int:
         identity = load_or_create_identity(args.identity or default_identity())
         result = contribute(ckpt=resolve_checkpoint(args.base), data=args.data, identity=identity, out=args.out,
                             threads=args.threads, spec=spec, steps=args.steps,
-                            snapshot_interval=args.snapshot_interval, inner_state=args.inner_state)
+                            snapshot_interval=args.snapshot_interval, inner_state=args.inner_state,
+                            device=args.device)
     except (ContributeError, IdentityError) as e:
         _error("contribute", str(e))
         return EXIT_BAD_INPUT
@@ -147,12 +151,13 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from swarmfold.averaging.receipt import ContributionError
+    from swarmfold.averaging.verification import environment_class
     from swarmfold.peer.checkpoint import resolve_checkpoint
     from swarmfold.peer.verify import VerifyInputError, verify_file
 
     try:
         report = verify_file(args.contribution, ckpt=resolve_checkpoint(args.base), data=args.data,
-                             threads=args.threads, spot_check=args.spot_check, seed=args.seed)
+                             threads=args.threads, spot_check=args.spot_check, seed=args.seed, device=args.device)
     except ContributionError as e:
         if args.json:
             _emit(json.dumps({"passed": False, "refused": True, "reason": str(e)}))
@@ -171,8 +176,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         _emit(f"  peer {report.peer_id}, {report.steps_replayed} of {report.steps_claimed} steps replayed, "
               f"relative distance {_fmt(report.distance)}, largest loss difference {_fmt(report.loss_max_abs_diff)}")
         if not report.same_environment:
-            diff = {k: (report.environment_claimed.get(k), report.environment_here.get(k))
-                    for k in ("torch", "threads", "cpu_capability")
-                    if report.environment_claimed.get(k) != report.environment_here.get(k)}
+            claimed, here = (environment_class(report.environment_claimed),
+                             environment_class(report.environment_here))
+            diff = {k: (claimed[k], here[k]) for k in claimed if claimed[k] != here[k]}
             _emit(f"  environment differs (receipt, here): {diff}")
     return EXIT_PASS if report.passed else EXIT_FAIL

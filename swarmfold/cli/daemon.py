@@ -104,6 +104,10 @@ def cmd_start(args: argparse.Namespace) -> int:
     except SettingsError as e:
         _err("start", str(e))
         return EXIT_BAD_INPUT
+    from swarmfold.peer.device import resolve_device
+
+    # a missing device fails here too (settings.toml's device applies when --device was not given)
+    resolve_device(options.device if options.device_explicit or settings.device is None else settings.device)
     api_port = settings.api_port if options.api_port is None else options.api_port
     try:
         started = start_detached(options_to_argv(options), options.workdir, api_enabled=api_port != 0,
@@ -191,6 +195,7 @@ def format_status(snap: dict[str, Any]) -> str:
     lines = [
         f"swarmfold peer {snap.get('peer_id') or '(joining)'} (pid {snap.get('pid')}) in {snap.get('workdir')}",
         f"  state       {_state_line(snap)}",
+        f"  device      {snap.get('device') or '—'}" + (f", {snap['precision']}" if snap.get("precision") else ""),
         f"  round       {snap.get('round')}"
         + (f"  (swarm newest {agree['round']}: {agree['agree']} of {agree['at_round']} peers there hold the same "
            f"model" + (f"; {agree['behind']} behind" if agree.get("behind") else "") + ")"

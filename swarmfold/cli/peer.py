@@ -28,6 +28,15 @@ def positive_int(text: str) -> int:
 def _add_threads(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=positive_int, default=int(os.environ.get("SWARMFOLD_THREADS", "2")),
                    help="intra-op CPU threads; part of the determinism contract (default 2, or $SWARMFOLD_THREADS)")
+    add_device(p)
+
+
+def add_device(p: argparse.ArgumentParser) -> None:
+    """`--device auto|cpu|cuda|cuda:N|mps` (default $SWARMFOLD_DEVICE, else auto)."""
+    from swarmfold.peer.device import DEVICE_HELP
+
+    p.add_argument("--device", default=os.environ.get("SWARMFOLD_DEVICE", "auto"), metavar="DEVICE",
+                   help=DEVICE_HELP + "; or $SWARMFOLD_DEVICE")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -118,7 +127,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     set_threads(args.threads)
     peer = LocalPeer(spec, args.data, peer_id=args.peer_id, threads=args.threads, workdir=args.workdir,
-                     keep_checkpoints=args.keep)
+                     keep_checkpoints=args.keep, device=args.device)
     if peer.resume():
         print(f"resuming at round {peer.round}")
     elif list_checkpoints(args.workdir):
@@ -146,10 +155,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     set_threads(args.threads)
     ckpt = resolve_checkpoint(args.target)
-    spec, model = model_from_checkpoint(ckpt)
+    spec, model = model_from_checkpoint(ckpt, args.device)
     shard = Shard(args.data, load_tokenizer(spec.tokenizer), seq_len=spec.data.seq_len,
                   val_fraction=spec.data.val_fraction)
-    loss = evaluate_model(model, shard, spec.inner.batch_size, args.max_windows)
+    loss = evaluate_model(model, shard, spec.inner.batch_size, args.max_windows, precision=spec.inner.precision)
     result = {"checkpoint": str(ckpt.path), "round": ckpt.round, "val_loss": loss,
               "perplexity": math.exp(loss), "val_windows": len(shard.val_windows),
               "manifest_hash": shard.manifest_hash}
@@ -167,7 +176,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     set_threads(args.threads)
     text = generate(resolve_checkpoint(args.target), args.prompt, tokens=args.tokens,
-                    temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+                    temperature=args.temperature, top_k=args.top_k, seed=args.seed, device=args.device)
     print(args.prompt + text)
     return 0
 
@@ -193,7 +202,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     set_threads(args.threads)
     peers, _ = simulate(spec, [[d] for d in args.data], rounds=args.rounds, threads=args.threads,
-                        out=args.out, peer_ids=args.peer_ids)
+                        out=args.out, peer_ids=args.peer_ids, device=args.device)
     for p in peers:
         print(f"{p.peer_id}: round {p.round}, validation loss {p.evaluate(max_windows=256):.4f}, "
               f"model sha256 {p.theta_sha256[:16]}")

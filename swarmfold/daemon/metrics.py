@@ -35,7 +35,8 @@ REJECTIONS = tuple(r.value for r in Rejection)
 
 # family name (as exposed, before _total/_bucket suffixes) -> help text
 METRICS: dict[str, str] = {
-    "swarmfold_build_info": "swarmfold, torch, hivemind and python versions, spec hash and swarm id",
+    "swarmfold_build_info": "swarmfold, torch, hivemind and python versions, spec hash, swarm id, "
+                            "training device and precision",
     "swarmfold_round": "the round this peer is at (the next round it will train)",
     "swarmfold_loss": "mean training loss of this peer's last finished round",
     "swarmfold_tokens_per_second": "this peer's training throughput in its last round",
@@ -87,7 +88,8 @@ class PeerCollector(Collector):
         summary = swarm_summary(snap)
         yield InfoMetricFamily("swarmfold_build", METRICS["swarmfold_build_info"],
                                value=dict(self._versions, spec_hash=snap.get("spec_hash", ""),
-                                          swarm_id=snap.get("swarm_id", "")))
+                                          swarm_id=snap.get("swarm_id", ""), device=snap.get("device", ""),
+                                          precision=snap.get("precision", "")))
         yield from self._peer(snap)
         yield from self._swarm(summary)
         yield from self._rounds(snap)

@@ -28,6 +28,8 @@ class PeerOptions:
     allow_remote_api: bool = False  # required to serve the API on a non-loopback address
     initial_peers_from: list[str] = field(default_factory=list)  # status URLs of running peers to join
     threads_explicit: bool = True  # False: --threads was not given, so settings.toml may set it
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps (peer/device.py resolve_device)
+    device_explicit: bool = True  # False: --device was not given, so settings.toml may set it
 
 
 def add_peer_arguments(p: argparse.ArgumentParser) -> None:
@@ -47,6 +49,10 @@ def add_peer_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, action=_Explicit, default=int(os.environ.get("SWARMFOLD_THREADS", "2")),
                    help="intra-op CPU threads; part of the determinism contract "
                         "(default: $SWARMFOLD_THREADS, else threads in settings.toml, else 2)")
+    p.add_argument("--device", action=_Explicit, default=os.environ.get("SWARMFOLD_DEVICE", "auto"),
+                   metavar="DEVICE", help="training device: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or "
+                   "mps; the averaging stays on the CPU (default: $SWARMFOLD_DEVICE, else device in "
+                   "settings.toml, else auto)")
     p.add_argument("--client-mode", action="store_true",
                    help="accept no incoming connections: send contributions but never reduce (behind NAT)")
     p.add_argument("--no-relay", dest="use_relay", action="store_false",
@@ -83,7 +89,9 @@ def options_from_args(args: argparse.Namespace) -> PeerOptions:
                        api_port=args.api_port, api_host=args.api_host, allow_remote_api=args.allow_remote_api,
                        initial_peers_from=list(args.initial_peers_from),
                        threads_explicit=getattr(args, "threads_explicit", False)
-                       or "SWARMFOLD_THREADS" in os.environ)
+                       or "SWARMFOLD_THREADS" in os.environ,
+                       device=args.device, device_explicit=getattr(args, "device_explicit", False)
+                       or "SWARMFOLD_DEVICE" in os.environ)
 
 
 def options_to_argv(o: PeerOptions) -> list[str]:
@@ -98,6 +106,8 @@ def options_to_argv(o: PeerOptions) -> list[str]:
             argv += [flag, *values]
     if o.threads_explicit:
         argv += ["--threads", str(o.threads)]
+    if o.device_explicit:
+        argv += ["--device", o.device]
     for flag, value in (("--rounds", o.rounds), ("--api-port", o.api_port), ("--api-host", o.api_host)):
         if value is not None:
             argv += [flag, str(value)]

@@ -43,7 +43,7 @@ def make_swarm_verifier(peer: LocalPeer) -> SwarmVerifier:
                              f"(model {base_sha256[:12]})")
         with threads_set(threads):
             other = LocalPeer(spec, [], peer_id=member, threads=threads, tokenizer=peer.shard.tokenizer,
-                              shard=peer.shard)
+                              shard=peer.shard, device=peer.device)
             other.theta = peer.theta.clone()
             other.theta_sha256 = tensor_sha256(other.theta)
             other.round = round_idx
@@ -51,5 +51,5 @@ def make_swarm_verifier(peer: LocalPeer) -> SwarmVerifier:
             return other.train_phase().delta
 
     _, weight = expected_tokens(spec, spec.round.inner_steps)
-    return SwarmVerifier(replay=replay, environment=environment(threads), fraction=spec.verify.fraction,
+    return SwarmVerifier(replay=replay, environment=environment(threads, peer.device), fraction=spec.verify.fraction,
                          tolerance=spec.verify.tolerance, expected_weight=weight)

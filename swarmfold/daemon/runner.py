@@ -29,6 +29,7 @@ from swarmfold.daemon.replay import make_swarm_verifier
 from swarmfold.daemon.state import Controls, PeerStatus, RoundRecord
 from swarmfold.fsutil import write_json_atomic
 from swarmfold.peer.data import DataError
+from swarmfold.peer.device import describe, resolve_device
 from swarmfold.peer.local import LocalPeer, RoundReport, TrainingInterrupted
 from swarmfold.peer.trainer import set_threads
 from swarmfold.spec import Spec, load_spec
@@ -106,6 +107,7 @@ class PeerRunner:
         o = self.options
         self.spec = spec = load_spec(o.spec)
         set_threads(o.threads)
+        resolve_device(o.device)  # a missing device fails before we join the swarm
         o.workdir.mkdir(parents=True, exist_ok=True)
         identity = load_or_create_identity(Path(o.workdir) / "identity.key")
         self.status.update(peer_id=identity.peer_id, swarm_id=spec.swarm_id, spec_hash=spec.spec_hash)
@@ -141,7 +143,8 @@ class PeerRunner:
     def _make_peer(self, spec: Spec, data: list[str], peer_id: str) -> LocalPeer:
         o = self.options
         self.peer = peer = LocalPeer(spec, data, peer_id=peer_id, threads=o.threads, workdir=o.workdir,
-                                     keep_checkpoints=o.keep_checkpoints)
+                                     keep_checkpoints=o.keep_checkpoints, device=o.device)
+        self.status.update(device=describe(peer.device), precision=spec.inner.precision)
         if not peer.resume():
             self._checkpoint()  # round 0: a stop before the first round still leaves a checkpoint
         self.status.update(round=peer.round, model_sha256=peer.theta_sha256)

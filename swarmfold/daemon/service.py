@@ -181,6 +181,8 @@ def apply_settings(options: PeerOptions, settings: Settings) -> None:
     """Settings fill in what the command line left open; the command line wins."""
     if not options.threads_explicit and settings.threads is not None:
         options.threads = settings.threads
+    if not options.device_explicit and settings.device is not None:
+        options.device = settings.device
     if options.api_port is None:
         options.api_port = settings.api_port
     if options.api_host is None:

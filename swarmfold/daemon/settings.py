@@ -49,6 +49,7 @@ class Settings:
     """One machine's limits. Mutable in place, so a reload (SIGHUP) reaches every holder at once."""
 
     threads: int | None = None  # None: the --threads option (or its default)
+    device: str | None = None  # None: the --device option (or auto); else auto | cpu | cuda | cuda:N | mps
     power: str = "full"  # light | medium | full: the duty cycle above
     pause_on_battery: bool = True  # pause while the OS reports running on battery (no battery: ignored)
     idle_only: bool = False  # train only while other processes leave the CPU idle
@@ -85,7 +86,7 @@ class Settings:
 
 
 _KEYS: dict[str, tuple[type, ...]] = {
-    "threads": (int,), "power": (str,), "pause_on_battery": (bool,), "idle_only": (bool,),
+    "threads": (int,), "device": (str,), "power": (str,), "pause_on_battery": (bool,), "idle_only": (bool,),
     "idle_threshold": (int, float), "idle_resume_after_s": (int, float), "check_interval_s": (int, float),
     "api_host": (str,), "api_port": (int,), "allow_remote_api": (bool,), "stop_timeout_s": (int, float),
 }
@@ -105,6 +106,8 @@ def settings_from_dict(raw: dict[str, Any], source: str = "settings") -> Setting
             continue
         values[key] = value
     s = Settings(**values, source=source)
+    if s.device is not None and not _device_syntax_ok(s.device):
+        errors.append(f"device = {s.device!r}; use auto, cpu, cuda, cuda:N or mps, or leave it out")
     if s.power not in POWER_DUTY:
         errors.append(f"power = {s.power!r}; use one of {', '.join(POWER_DUTY)}")
     if s.threads is not None and not 1 <= s.threads <= (os.cpu_count() or 1) * 4:
@@ -119,6 +122,12 @@ def settings_from_dict(raw: dict[str, Any], source: str = "settings") -> Setting
     if errors:
         raise SettingsError(f"{source}: " + "; ".join(errors))
     return s
+
+
+def _device_syntax_ok(text: str) -> bool:
+    """Whether `text` names a device kind (whether this machine has it is checked when the peer starts)."""
+    t = text.strip().lower()
+    return t in ("auto", "cpu", "cuda", "mps") or (t.startswith("cuda:") and t[5:].isdigit())
 
 
 def settings_paths(workdir: Path) -> list[Path]:
@@ -158,6 +167,8 @@ def example_settings() -> str:
 # Send SIGHUP to a running peer (or `systemctl reload swarmfold`) to apply changes.
 
 # threads = 2            # CPU threads for training; default: the --threads option
+# device = "auto"        # training device: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps;
+#                        # default: the --device option; takes effect at the next start, not on SIGHUP
 power = "full"           # light (25% duty cycle), medium (50%), full (100%)
 pause_on_battery = true  # pause while the laptop runs on battery
 idle_only = false        # train only while other programs leave the CPU idle

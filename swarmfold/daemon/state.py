@@ -36,6 +36,8 @@ class PeerStatus:
     peer_id: str = ""
     swarm_id: str = ""
     spec_hash: str = ""
+    device: str = ""  # the training device in words, e.g. "cpu" or "cuda:0 (NVIDIA H200, sm 9.0)"
+    precision: str = ""  # the spec's inner.precision: fp32 or bf16
     state: str = "starting"
     reason: str = ""
     round: int = 0
@@ -125,7 +127,7 @@ class PeerStatus:
             now = time.time()
             return {
                 "peer_id": self.peer_id, "swarm_id": self.swarm_id, "spec_hash": self.spec_hash,
-                "state": self.state, "reason": self.reason, "round": self.round, "loss": self.loss,
+                "device": self.device, "precision": self.precision, "state": self.state, "reason": self.reason, "round": self.round, "loss": self.loss,
                 "tokens_per_second": self.tokens_per_second, "tokens_total": self.tokens_total,
                 "model_sha256": self.model_sha256,
                 "last_checkpoint_time": self.last_checkpoint_time,

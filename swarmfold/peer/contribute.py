@@ -156,9 +156,10 @@ def inner_source_for(ckpt: Checkpoint, peer_id: str, requested: str) -> str:
 
 
 def start_peer(spec: Spec, ckpt: Checkpoint, shard: Shard, *, peer_id: str, threads: int,
-               inner_source: str) -> LocalPeer:
+               inner_source: str, device: torch.device | str = "cpu") -> LocalPeer:
     """A LocalPeer at θ_r of `ckpt`, with the inner state `inner_source` names ('checkpoint' or 'fresh')."""
-    peer = LocalPeer(spec, [], peer_id=peer_id, threads=threads, tokenizer=shard.tokenizer, shard=shard)
+    peer = LocalPeer(spec, [], peer_id=peer_id, threads=threads, tokenizer=shard.tokenizer, shard=shard,
+                     device=device)
     peer.restore(ckpt)
     # A carried local delta (after a rolled-back round) is not part of a contribution: start at θ_r.
     set_flat_params(peer.model, peer.theta)
@@ -174,7 +175,7 @@ def inner_state_record(peer: LocalPeer, source: str) -> dict[str, Any]:
 
 
 def snapshot_tensors(peer: LocalPeer) -> dict[str, torch.Tensor]:
-    tensors = {f"param/{n}": p.detach().clone() for n, p in peer.model.named_parameters()}
+    tensors = {f"param/{n}": p.detach().to("cpu", copy=True) for n, p in peer.model.named_parameters()}
     tensors.update({f"inner/{k}": v for k, v in peer.trainer.state_tensors().items()})
     return tensors
 
@@ -253,7 +254,7 @@ def out_paths(out: str | Path) -> tuple[Path, Path]:
 def contribute(*, ckpt: Checkpoint, data: Sequence[str | Path], identity: Identity, out: str | Path,
                threads: int, spec: Spec | None = None, steps: int | None = None,
                snapshot_interval: int | None = None, inner_state: str = "auto",
-               shard: Shard | None = None) -> ContributionResult:
+               shard: Shard | None = None, device: torch.device | str = "cpu") -> ContributionResult:
     """Train `steps` (default H) inner steps from `ckpt` on `data` and write delta + signed receipt."""
     base_spec = spec_from_dict(ckpt.meta["spec"], str(ckpt.path))
     if spec is not None and spec.spec_hash != base_spec.spec_hash:
@@ -279,7 +280,7 @@ def contribute(*, ckpt: Checkpoint, data: Sequence[str | Path], identity: Identi
         with threads_set(threads):
             result = _train_and_write(ckpt, spec, shard, identity, delta_path, receipt_path, steps=steps,
                                       interval=interval, inner_state=inner_state, threads=threads,
-                                      written=written)
+                                      written=written, device=device)
     except BaseException:
         for p in written:  # nothing half-written: no receipt means no contribution
             p.unlink(missing_ok=True)
@@ -289,10 +290,10 @@ def contribute(*, ckpt: Checkpoint, data: Sequence[str | Path], identity: Identi
 
 def _train_and_write(ckpt: Checkpoint, spec: Spec, shard: Shard, identity: Identity, delta_path: Path,
                      receipt_path: Path, *, steps: int, interval: int, inner_state: str, threads: int,
-                     written: list[Path]) -> ContributionResult:
+                     written: list[Path], device: torch.device | str = "cpu") -> ContributionResult:
     peer_id = identity.peer_id
     source = inner_source_for(ckpt, peer_id, inner_state)
-    peer = start_peer(spec, ckpt, shard, peer_id=peer_id, threads=threads, inner_source=source)
+    peer = start_peer(spec, ckpt, shard, peer_id=peer_id, threads=threads, inner_source=source, device=device)
     start = inner_state_record(peer, source)
     snapshots: list[dict[str, Any]] = []
 
@@ -325,7 +326,7 @@ def _train_and_write(ckpt: Checkpoint, spec: Spec, shard: Shard, identity: Ident
         "weight": float(min(tokens, spec.token_cap)),
         "losses": losses,
         "inner_start": start,
-        "environment": environment(threads),
+        "environment": environment(threads, peer.device),
         "delta": {"file": delta_path.name, "file_sha256": delta_file_sha, "sha256": tensor_sha256(flat),
                   "norm": float(flat.norm())},
         "snapshots": {"interval": interval, "files": snapshots},

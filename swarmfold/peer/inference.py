@@ -20,19 +20,20 @@ from swarmfold.spec import Spec
 
 @torch.no_grad()
 def generate(ckpt: Checkpoint, prompt: str, *, tokens: int = 200, temperature: float = 0.8, top_k: int = 40,
-             seed: int = 0) -> str:
+             seed: int = 0, device: torch.device | str = "cpu") -> str:
     """Sample a continuation of `prompt` (seeded, so the same call gives the same text)."""
     if tokens < 1:
         raise ValueError("--tokens must be at least 1")
-    spec, model = model_from_checkpoint(ckpt)
+    spec, model = model_from_checkpoint(ckpt, device)
+    device = next(model.parameters()).device
     tok = load_tokenizer(spec.tokenizer)
     ids = [int(i) for i in tok.encode(prompt)] or [tok.eos_id]
     g = make_generator(seed)
     window = spec.data.seq_len
     out: list[int] = []
     for _ in range(tokens):
-        ctx = torch.tensor([(ids + out)[-window:]], dtype=torch.long)
-        logits = model(input_ids=ctx).logits[0, -1].float()
+        ctx = torch.tensor([(ids + out)[-window:]], dtype=torch.long).to(device)
+        logits = model(input_ids=ctx).logits[0, -1].float().cpu()  # sampling on the CPU: same text everywhere
         if temperature <= 0:
             nxt = int(torch.argmax(logits))
         else:

@@ -22,8 +22,15 @@ import transformers
 from swarmfold.averaging import codec
 from swarmfold.averaging.base import Averager, AverageRequest, AverageResult
 from swarmfold.averaging.outer import OuterOptimizer
+from swarmfold.averaging.verification import ENVIRONMENT_CLASS
 from swarmfold.peer.checkpoint import Checkpoint, CheckpointError, load_latest, save_checkpoint
 from swarmfold.peer.data import Shard
+from swarmfold.peer.device import (
+    configure_determinism,
+    describe,
+    device_environment,
+    resolve_device,
+)
 from swarmfold.peer.model import build_model, flat_params, set_flat_params, tensor_sha256
 from swarmfold.peer.seeds import batch_order, round_seed
 from swarmfold.peer.tokenizer import Tokenizer, load_tokenizer
@@ -33,8 +40,13 @@ from swarmfold.spec import Spec, spec_from_dict
 logger = logging.getLogger(__name__)
 
 
-def environment(threads: int) -> dict[str, Any]:
-    """What the determinism contract depends on, recorded in checkpoints and receipts."""
+def environment(threads: int, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """What the determinism contract depends on, recorded in checkpoints, receipts and records.
+
+    The keys of `ENVIRONMENT_CLASS` (averaging/verification.py) decide whether two runs must
+    agree bit for bit: torch build, threads, CPU capability, and the training device (kind,
+    and for GPUs name, compute capability, CUDA, cuDNN and driver versions).
+    """
     return {
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -42,6 +54,7 @@ def environment(threads: int) -> dict[str, Any]:
         "threads": threads,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "machine": platform.machine(),
+        **device_environment(torch.device(device)),
     }
 
 
@@ -83,19 +96,25 @@ class LocalPeer:
 
     def __init__(self, spec: Spec, data: Sequence[str | Path], *, peer_id: str, threads: int,
                  workdir: Path | None = None, keep_checkpoints: int = 3, tokenizer: Tokenizer | None = None,
-                 shard: Shard | None = None):
+                 shard: Shard | None = None, device: torch.device | str = "cpu"):
         self.spec = spec
         self.peer_id = peer_id
         self.threads = threads
+        # the model, AdamW and the inner loop live here; θ_r, Δ, the outer state and checkpoints on the CPU
+        self.device = device if isinstance(device, torch.device) else resolve_device(device)
+        configure_determinism(self.device, allow_tf32=spec.inner.allow_tf32)
         self.workdir = Path(workdir) if workdir else None
         self.keep_checkpoints = keep_checkpoints
         set_threads(threads)  # the thread count is part of the determinism contract, and recorded
         self.tokenizer = tokenizer or load_tokenizer(spec.tokenizer)
         self.shard = shard or Shard(data, self.tokenizer, seq_len=spec.data.seq_len,
                                     val_fraction=spec.data.val_fraction)
-        self.model = build_model(spec, self.tokenizer.vocab_size, self.tokenizer.eos_id)
+        genesis = build_model(spec, self.tokenizer.vocab_size, self.tokenizer.eos_id)  # on the CPU, on every device
+        self.theta = flat_params(genesis)  # θ_r, the round's shared starting point (CPU, float32)
+        self.model = genesis.to(self.device)
         self.trainer = InnerTrainer(self.model, spec.inner)
-        self.theta = flat_params(self.model)  # θ_r, the round's shared starting point
+        if self.device.type != "cpu":
+            logger.info("[%s] training on %s (%s)", peer_id[-8:], describe(self.device), spec.inner.precision)
         self.outer = OuterOptimizer(kind=spec.outer.kind, lr=spec.outer.lr, momentum=spec.outer.momentum,
                                     numel=self.theta.numel())
         self.round = 0
@@ -216,7 +235,7 @@ class LocalPeer:
             "rng": {"torch_cpu": torch.get_rng_state().numpy().tobytes().hex()},
             "vocab_size": self.tokenizer.vocab_size,
             "eos_id": self.tokenizer.eos_id,
-            "environment": environment(self.threads),
+            "environment": environment(self.threads, self.device),
             "last_round": self.last_round,
             "counters": dict(self.counters),
             "written_at": time.time(),
@@ -262,8 +281,8 @@ class LocalPeer:
         set_flat_params(self.model, ckpt.local.get("local_params", theta))
         self.residual = ckpt.local.get("ef_residual")
         recorded = meta.get("environment", {})
-        current = environment(self.threads)
-        changed = {k: (recorded.get(k), current[k]) for k in ("torch", "threads", "cpu_capability")
+        current = environment(self.threads, self.device)
+        changed = {k: (recorded.get(k), current[k]) for k in ENVIRONMENT_CLASS
                    if k in recorded and recorded.get(k) != current[k]}
         if changed:
             logger.warning("[%s] %s was written with %s; now %s: training continues, but not bit-identically "
@@ -290,7 +309,8 @@ class LocalPeer:
     # ---- evaluation ----------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, shard: Shard | None = None, max_windows: int | None = None) -> float:
-        return evaluate_model(self.model, shard or self.shard, self.spec.inner.batch_size, max_windows)
+        return evaluate_model(self.model, shard or self.shard, self.spec.inner.batch_size, max_windows,
+                              precision=self.spec.inner.precision)
 
 
 def _split(flat: torch.Tensor, model: torch.nn.Module) -> list[torch.Tensor]:
@@ -302,21 +322,22 @@ def _split(flat: torch.Tensor, model: torch.nn.Module) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def evaluate_model(model: torch.nn.Module, shard: Shard, batch_size: int, max_windows: int | None = None) -> float:
-    """Mean validation loss over the shard's held-out windows (token-weighted)."""
+def evaluate_model(model: torch.nn.Module, shard: Shard, batch_size: int, max_windows: int | None = None,
+                   precision: str = "fp32") -> float:
+    """Mean validation loss over the shard's held-out windows (token-weighted), on the model's device."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for windows in shard.val_batches(batch_size, max_windows):
         n = windows.shape[0] * (windows.shape[1] - 1)
-        total += float(lm_loss(model, windows)) * n
+        total += float(lm_loss(model, windows, precision)) * n
         count += n
     model.train(was_training)
     return total / count
 
 
-def model_from_checkpoint(ckpt: Checkpoint) -> tuple[Spec, torch.nn.Module]:
-    """Rebuild the spec and the model at θ_r from a checkpoint alone."""
+def model_from_checkpoint(ckpt: Checkpoint, device: torch.device | str = "cpu") -> tuple[Spec, torch.nn.Module]:
+    """Rebuild the spec and the model at θ_r from a checkpoint alone, on `device`."""
     spec = spec_from_dict(ckpt.meta["spec"], str(ckpt.path))
     model = build_model(spec, int(ckpt.meta["vocab_size"]), int(ckpt.meta["eos_id"]))
     names = [n for n, _ in model.named_parameters()]
@@ -327,4 +348,6 @@ def model_from_checkpoint(ckpt: Checkpoint) -> tuple[Spec, torch.nn.Module]:
             p.copy_(ckpt.model[n])
     del names
     model.eval()
-    return spec, model
+    target = device if isinstance(device, torch.device) else resolve_device(device)
+    configure_determinism(target, allow_tf32=spec.inner.allow_tf32)
+    return spec, model.to(target)

@@ -72,19 +72,41 @@ def param_layout(model: torch.nn.Module) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def flat_params(model: torch.nn.Module) -> torch.Tensor:
-    """All parameters as one flat float32 tensor (a copy), in named_parameters order."""
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).to(torch.float32)
+    """All parameters as one flat float32 CPU tensor (a copy), in named_parameters order.
+
+    From a GPU the parameters are copied straight into one pinned CPU buffer, asynchronously,
+    then waited for once: no full-size temporary on the device.
+    """
+    params = list(model.parameters())
+    device = params[0].device
+    cuda = device.type == "cuda"
+    out = torch.empty(sum(p.numel() for p in params), dtype=torch.float32, pin_memory=cuda)
+    offset = 0
+    for p in params:
+        n = p.numel()
+        out[offset : offset + n].view_as(p).copy_(p.detach(), non_blocking=cuda)
+        offset += n
+    if cuda:
+        torch.cuda.synchronize(device)
+    return out
 
 
 def set_flat_params(model: torch.nn.Module, flat: torch.Tensor) -> None:
+    """Load a flat float32 CPU vector into the parameters (on whatever device they live)."""
+    params = list(model.parameters())
+    total = sum(p.numel() for p in params)
+    if total != flat.numel():
+        raise ValueError(f"set_flat_params: vector has {flat.numel()} elements, model has {total}")
+    device = params[0].device
+    cuda = device.type == "cuda"
     offset = 0
     with torch.no_grad():
-        for p in model.parameters():
+        for p in params:
             n = p.numel()
-            p.copy_(flat[offset : offset + n].view_as(p))
+            p.copy_(flat[offset : offset + n].view_as(p), non_blocking=cuda)
             offset += n
-    if offset != flat.numel():
-        raise ValueError(f"set_flat_params: vector has {flat.numel()} elements, model has {offset}")
+    if cuda:  # the caller may change `flat` as soon as we return
+        torch.cuda.synchronize(device)
 
 
 def tensor_sha256(flat: torch.Tensor) -> str:

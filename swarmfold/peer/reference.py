@@ -45,9 +45,11 @@ def train_data_parallel(spec: Spec, shards: Sequence[Shard], peer_ids: Sequence[
     return model
 
 
-def train_isolated(spec: Spec, shard: Shard, peer_id: str, *, rounds: int, threads: int) -> LocalPeer:
+def train_isolated(spec: Spec, shard: Shard, peer_id: str, *, rounds: int, threads: int,
+                   device: torch.device | str = "cpu") -> LocalPeer:
     """One peer alone for `rounds` rounds: the swarm's round code with no one to average with."""
-    peer = LocalPeer(spec, [], peer_id=peer_id, threads=threads, shard=shard, tokenizer=shard.tokenizer)
+    peer = LocalPeer(spec, [], peer_id=peer_id, threads=threads, shard=shard, tokenizer=shard.tokenizer,
+                     device=device)
     averager = SoloAverager()
     for _ in range(rounds):
         peer.run_round(averager)

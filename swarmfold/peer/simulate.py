@@ -13,6 +13,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from swarmfold.averaging.base import AverageResult, partition_groups
 from swarmfold.averaging.inprocess import reduce_in_process
 from swarmfold.peer.local import LocalPeer, RoundReport
@@ -31,7 +33,8 @@ class SimulationResult:
 def simulate(spec: Spec, shards: Sequence[Sequence[str | Path]], *, rounds: int, threads: int,
              out: Path | None = None, peer_ids: Sequence[str] | None = None,
              on_round: Callable[[int, list[LocalPeer], dict[str, RoundReport]], None] | None = None,
-             save_checkpoints: bool = True, keep_checkpoints: int = 3) -> tuple[list[LocalPeer], SimulationResult]:
+             save_checkpoints: bool = True, keep_checkpoints: int = 3,
+             device: torch.device | str = "cpu") -> tuple[list[LocalPeer], SimulationResult]:
     ids = list(peer_ids) if peer_ids else [f"sim-{i}" for i in range(len(shards))]
     if len(ids) != len(shards):
         raise ValueError(f"simulate: {len(shards)} shards but {len(ids)} peer ids; give one id per shard")
@@ -42,7 +45,7 @@ def simulate(spec: Spec, shards: Sequence[Sequence[str | Path]], *, rounds: int,
                          f"{spec.averaging.min_group_size}; add shards or lower averaging.min_group_size")
     peers = [LocalPeer(spec, shard, peer_id=pid, threads=threads,
                        workdir=(out / f"peer-{i}") if out and save_checkpoints else None,
-                       keep_checkpoints=keep_checkpoints)
+                       keep_checkpoints=keep_checkpoints, device=device)
              for i, (pid, shard) in enumerate(zip(ids, shards, strict=True))]
     by_id = {p.peer_id: p for p in peers}
     result = SimulationResult(peer_ids=ids, rounds=rounds)

@@ -1,8 +1,13 @@
 """The inner loop: AdamW with linear warm-up and global-norm gradient clipping.
 
 One inner step is: forward, float32 cross-entropy on the shifted window, backward,
-clip, AdamW. Everything runs on the CPU with a fixed thread count, which (with the
-torch build) is part of the determinism contract and is recorded in checkpoints.
+clip, AdamW. It runs on the model's device (peer/device.py): the batch is copied there
+(pinned, asynchronously on CUDA), the AdamW state lives there, and `state_tensors` hands
+the state back as CPU tensors for checkpoints. With `inner.precision = "bf16"` the forward
+pass runs under autocast (so does the backward, whose ops follow the forward's dtypes);
+the master weights, AdamW's moments, the loss and so the pseudo-gradient stay float32.
+On the CPU the thread count is part of the determinism contract and is recorded in
+checkpoints; on CUDA, peer/device.py `configure_determinism` sets the rest.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from swarmfold.peer.device import to_device
 from swarmfold.spec import InnerSpec
 
 logger = logging.getLogger(__name__)
@@ -28,10 +34,25 @@ def set_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def lm_loss(model: torch.nn.Module, windows: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of (B, T+1) windows, computed in float32."""
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def lm_loss(model: torch.nn.Module, windows: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
+    """Mean next-token cross-entropy of (B, T+1) windows, computed in float32 on the model's device.
+
+    `precision = "bf16"` runs the model under bfloat16 autocast; the cross-entropy is always
+    float32 (computed outside the autocast region, on float32 logits).
+    """
+    windows = to_device(windows, model_device(model))
     inputs, targets = windows[:, :-1], windows[:, 1:]
-    logits = model(input_ids=inputs).logits
+    if precision == "bf16":
+        with torch.autocast(device_type=windows.device.type, dtype=torch.bfloat16):
+            logits = model(input_ids=inputs).logits
+    elif precision == "fp32":
+        logits = model(input_ids=inputs).logits
+    else:
+        raise ValueError(f"precision {precision!r} is unknown; use 'fp32' or 'bf16'")
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
@@ -70,8 +91,9 @@ class InnerTrainer:
     """Owns the model's AdamW state and the count of inner steps taken (for the lr schedule)."""
 
     def __init__(self, model: torch.nn.Module, inner: InnerSpec):
-        self.model = model
+        self.model = model  # already on its training device: the optimizer state is created there
         self.inner = inner
+        self.device = model_device(model)
         self.optimizer = make_optimizer(model, inner)
         self.step_count = 0
         self._params = [p for p in model.parameters()]
@@ -80,7 +102,7 @@ class InnerTrainer:
         lr = lr_at(self.inner, self.step_count)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        loss = lm_loss(self.model, windows)
+        loss = lm_loss(self.model, windows, self.inner.precision)
         loss.backward()
         if self.inner.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self._params, self.inner.grad_clip)
@@ -107,6 +129,7 @@ class InnerTrainer:
 
     # ---- state as flat named tensors (for safetensors; no pickle) -----------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
+        """AdamW's state as CPU float32 tensors (copies), named by parameter."""
         out: dict[str, torch.Tensor] = {}
         names = {id(p): n for n, p in self.model.named_parameters()}
         for p in self._params:
@@ -114,9 +137,9 @@ class InnerTrainer:
             if not st:
                 continue
             n = names[id(p)]
-            out[f"{n}.exp_avg"] = st["exp_avg"].detach().clone()
-            out[f"{n}.exp_avg_sq"] = st["exp_avg_sq"].detach().clone()
-            out[f"{n}.step"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1).clone()
+            out[f"{n}.exp_avg"] = st["exp_avg"].detach().to("cpu", copy=True)
+            out[f"{n}.exp_avg_sq"] = st["exp_avg_sq"].detach().to("cpu", copy=True)
+            out[f"{n}.step"] = torch.as_tensor(st["step"], dtype=torch.float32, device="cpu").reshape(1).clone()
         return out
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor], step_count: int) -> None:
@@ -131,8 +154,8 @@ class InnerTrainer:
                 raise ValueError(f"inner optimizer state for {n} has shape {tuple(ea.shape)}, "
                                  f"model has {tuple(p.shape)}; the checkpoint belongs to another spec")
             self.optimizer.state[p] = {
-                "step": tensors[f"{n}.step"].reshape(()).clone(),
-                "exp_avg": ea.clone(),
-                "exp_avg_sq": eas.clone(),
+                "step": tensors[f"{n}.step"].reshape(()).clone(),  # AdamW keeps its step count on the CPU
+                "exp_avg": ea.to(p.device, copy=True),
+                "exp_avg_sq": eas.to(p.device, copy=True),
             }
         self.step_count = step_count

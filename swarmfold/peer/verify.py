@@ -5,7 +5,8 @@ claims what; `verify` rebuilds the contributor's peer (same spec, base θ_r, pee
 data, inner-optimizer start state), runs the same `InnerTrainer` steps on the batches
 the seed schedule gives, and compares the resulting Δ with the delta file:
 
-- same environment class (torch build, thread count, CPU capability): the bits must match;
+- same environment class (torch build, thread count, CPU capability, training device and, for
+  GPUs, its name, compute capability and CUDA/cuDNN/driver versions): the bits must match;
 - otherwise: the relative distance ||Δ_replay − Δ_claim|| / ||Δ_claim|| must be within the
   spec's `verify.tolerance` (1 vs 2 threads measured about 1e-6 here; the default is 1e-4).
 
@@ -43,7 +44,10 @@ from swarmfold.averaging.receipt import (
     load_contribution,
     validate_deny_record,
 )
-from swarmfold.averaging.verification import choose_to_verify  # the swarm's draw, re-exported
+from swarmfold.averaging.verification import (
+    choose_to_verify,  # the swarm's draw, re-exported
+    environment_class,
+)
 from swarmfold.errors import UserError
 from swarmfold.peer.checkpoint import Checkpoint
 from swarmfold.peer.contribute import (
@@ -57,6 +61,7 @@ from swarmfold.peer.contribute import (
     threads_set,
 )
 from swarmfold.peer.data import Shard
+from swarmfold.peer.device import resolve_device
 from swarmfold.peer.local import LocalPeer, environment
 from swarmfold.peer.model import flat_params, set_flat_params, tensor_sha256
 from swarmfold.peer.tokenizer import load_tokenizer
@@ -64,7 +69,6 @@ from swarmfold.spec import Spec, spec_from_dict
 
 logger = logging.getLogger(__name__)
 
-ENVIRONMENT_CLASS = ("torch", "threads", "cpu_capability")
 
 __all__ = [
     "DenyRecord", "VerifyInputError", "VerifyReport", "build_deny_record", "choose_to_verify", "deny_record_for",
@@ -104,7 +108,7 @@ class VerifyReport:
 
 
 def same_environment_class(claimed: dict[str, Any], here: dict[str, Any]) -> bool:
-    return all(claimed.get(k) == here.get(k) for k in ENVIRONMENT_CLASS)
+    return environment_class(claimed) == environment_class(here)
 
 
 def relative_distance(replay: torch.Tensor, claim: torch.Tensor, reference: torch.Tensor | None = None) -> float:
@@ -156,7 +160,8 @@ def verify_contribution(*, spec: Spec, theta: torch.Tensor, round_idx: int, peer
                         shard: Shard, threads: int, steps: int | None = None,
                         inner_state: dict[str, torch.Tensor] | None = None, inner_step: int = 0,
                         claimed_losses: Sequence[float] | None = None,
-                        claimed_environment: dict[str, Any] | None = None) -> VerifyReport:
+                        claimed_environment: dict[str, Any] | None = None,
+                        device: torch.device | str = "cpu") -> VerifyReport:
     """Replay group member `peer_id`'s round `round_idx` from θ_r on public data and judge its Δ.
 
     For the live swarm: `theta` is the round's θ_r (flat float32), `delta` the member's
@@ -172,7 +177,8 @@ def verify_contribution(*, spec: Spec, theta: torch.Tensor, round_idx: int, peer
     if theta.shape != delta.shape or delta.dtype != torch.float32:
         raise VerifyInputError(f"delta {tuple(delta.shape)}/{delta.dtype} does not match θ {tuple(theta.shape)}")
     steps = spec.round.inner_steps if steps is None else steps
-    here = environment(threads)
+    device = resolve_device(device) if isinstance(device, str) else device
+    here = environment(threads, device)
     claimed_env = claimed_environment or {}
     bitwise = claimed_environment is not None and same_environment_class(claimed_env, here)
     report = VerifyReport(passed=False, mode="bitwise" if bitwise else "tolerance", reason="", peer_id=peer_id,
@@ -180,7 +186,8 @@ def verify_contribution(*, spec: Spec, theta: torch.Tensor, round_idx: int, peer
                           claimed_sha256=tensor_sha256(delta), same_environment=bitwise,
                           environment_claimed=claimed_env, environment_here=here)
     with threads_set(threads):
-        peer = LocalPeer(spec, [], peer_id=peer_id, threads=threads, tokenizer=shard.tokenizer, shard=shard)
+        peer = LocalPeer(spec, [], peer_id=peer_id, threads=threads, tokenizer=shard.tokenizer, shard=shard,
+                         device=device)
         peer.theta = theta.clone()
         peer.theta_sha256 = tensor_sha256(peer.theta)
         peer.round = round_idx
@@ -254,7 +261,8 @@ def _receipt_consistency(c: SignedContribution, spec: Spec) -> str:
 
 
 def verify_file(contribution: str | Path, *, ckpt: Checkpoint, data: Sequence[str | Path], threads: int | None = None,
-                spot_check: int | None = None, seed: int | None = None, shard: Shard | None = None) -> VerifyReport:
+                spot_check: int | None = None, seed: int | None = None, shard: Shard | None = None,
+                device: torch.device | str = "cpu") -> VerifyReport:
     """`swarmfold verify`: check the receipt, then replay the steps (all, or K spot-check segments).
 
     Raises ContributionError for a tampered or malformed contribution and VerifyInputError
@@ -268,7 +276,8 @@ def verify_file(contribution: str | Path, *, ckpt: Checkpoint, data: Sequence[st
     _check_data(c, shard)
     claimed_env = dict(c.body["environment"])
     threads = int(claimed_env.get("threads", 1)) if threads is None else threads
-    here = environment(threads)
+    device = resolve_device(device) if isinstance(device, str) else device
+    here = environment(threads, device)
     bitwise = same_environment_class(claimed_env, here)
     steps = int(c.body["steps"])
     report = VerifyReport(passed=False, mode="bitwise" if bitwise else "tolerance", reason="", peer_id=c.peer_id,
@@ -284,7 +293,8 @@ def verify_file(contribution: str | Path, *, ckpt: Checkpoint, data: Sequence[st
         if start["source"] not in ("fresh", "checkpoint"):
             report.reason = f"receipt's inner_start.source {start['source']!r} is not 'fresh' or 'checkpoint'"
             return report
-        peer = start_peer(spec, ckpt, shard, peer_id=c.peer_id, threads=threads, inner_source=start["source"])
+        peer = start_peer(spec, ckpt, shard, peer_id=c.peer_id, threads=threads, inner_source=start["source"],
+                          device=device)
         ours = inner_state_record(peer, start["source"])
         if ours["sha256"] != start["sha256"] or ours["step"] != start["step"]:
             raise VerifyInputError(
