@@ -43,12 +43,32 @@ class ModelSpec:
     init_std: float = _doc("std of the normal genesis initialisation of weight matrices", default=0.02)
     rope_theta: float = _doc("RoPE base frequency", default=10000.0)
     tie_embeddings: bool = _doc("share input embedding and output head", default=False)
+    hf_config: str = _doc(
+        "a pretrained start's architecture: its config.json as canonical JSON ('' = built from the fields "
+        "above; written by `init --from-pretrained`; the shape fields above then only describe it)",
+        default="",
+    )
+    pretrained_sha256: str = _doc(
+        "a pretrained start's genesis: sha256 of its weights as swarmfold hashes models (flat float32 in "
+        "parameter order, = the round-0 model hash); a peer whose copy hashes differently is refused",
+        default="",
+    )
+    pretrained_path: str = _doc(
+        "local folder of the pretrained model (safetensors; a local setting, not part of the swarm id: "
+        "each peer points at its own copy, which must hash to pretrained_sha256)",
+        default="",
+    )
 
 
 @dataclass(kw_only=True)
 class TokenizerSpec:
     kind: str = _doc("'bytes' (256 byte values + end-of-text, nothing to download) or 'hf'", default="bytes")
     path: str = _doc("local Hugging Face tokenizer folder, used when kind = 'hf'", default="")
+    sha256: str = _doc(
+        "sha256 of the tokenizer's files ('' = none): when set, `path` is a local setting (not part of the "
+        "swarm id) and a folder whose tokenizer files hash differently is refused",
+        default="",
+    )
 
 
 @dataclass(kw_only=True)
@@ -71,6 +91,11 @@ class InnerSpec:
                           "master weights, optimizer state, loss and pseudo-gradient)", default="fp32")
     allow_tf32: bool = _doc("let CUDA matmuls use TF32 (faster on Ampere and later, other bits than float32); "
                             "no effect on the CPU", default=False)
+    micro_batch_size: int = _doc(
+        "sequences per forward/backward pass; the gradients of batch_size / micro_batch_size passes are "
+        "accumulated into one step (0 = the whole batch at once). Changes the float rounding, so hashed",
+        default=0,
+    )
 
 
 @dataclass(kw_only=True)
@@ -168,6 +193,19 @@ class Spec:
     def token_cap(self) -> int:
         return self.round.max_tokens_per_round or self.round.inner_steps * self.tokens_per_step
 
+    @property
+    def micro_batch(self) -> int:
+        """Sequences per forward/backward pass (the whole batch when micro_batch_size is 0)."""
+        return self.inner.micro_batch_size or self.inner.batch_size
+
+    @property
+    def pretrained(self) -> bool:
+        return bool(self.model.hf_config)
+
+    def hf_config_dict(self) -> dict[str, Any]:
+        """The pretrained start's config.json ({} for a spec-built model)."""
+        return dict(json.loads(self.model.hf_config)) if self.model.hf_config else {}
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -175,6 +213,17 @@ class Spec:
         """The fields that define the swarm (everything but `network`)."""
         d = self.to_dict()
         d.pop("network")
+        d["model"].pop("pretrained_path")  # local: the weights' hash is what every peer must share
+        if d["model"]["hf_config"] == "" and d["model"]["pretrained_sha256"] == "":
+            # a spec-built model: hashed exactly as before pretrained starts existed
+            d["model"].pop("hf_config")
+            d["model"].pop("pretrained_sha256")
+        if d["tokenizer"]["sha256"]:
+            d["tokenizer"].pop("path")  # local: the files' hash is what every peer must share
+        else:
+            d["tokenizer"].pop("sha256")
+        if d["inner"]["micro_batch_size"] == 0:
+            d["inner"].pop("micro_batch_size")  # the whole batch at once: hashed as before micro-batches
         d["spec_version"] = SPEC_VERSION
         return d
 
@@ -215,7 +264,18 @@ class SpecError(UserError):
 # ---- presets -------------------------------------------------------------------------
 
 def preset(name: str) -> Spec:
-    """`tiny` (~0.87M parameters, seconds per round on a laptop CPU) or `small` (~10M)."""
+    """The model sizes, with byte-level tokens (257-token vocabulary):
+
+    - `tiny` (~0.87M parameters) and `small` (~10M): seconds per round on a laptop CPU;
+    - `base` (~114M): GPT-2 small's shape (width 768, 12 layers, 12 heads, MLP 3072, tied
+      embeddings) as a llama block;
+    - `1b` (~0.97B): Llama-3.2-1B's shape (width 2048, 16 layers, 32 heads, 8 key/value
+      heads, MLP 8192, tied embeddings).
+
+    `base` and `1b` are sized for a 24 GB GPU: micro-batches of 8 and 1 sequences of 1024
+    tokens keep the activations within it (`swarmfold init` prints the estimate; see
+    docs/foundation.md, "Memory").
+    """
     if name == "tiny":
         return Spec()
     if name == "small":
@@ -225,10 +285,30 @@ def preset(name: str) -> Spec:
             inner=InnerSpec(lr=1e-3, batch_size=16, warmup_steps=50),
             round=RoundSpec(inner_steps=25),
         )
-    raise SpecError([f"preset: unknown preset {name!r}; choose 'tiny' or 'small'"])
+    if name == "base":
+        return Spec(
+            model=ModelSpec(hidden_size=768, intermediate_size=3072, num_layers=12, num_heads=12, num_kv_heads=12,
+                            tie_embeddings=True),
+            data=DataSpec(seq_len=1024),
+            inner=InnerSpec(lr=6e-4, batch_size=32, micro_batch_size=8, warmup_steps=100),
+            round=RoundSpec(inner_steps=100),
+            averaging=AveragingSpec(allreduce_timeout=300.0, state_sync_timeout=900.0, commit_timeout=60.0,
+                                    matchmaking_timeout=30.0, record_ttl=300.0),
+        )
+    if name == "1b":
+        return Spec(
+            model=ModelSpec(hidden_size=2048, intermediate_size=8192, num_layers=16, num_heads=32, num_kv_heads=8,
+                            rope_theta=500000.0, tie_embeddings=True),
+            data=DataSpec(seq_len=1024),
+            inner=InnerSpec(lr=3e-4, batch_size=32, micro_batch_size=1, warmup_steps=100),
+            round=RoundSpec(inner_steps=100),
+            averaging=AveragingSpec(allreduce_timeout=900.0, state_sync_timeout=3600.0, commit_timeout=120.0,
+                                    matchmaking_timeout=60.0, record_ttl=600.0, max_message_bytes=1024 * 2**20),
+        )
+    raise SpecError([f"preset: unknown preset {name!r}; choose one of {', '.join(PRESETS)}"])
 
 
-PRESETS = ("tiny", "small")
+PRESETS = ("tiny", "small", "base", "1b")
 
 
 # ---- loading and validation ----------------------------------------------------------
@@ -322,7 +402,20 @@ def load_spec(path: str | Path) -> Spec:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise SpecError([f"not valid TOML: {e}; compare with `swarmfold init` output"], str(path)) from e
-    return spec_from_dict(raw, str(path))
+    spec = spec_from_dict(raw, str(path))
+    return _resolve_local_paths(spec, path.parent)
+
+
+def _resolve_local_paths(spec: Spec, base: Path) -> Spec:
+    """Relative local (unhashed) folders are read relative to the spec file, not the working directory."""
+    changes: dict[str, dict[str, str]] = {}
+    mp = spec.model.pretrained_path
+    if mp and not Path(mp).is_absolute():
+        changes["model"] = {"pretrained_path": str((base / mp).resolve())}
+    tp = spec.tokenizer.path
+    if spec.tokenizer.sha256 and tp and not Path(tp).is_absolute():
+        changes["tokenizer"] = {"path": str((base / tp).resolve())}
+    return spec.replace(**changes) if changes else spec
 
 
 def validate(s: Spec) -> list[str]:
@@ -334,26 +427,28 @@ def validate(s: Spec) -> list[str]:
             e.append(msg)
 
     m = s.model
-    need(m.architecture in ("llama", "mistral", "qwen2"),
-         f"model.architecture: {m.architecture!r} is not supported; use 'llama', 'mistral' or 'qwen2'")
+    if m.hf_config:
+        e.extend(_validate_pretrained(s))
+    else:
+        need(m.architecture in ("llama", "mistral", "qwen2"),
+             f"model.architecture: {m.architecture!r} is not supported; use 'llama', 'mistral' or 'qwen2' "
+             "(or start from a pretrained folder of any architecture: `swarmfold init --from-pretrained PATH`)")
+        need(not m.pretrained_sha256 and not m.pretrained_path,
+             "model.pretrained_sha256/pretrained_path: set without model.hf_config; write the spec with "
+             "`swarmfold init --from-pretrained PATH`")
     for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
         need(getattr(m, name) > 0, f"model.{name}: must be positive, got {getattr(m, name)}")
-    if m.num_heads > 0 and m.hidden_size > 0:
-        need(m.hidden_size % m.num_heads == 0,
-             f"model.hidden_size ({m.hidden_size}) must be divisible by model.num_heads ({m.num_heads}); "
-             "choose sizes where hidden_size / num_heads is a whole number")
-        head_dim = m.hidden_size // m.num_heads
-        need(head_dim % 2 == 0, f"model: head size hidden_size/num_heads = {head_dim} must be even for RoPE")
-    if m.num_kv_heads > 0 and m.num_heads > 0:
-        need(m.num_heads % m.num_kv_heads == 0,
-             f"model.num_heads ({m.num_heads}) must be a multiple of model.num_kv_heads ({m.num_kv_heads})")
+    if not m.hf_config:  # a spec-built model's shape rules (a pretrained config was checked by transformers)
+        _validate_shape(m, need)
     need(0 < m.init_std < 1, f"model.init_std: must be in (0, 1), got {m.init_std}")
-    need(m.rope_theta > 0, f"model.rope_theta: must be positive, got {m.rope_theta}")
 
     t = s.tokenizer
     need(t.kind in ("bytes", "hf"), f"tokenizer.kind: {t.kind!r} is unknown; use 'bytes' or 'hf'")
     if t.kind == "hf":
         need(bool(t.path), "tokenizer.path: required when tokenizer.kind = 'hf'; point it at a local tokenizer folder")
+    need(t.sha256 == "" or _is_sha256(t.sha256),
+         f"tokenizer.sha256: {t.sha256!r} is not a sha256 (64 hex digits); leave it '' or rewrite the spec "
+         "with `swarmfold init --from-pretrained`")
 
     d = s.data
     need(d.seq_len >= 8, f"data.seq_len: must be at least 8, got {d.seq_len}")
@@ -368,6 +463,14 @@ def validate(s: Spec) -> list[str]:
     need(i.grad_clip >= 0, f"inner.grad_clip: must be >= 0 (0 disables clipping), got {i.grad_clip}")
     need(i.batch_size > 0, f"inner.batch_size: must be positive, got {i.batch_size}")
     need(i.precision in ("fp32", "bf16"), f"inner.precision: {i.precision!r} is unknown; use 'fp32' or 'bf16'")
+    need(0 <= i.micro_batch_size <= max(1, i.batch_size),
+         f"inner.micro_batch_size: must be between 0 (the whole batch) and inner.batch_size ({i.batch_size}), "
+         f"got {i.micro_batch_size}")
+    if i.micro_batch_size > 0 and i.batch_size > 0:
+        need(i.batch_size % i.micro_batch_size == 0,
+             f"inner.micro_batch_size ({i.micro_batch_size}) must divide inner.batch_size ({i.batch_size}); "
+             "choose a divisor, e.g. " + ", ".join(str(k) for k in range(1, i.batch_size + 1)
+                                                   if i.batch_size % k == 0)[:60])
 
     r = s.round
     need(r.inner_steps > 0, f"round.inner_steps: must be positive, got {r.inner_steps}; 25 suits the presets")
@@ -421,6 +524,53 @@ def validate(s: Spec) -> list[str]:
     for addr in s.network.bootstrap_peers:
         need(addr.startswith("/") and "/p2p/" in addr,
              f"network.bootstrap_peers: {addr!r} is not a full multiaddr; expected /ip4/HOST/tcp/PORT/p2p/PEER_ID")
+    return e
+
+
+def _validate_shape(m: ModelSpec, need: Any) -> None:
+    if m.num_heads > 0 and m.hidden_size > 0:
+        need(m.hidden_size % m.num_heads == 0,
+             f"model.hidden_size ({m.hidden_size}) must be divisible by model.num_heads ({m.num_heads}); "
+             "choose sizes where hidden_size / num_heads is a whole number")
+        head_dim = m.hidden_size // m.num_heads
+        need(head_dim % 2 == 0, f"model: head size hidden_size/num_heads = {head_dim} must be even for RoPE")
+    if m.num_kv_heads > 0 and m.num_heads > 0:
+        need(m.num_heads % m.num_kv_heads == 0,
+             f"model.num_heads ({m.num_heads}) must be a multiple of model.num_kv_heads ({m.num_kv_heads})")
+    need(m.rope_theta > 0, f"model.rope_theta: must be positive, got {m.rope_theta}")
+
+
+def _is_sha256(text: str) -> bool:
+    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
+
+
+def _validate_pretrained(s: Spec) -> list[str]:
+    """A pretrained start: its config parses, agrees with the shape fields, and its weights are named."""
+    m, e = s.model, []
+    try:
+        cfg = json.loads(m.hf_config)
+    except json.JSONDecodeError as exc:
+        return [f"model.hf_config: not valid JSON ({exc}); rewrite the spec with `swarmfold init --from-pretrained`"]
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("model_type"), str):
+        return ["model.hf_config: expected a config.json object with a model_type; "
+                "rewrite the spec with `swarmfold init --from-pretrained`"]
+    if cfg["model_type"] != m.architecture:
+        e.append(f"model.architecture ({m.architecture!r}) differs from model.hf_config's model_type "
+                 f"({cfg['model_type']!r}); they must agree")
+    for name, keys in (("hidden_size", ("hidden_size", "n_embd", "d_model")),
+                       ("num_layers", ("num_hidden_layers", "n_layer", "num_layers"))):
+        value = next((cfg[k] for k in keys if isinstance(cfg.get(k), int)), None)
+        if value is not None and value != getattr(m, name):
+            e.append(f"model.{name} ({getattr(m, name)}) differs from model.hf_config ({value}); "
+                     "with a pretrained start the config decides: copy its value")
+    if not _is_sha256(m.pretrained_sha256):
+        e.append(f"model.pretrained_sha256: {m.pretrained_sha256!r} is not a sha256 (64 hex digits); "
+                 "rewrite the spec with `swarmfold init --from-pretrained`")
+    if not m.pretrained_path:
+        e.append("model.pretrained_path: required with model.hf_config; point it at your copy of the pretrained folder")
+    if s.tokenizer.kind != "hf":
+        e.append("tokenizer.kind: a pretrained start trains with its own tokenizer; set kind = 'hf' and path to "
+                 "the pretrained folder")
     return e
 
 

@@ -8,8 +8,12 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from swarmfold.fsutil import write_atomic
+
+if TYPE_CHECKING:
+    from swarmfold.spec import Spec
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +45,12 @@ def add_device(p: argparse.ArgumentParser) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("init", help="write a spec file with every field explained")
-    p.add_argument("--preset", choices=["tiny", "small"], default="tiny")
+    p.add_argument("--preset", choices=["tiny", "small", "base", "1b"], default="tiny",
+                   help="model size and training settings (tiny, small: CPUs; base ~114M, 1b ~0.97B: a 24 GB GPU); "
+                        "with --from-pretrained only the training settings")
+    p.add_argument("--from-pretrained", type=Path, default=None, metavar="PATH",
+                   help="a local Hugging Face model folder (config.json, *.safetensors, its tokenizer): "
+                        "the swarm's genesis is its weights")
     p.add_argument("--out", required=True, type=Path, help="where to write the TOML spec")
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
     p.set_defaults(handler=cmd_init)
@@ -103,10 +112,28 @@ def cmd_init(args: argparse.Namespace) -> int:
         print(f"swarmfold init: {args.out} exists; pass --force to overwrite", file=sys.stderr)
         return 2
     spec = preset(args.preset)
+    source = f"preset {args.preset}"
+    if args.from_pretrained is not None:
+        from swarmfold.peer.model import spec_from_pretrained
+
+        print(f"reading {args.from_pretrained} (weights, config, tokenizer) ...", flush=True)
+        spec = spec_from_pretrained(args.from_pretrained, spec)
+        source = f"genesis {spec.model.architecture} from {spec.model.pretrained_path}, " \
+                 f"weights sha256 {spec.model.pretrained_sha256[:16]}…, training settings of preset {args.preset}"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(args.out, to_toml(spec))
-    print(f"wrote {args.out} (preset {args.preset}, swarm id {spec.swarm_id})")
+    print(f"wrote {args.out} ({source}, swarm id {spec.swarm_id})")
+    for line in _memory_lines(spec):
+        print(line)
     return 0
+
+
+def _memory_lines(spec: Spec) -> list[str]:
+    from swarmfold.peer.memory import estimate
+    from swarmfold.peer.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(spec.tokenizer)
+    return estimate(spec, tok.vocab_size, tok.eos_id).lines(spec)
 
 
 def cmd_data_stdlib(args: argparse.Namespace) -> int:

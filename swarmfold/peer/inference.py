@@ -75,6 +75,8 @@ def export(ckpt: Checkpoint, out: Path) -> Path:
 def _write_export(ckpt: Checkpoint, spec: Spec, model: PreTrainedModel, folder: Path) -> None:
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # CLI output stays one line; the bar adds nothing for one file
+    if spec.pretrained:  # the folder's own inference setting (training turns the KV cache off)
+        model.config.use_cache = bool(spec.hf_config_dict().get("use_cache", True))
     try:
         model.save_pretrained(str(folder), safe_serialization=True)
     finally:

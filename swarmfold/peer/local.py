@@ -143,9 +143,10 @@ class LocalPeer:
         # any draw from torch's global generator (dropout, a model's own sampling) is seeded too
         torch.manual_seed(round_seed(self.spec.seed, self.round, self.peer_id, "torch"))
         stats = self.trainer.run(self.batches_for_round(self.round), step_hook)
-        delta = self.theta - flat_params(self.model)
+        delta = flat_params(self.model)  # the one new full copy: θ_local, turned into Δ in place
+        torch.sub(self.theta, delta, out=delta)  # Δ = θ_r − θ_local, the same bits as `theta - local`
         if self.residual is not None:
-            delta = delta + self.residual
+            delta.add_(self.residual)
         tokens = stats.tokens + self.carried_tokens
         weight = float(min(tokens, self.spec.token_cap))
         logger.info("[%s] round %d: trained %d steps, loss %.4f, %.0f tokens/s",
@@ -177,7 +178,8 @@ class LocalPeer:
             self.carried_tokens = 0
             compression = self.spec.averaging.compression
             if result.compressed and compression != "none":
-                self.residual = phase.delta - codec.roundtrip(compression, phase.delta)
+                sent = codec.roundtrip(compression, phase.delta)  # what the others received
+                self.residual = torch.sub(phase.delta, sent, out=sent)  # Δ − decode(encode(Δ)), in place
             else:
                 self.residual = None
         else:  # rolled back: θ_r stays, the local weights (and so Δ) carry into the next round
@@ -339,7 +341,7 @@ def evaluate_model(model: torch.nn.Module, shard: Shard, batch_size: int, max_wi
 def model_from_checkpoint(ckpt: Checkpoint, device: torch.device | str = "cpu") -> tuple[Spec, torch.nn.Module]:
     """Rebuild the spec and the model at θ_r from a checkpoint alone, on `device`."""
     spec = spec_from_dict(ckpt.meta["spec"], str(ckpt.path))
-    model = build_model(spec, int(ckpt.meta["vocab_size"]), int(ckpt.meta["eos_id"]))
+    model = build_model(spec, int(ckpt.meta["vocab_size"]), int(ckpt.meta["eos_id"]), genesis=False)
     names = [n for n, _ in model.named_parameters()]
     with torch.no_grad():
         for n, p in model.named_parameters():

@@ -1,0 +1,90 @@
+"""How much memory a spec's peer needs, roughly, per device kind (printed by `swarmfold init`).
+
+The count follows the copies a peer holds (docs/foundation.md, "Memory"), for P parameters:
+
+  on the training device   weights 4P, gradients 4P, AdamW's two moments 8P, activations
+  on the CPU, always       θ_r 4P; during averaging Δ 4P and the aggregate 4P; the int8
+                           wire form ~1P; the compression residual 4P (int8/fp16);
+                           the outer momentum 4P (outer.momentum > 0)
+
+On the CPU both lists share one RAM. Activations are estimated per micro-batch from the
+tensors a llama block keeps for its backward pass (about 8·d + 4·I numbers per token and
+layer, d = width, I = MLP width; attention is SDPA, so no T×T matrix is kept) and the
+float32 logits with their gradient (3·V per token). It is an estimate for choosing a
+device, not a promise: allocator slack and the framework's own buffers come on top.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from swarmfold.spec import Spec
+
+GiB = 2**30
+
+
+@dataclass
+class MemoryEstimate:
+    parameters: int
+    device_bytes: int  # training state + activations, on a GPU / MPS device
+    host_bytes: int  # what stays on the CPU while a GPU / MPS device trains
+    cpu_bytes: int  # everything, when the CPU trains
+    activation_bytes: int
+
+    def lines(self, spec: Spec) -> list[str]:
+        mb, t = spec.micro_batch, spec.data.seq_len
+        return [
+            f"model: {self.parameters / 1e6:,.{1 if self.parameters >= 1e6 else 3}f}M parameters; memory, roughly "
+            f"(micro-batch {mb} x {t} tokens, activations {self.activation_bytes / GiB:.1f} GiB):",
+            f"  cpu:      {self.cpu_bytes / GiB:6.1f} GiB of RAM",
+            f"  cuda/mps: {self.device_bytes / GiB:6.1f} GiB on the device + {self.host_bytes / GiB:.1f} GiB of RAM"
+            + ("" if self.device_bytes <= 22 * GiB else
+               "  (over a 24 GB GPU: lower inner.micro_batch_size or turn on activation checkpointing)"),
+        ]
+
+
+def count_parameters(spec: Spec, vocab_size: int, eos_id: int) -> int:
+    """Exact parameter count, from the model built on the meta device (no memory, no init)."""
+    from transformers import AutoModelForCausalLM
+
+    from swarmfold.peer.model import _skip_hf_init, build_config
+
+    config = build_config(spec, vocab_size, eos_id)
+    with _skip_hf_init(), torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.tie_weights()
+    return sum(p.numel() for p in model.parameters())
+
+
+def _shape(spec: Spec, vocab_size: int) -> tuple[int, int, int, int]:
+    """(width, MLP width, layers, vocabulary), from the pretrained config when there is one."""
+    cfg = spec.hf_config_dict()
+    m = spec.model
+    d = int(cfg.get("hidden_size") or cfg.get("n_embd") or m.hidden_size)
+    inner = int(cfg.get("intermediate_size") or cfg.get("n_inner") or (m.intermediate_size if not cfg else 4 * d))
+    layers = int(cfg.get("num_hidden_layers") or cfg.get("n_layer") or m.num_layers)
+    vocab = int(cfg.get("vocab_size") or vocab_size)
+    return d, inner, layers, vocab
+
+
+def estimate(spec: Spec, vocab_size: int, eos_id: int, *, activation_checkpointing: bool = False) -> MemoryEstimate:
+    p = count_parameters(spec, vocab_size, eos_id)
+    d, inner, layers, vocab = _shape(spec, vocab_size)
+    tokens = spec.micro_batch * spec.data.seq_len
+    act_bytes = 2 if getattr(spec.inner, "precision", "fp32") == "bf16" else 4
+    per_layer = tokens * (8 * d + 4 * inner) * act_bytes
+    if activation_checkpointing:  # only each layer's input is kept; one layer is recomputed at a time
+        blocks = layers * tokens * d * 4 + per_layer
+    else:
+        blocks = layers * per_layer
+    activations = blocks + tokens * vocab * 4 * 3
+    train_state = 16 * p  # weights, gradients, AdamW exp_avg and exp_avg_sq, all float32
+    host = 4 * p + 4 * p + 4 * p + p  # θ_r, Δ, the aggregate, the int8 wire form
+    if spec.averaging.compression != "none":
+        host += 4 * p  # error-feedback residual
+    if spec.outer.momentum > 0:
+        host += 4 * p
+    return MemoryEstimate(parameters=p, device_bytes=train_state + activations + GiB // 2, host_bytes=host,
+                          cpu_bytes=train_state + activations + host, activation_bytes=activations)
