@@ -69,6 +69,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rounds", required=True, type=positive_int, help="train until this many rounds are done")
     p.add_argument("--peer-id", default="local", help="seed-schedule identity of this peer (default 'local')")
     p.add_argument("--keep", type=positive_int, default=3, help="checkpoints to keep (default 3)")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute activations in the backward pass: less memory, the same bits (not in the spec)")
     _add_threads(p)
     p.set_defaults(handler=cmd_train)
 
@@ -154,7 +156,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     set_threads(args.threads)
     peer = LocalPeer(spec, args.data, peer_id=args.peer_id, threads=args.threads, workdir=args.workdir,
-                     keep_checkpoints=args.keep, device=args.device)
+                     keep_checkpoints=args.keep, device=args.device,
+                     activation_checkpointing=args.activation_checkpointing)
     if peer.resume():
         print(f"resuming at round {peer.round}")
     elif list_checkpoints(args.workdir):

@@ -30,6 +30,7 @@ class PeerOptions:
     threads_explicit: bool = True  # False: --threads was not given, so settings.toml may set it
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps (peer/device.py resolve_device)
     device_explicit: bool = True  # False: --device was not given, so settings.toml may set it
+    activation_checkpointing: bool = False  # recompute activations in backward (local: the same bits)
 
 
 def add_peer_arguments(p: argparse.ArgumentParser) -> None:
@@ -53,6 +54,9 @@ def add_peer_arguments(p: argparse.ArgumentParser) -> None:
                    metavar="DEVICE", help="training device: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or "
                    "mps; the averaging stays on the CPU (default: $SWARMFOLD_DEVICE, else device in "
                    "settings.toml, else auto)")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each block's activations in the backward pass: less memory, ~1/3 more compute, "
+                        "the same bits (a local setting, not part of the spec)")
     p.add_argument("--client-mode", action="store_true",
                    help="accept no incoming connections: send contributions but never reduce (behind NAT)")
     p.add_argument("--no-relay", dest="use_relay", action="store_false",
@@ -91,7 +95,8 @@ def options_from_args(args: argparse.Namespace) -> PeerOptions:
                        threads_explicit=getattr(args, "threads_explicit", False)
                        or "SWARMFOLD_THREADS" in os.environ,
                        device=args.device, device_explicit=getattr(args, "device_explicit", False)
-                       or "SWARMFOLD_DEVICE" in os.environ)
+                       or "SWARMFOLD_DEVICE" in os.environ,
+                       activation_checkpointing=bool(getattr(args, "activation_checkpointing", False)))
 
 
 def options_to_argv(o: PeerOptions) -> list[str]:
@@ -108,6 +113,8 @@ def options_to_argv(o: PeerOptions) -> list[str]:
         argv += ["--threads", str(o.threads)]
     if o.device_explicit:
         argv += ["--device", o.device]
+    if o.activation_checkpointing:
+        argv += ["--activation-checkpointing"]
     for flag, value in (("--rounds", o.rounds), ("--api-port", o.api_port), ("--api-host", o.api_host)):
         if value is not None:
             argv += [flag, str(value)]

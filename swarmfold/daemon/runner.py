@@ -143,7 +143,8 @@ class PeerRunner:
     def _make_peer(self, spec: Spec, data: list[str], peer_id: str) -> LocalPeer:
         o = self.options
         self.peer = peer = LocalPeer(spec, data, peer_id=peer_id, threads=o.threads, workdir=o.workdir,
-                                     keep_checkpoints=o.keep_checkpoints, device=o.device)
+                                     keep_checkpoints=o.keep_checkpoints, device=o.device,
+                                     activation_checkpointing=o.activation_checkpointing)
         self.status.update(device=describe(peer.device), precision=spec.inner.precision)
         if not peer.resume():
             self._checkpoint()  # round 0: a stop before the first round still leaves a checkpoint

@@ -96,7 +96,8 @@ class LocalPeer:
 
     def __init__(self, spec: Spec, data: Sequence[str | Path], *, peer_id: str, threads: int,
                  workdir: Path | None = None, keep_checkpoints: int = 3, tokenizer: Tokenizer | None = None,
-                 shard: Shard | None = None, device: torch.device | str = "cpu"):
+                 shard: Shard | None = None, device: torch.device | str = "cpu",
+                 activation_checkpointing: bool = False):
         self.spec = spec
         self.peer_id = peer_id
         self.threads = threads
@@ -112,7 +113,8 @@ class LocalPeer:
         genesis = build_model(spec, self.tokenizer.vocab_size, self.tokenizer.eos_id)  # on the CPU, on every device
         self.theta = flat_params(genesis)  # θ_r, the round's shared starting point (CPU, float32)
         self.model = genesis.to(self.device)
-        self.trainer = InnerTrainer(self.model, spec.inner)
+        # activation checkpointing is local (the same bits either way), so not in the spec
+        self.trainer = InnerTrainer(self.model, spec.inner, activation_checkpointing=activation_checkpointing)
         if self.device.type != "cpu":
             logger.info("[%s] training on %s (%s)", peer_id[-8:], describe(self.device), spec.inner.precision)
         self.outer = OuterOptimizer(kind=spec.outer.kind, lr=spec.outer.lr, momentum=spec.outer.momentum,

@@ -56,6 +56,29 @@ def lm_loss(model: torch.nn.Module, windows: torch.Tensor, precision: str = "fp3
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
+def set_activation_checkpointing(model: torch.nn.Module, on: bool) -> None:
+    """Recompute each block's activations in the backward pass instead of keeping them.
+
+    A local setting, not part of the spec: the recomputed forward runs the same kernels on
+    the same inputs, so the gradients have the same bits (tests/test_presets.py checks it);
+    it trades about one more forward pass for activation memory of one block at a time.
+    """
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5
+    if enable is None:
+        enable = getattr(model, "gradient_checkpointing_enable", None)
+    if enable is None:
+        raise TypeError(f"{type(model).__name__} has no activation checkpointing")
+    if on:
+        kwargs = {"use_reentrant": False}
+        if getattr(model, "activation_checkpointing_enable", None) is not None:
+            enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+        disable()
+
+
 def make_optimizer(model: torch.nn.Module, inner: InnerSpec) -> torch.optim.AdamW:
     """AdamW; matrices get weight decay, norms and biases do not."""
     decay = [p for _, p in model.named_parameters() if p.dim() >= 2]
@@ -90,9 +113,11 @@ class StepStats:
 class InnerTrainer:
     """Owns the model's AdamW state and the count of inner steps taken (for the lr schedule)."""
 
-    def __init__(self, model: torch.nn.Module, inner: InnerSpec):
+    def __init__(self, model: torch.nn.Module, inner: InnerSpec, *, activation_checkpointing: bool = False):
         self.model = model  # already on its training device: the optimizer state is created there
         self.inner = inner
+        if activation_checkpointing:
+            set_activation_checkpointing(model, True)
         self.device = model_device(model)
         self.optimizer = make_optimizer(model, inner)
         self.step_count = 0
@@ -102,8 +127,7 @@ class InnerTrainer:
         lr = lr_at(self.inner, self.step_count)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        loss = lm_loss(self.model, windows, self.inner.precision)
-        loss.backward()
+        loss = self._forward_backward(windows)
         if self.inner.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self._params, self.inner.grad_clip)
         self.optimizer.step()
@@ -114,6 +138,31 @@ class InnerTrainer:
             raise FloatingPointError(f"training loss became {value} at inner step {self.step_count}; "
                                      "lower inner.lr or raise inner.warmup_steps")
         return value
+
+    def _forward_backward(self, windows: torch.Tensor) -> torch.Tensor:
+        """The batch's mean loss and its gradient in `.grad`: in one pass, or accumulated over
+        micro-batches of `inner.micro_batch_size` sequences (each pass weighs 1/n of the batch;
+        every micro-batch has the same token count, so the mean of their means is the batch mean).
+
+        Micro-batching gives the same gradient in exact arithmetic but not the same bits: each
+        weight's gradient is a sum over the batch's tokens, which one pass reduces inside one
+        matmul and n passes reduce in n partial sums added in float32 — another rounding order.
+        """
+        mb = self.inner.micro_batch_size
+        batch = windows.shape[0]
+        if mb <= 0 or mb >= batch:
+            loss = lm_loss(self.model, windows, self.inner.precision)
+            loss.backward()
+            return loss
+        if batch % mb:
+            raise ValueError(f"inner.micro_batch_size ({mb}) must divide the batch ({batch} sequences)")
+        n = batch // mb
+        total = torch.zeros((), dtype=torch.float32, device=self.device)
+        for k in range(n):
+            part = lm_loss(self.model, windows[k * mb:(k + 1) * mb], self.inner.precision) / n
+            part.backward()
+            total += part.detach()
+        return total
 
     def run(self, batches: list[torch.Tensor], step_hook: Callable[[int], None] | None = None) -> StepStats:
         """Train on `batches`; `step_hook(i)` runs before step i (it may sleep, or raise to interrupt)."""
