@@ -17,6 +17,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -63,20 +64,19 @@ def set_activation_checkpointing(model: torch.nn.Module, on: bool) -> None:
     the same inputs, so the gradients have the same bits (tests/test_presets.py checks it);
     it trades about one more forward pass for activation memory of one block at a time.
     """
-    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5
-    if enable is None:
-        enable = getattr(model, "gradient_checkpointing_enable", None)
-    if enable is None:
+    new_api = hasattr(model, "activation_checkpointing_enable")  # transformers >= 5 renamed it
+    if not new_api and not hasattr(model, "gradient_checkpointing_enable"):
         raise TypeError(f"{type(model).__name__} has no activation checkpointing")
-    if on:
-        kwargs = {"use_reentrant": False}
-        if getattr(model, "activation_checkpointing_enable", None) is not None:
-            enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            enable(gradient_checkpointing_kwargs=kwargs)
+    hf: Any = model
+    kwargs = {"use_reentrant": False}
+    if on and new_api:
+        hf.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif on:
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    elif new_api:
+        hf.activation_checkpointing_disable()
     else:
-        disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
-        disable()
+        hf.gradient_checkpointing_disable()
 
 
 def make_optimizer(model: torch.nn.Module, inner: InnerSpec) -> torch.optim.AdamW:
