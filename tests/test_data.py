@@ -13,15 +13,16 @@ import pytest
 import torch
 
 from swarmfold.peer.corpus import write_stdlib_shards
-from swarmfold.peer.data import DataError, Shard
+from swarmfold.peer.data import DataError, DataOptions, Shard
 from swarmfold.peer.tokenizer import ByteTokenizer
 
 SEQ = 16
 TEXT = "def f(x):\n    return x * 2\n" * 20  # 560 bytes: plenty of 17-token windows
 
 
-def make_shard(paths: list[str | Path], seq_len: int = SEQ) -> Shard:
-    return Shard(paths, ByteTokenizer(), seq_len=seq_len, val_fraction=0.1)
+def make_shard(paths: list[str | Path], seq_len: int = SEQ, **options: object) -> Shard:
+    return Shard(paths, ByteTokenizer(), seq_len=seq_len, val_fraction=0.1,
+                 options=DataOptions(**options))  # type: ignore[arg-type]
 
 
 @pytest.fixture
@@ -97,15 +98,37 @@ BAD: dict[str, tuple[Callable[[Path], tuple[Path, Path]], str]] = {
 
 @pytest.mark.parametrize("case", BAD)
 def test_bad_input_names_the_file_and_writes_nothing(case: str, tmp_path: Path, cache: Path) -> None:
+    """--strict: today's refusal, at the first bad file, naming it."""
     make, message = BAD[case]
     data = tmp_path / "data"
     data.mkdir()
     arg, culprit = make(data)
     with pytest.raises(DataError) as info:
-        make_shard([arg])
+        make_shard([arg], strict=True)
     assert str(culprit) in str(info.value)
     assert message in str(info.value)
     assert _cache_files(cache) == []
+
+
+SKIPPED = {"binary file": "binary file", "undecodable text": "not valid UTF-8 at byte 3",
+           "bad JSONL": "line 2: not valid JSON", "JSONL without text": 'line 2: no string field "text"'}
+
+
+@pytest.mark.parametrize("case", SKIPPED)
+def test_by_default_a_bad_file_is_skipped_with_its_reason(case: str, tmp_path: Path, cache: Path) -> None:
+    make, _ = BAD[case]
+    data = tmp_path / "data"
+    data.mkdir()
+    arg, culprit = make(data)
+    (data / "more.py").write_text(TEXT)
+    shard = make_shard([data])
+    assert culprit.name not in [e.name for e in shard.manifest]
+    assert [s["name"] for s in shard.skipped_json()] == [culprit.name]
+    assert SKIPPED[case] in shard.skipped_json()[0]["reason"]
+    if arg == culprit:  # given alone, the file leaves nothing: an error that gives the reason
+        with pytest.raises(DataError, match="empty shard, no file can be used") as info:
+            make_shard([arg])
+        assert str(culprit) in str(info.value) and "1 skipped" in str(info.value)
 
 
 def test_jsonl_text_field_documents_are_joined_by_end_of_text(tmp_path: Path, cache: Path) -> None:

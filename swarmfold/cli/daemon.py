@@ -98,7 +98,14 @@ def cmd_start(args: argparse.Namespace) -> int:
     from swarmfold.spec import load_spec
 
     options = options_from_args(args)
-    load_spec(options.spec)  # a bad spec fails here, with its message, not in the background
+    spec = load_spec(options.spec)  # a bad spec fails here, with its message, not in the background
+    if options.data:  # so does bad data; the tokens land in the cache the peer then reads
+        from swarmfold.peer.data import Shard
+        from swarmfold.peer.tokenizer import load_tokenizer
+
+        shard = Shard(options.data, load_tokenizer(spec.tokenizer), seq_len=spec.data.seq_len,
+                      val_fraction=spec.data.val_fraction, options=options.data_options())
+        print(shard.summary(), flush=True)
     try:
         settings = load_settings(options.workdir)
     except SettingsError as e:

@@ -10,9 +10,11 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from swarmfold.daemon.options import add_data_arguments
 from swarmfold.fsutil import write_atomic
 
 if TYPE_CHECKING:
+    from swarmfold.peer.data import DataOptions
     from swarmfold.spec import Spec
 
 logger = logging.getLogger(__name__)
@@ -61,6 +63,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--shards", type=positive_int, required=True, help="how many shard folders to write")
     s.add_argument("--out", type=Path, required=True, help="folder that receives shard-0 .. shard-{N-1}")
     s.set_defaults(handler=cmd_data_stdlib)
+    s = dsub.add_parser("prepare", help="check and tokenize files, folders or globs into the token cache; print "
+                                        "what is used and what is skipped, and why")
+    s.add_argument("--data", required=True, nargs="+", help="files, folders or globs of the shard")
+    s.add_argument("--spec", type=Path, default=None,
+                   help="the swarm spec (its tokenizer and seq_len; default: the tiny preset)")
+    s.add_argument("--json", action="store_true", help="print the whole manifest (files used, files skipped) as JSON")
+    add_data_arguments(s)
+    s.set_defaults(handler=cmd_data_prepare)
 
     p = sub.add_parser("train", help="train alone: rounds of H inner steps + the outer step on its own delta")
     p.add_argument("--spec", required=True, type=Path)
@@ -72,6 +82,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute activations in the backward pass: less memory, the same bits (not in the spec)")
     _add_threads(p)
+    add_data_arguments(p)
     p.set_defaults(handler=cmd_train)
 
     p = sub.add_parser("eval", help="validation loss and perplexity of a checkpoint on shards")
@@ -80,6 +91,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-windows", type=positive_int, default=None, help="evaluate at most this many windows")
     p.add_argument("--json", action="store_true")
     _add_threads(p)
+    add_data_arguments(p)
     p.set_defaults(handler=cmd_eval)
 
     p = sub.add_parser("generate", help="sample text from a checkpoint")
@@ -146,6 +158,29 @@ def cmd_data_stdlib(args: argparse.Namespace) -> int:
     return 0
 
 
+def data_options(args: argparse.Namespace) -> DataOptions:
+    from swarmfold.peer.data import DataOptions
+
+    return DataOptions(text_field=args.text_field, max_file_mb=args.max_file_mb, strict=args.strict_data)
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from swarmfold.peer.data import Shard
+    from swarmfold.peer.tokenizer import load_tokenizer
+    from swarmfold.spec import load_spec, preset
+
+    spec = load_spec(args.spec) if args.spec else preset("tiny")
+    shard = Shard(args.data, load_tokenizer(spec.tokenizer), seq_len=spec.data.seq_len,
+                  val_fraction=spec.data.val_fraction, options=data_options(args))
+    if args.json:
+        print(json.dumps(shard.manifest_document(), indent=1))
+        return 0
+    for s in shard.skipped:
+        print(f"skipped {s.name}: {s.reason}")
+    print(shard.summary())
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from swarmfold.averaging.base import SoloAverager
     from swarmfold.peer.checkpoint import CheckpointError, list_checkpoints
@@ -157,7 +192,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     peer = LocalPeer(spec, args.data, peer_id=args.peer_id, threads=args.threads, workdir=args.workdir,
                      keep_checkpoints=args.keep, device=args.device,
-                     activation_checkpointing=args.activation_checkpointing)
+                     activation_checkpointing=args.activation_checkpointing,
+                     data_options=data_options(args))
+    print(peer.shard.summary())
     if peer.resume():
         print(f"resuming at round {peer.round}")
     elif list_checkpoints(args.workdir):
@@ -187,7 +224,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     ckpt = resolve_checkpoint(args.target)
     spec, model = model_from_checkpoint(ckpt, args.device)
     shard = Shard(args.data, load_tokenizer(spec.tokenizer), seq_len=spec.data.seq_len,
-                  val_fraction=spec.data.val_fraction)
+                  val_fraction=spec.data.val_fraction, options=data_options(args))
     loss = evaluate_model(model, shard, spec.inner.batch_size, args.max_windows, precision=spec.inner.precision)
     result = {"checkpoint": str(ckpt.path), "round": ckpt.round, "val_loss": loss,
               "perplexity": math.exp(loss), "val_windows": len(shard.val_windows),

@@ -31,6 +31,37 @@ class PeerOptions:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps (peer/device.py resolve_device)
     device_explicit: bool = True  # False: --device was not given, so settings.toml may set it
     activation_checkpointing: bool = False  # recompute activations in backward (local: the same bits)
+    text_field: str = "text"  # JSONL field / Parquet and Arrow column of the text (peer/data.py DataOptions)
+    max_file_mb: float = 16.0  # text and JSONL files larger than this are skipped
+    strict_data: bool = False  # refuse the shard at the first file that cannot be used, instead of skipping it
+
+    def data_options(self) -> Any:
+        from swarmfold.peer.data import DataOptions
+
+        return DataOptions(text_field=self.text_field, max_file_mb=self.max_file_mb, strict=self.strict_data)
+
+
+def add_data_arguments(p: argparse.ArgumentParser) -> None:
+    """How a shard reads its files: --text-field, --max-file-mb, --strict (see peer/data.py)."""
+    p.add_argument("--text-field", default="text", metavar="NAME",
+                   help="the field of JSONL lines and the column of Parquet/Arrow files that holds the text "
+                        "(default text)")
+    p.add_argument("--max-file-mb", type=_positive_float, default=16.0, metavar="MB",
+                   help="skip text and JSONL files larger than this many MiB (default 16; Parquet and Arrow "
+                        "are streamed and have no cap)")
+    p.add_argument("--strict", dest="strict_data", action="store_true",
+                   help="refuse the shard at the first file that cannot be used (binary, not UTF-8, too big, "
+                        "no text field) instead of skipping it")
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {value}")
+    return value
 
 
 def add_peer_arguments(p: argparse.ArgumentParser) -> None:
@@ -73,6 +104,7 @@ def add_peer_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--initial-peers-from", nargs="*", default=[], metavar="URL",
                    help="join the peers whose control API is at URL (e.g. http://peer1:8470), "
                         "waiting for them to come up; for containers, where addresses are not known ahead")
+    add_data_arguments(p)
 
 
 class _Explicit(argparse.Action):
@@ -96,7 +128,8 @@ def options_from_args(args: argparse.Namespace) -> PeerOptions:
                        or "SWARMFOLD_THREADS" in os.environ,
                        device=args.device, device_explicit=getattr(args, "device_explicit", False)
                        or "SWARMFOLD_DEVICE" in os.environ,
-                       activation_checkpointing=bool(getattr(args, "activation_checkpointing", False)))
+                       activation_checkpointing=bool(getattr(args, "activation_checkpointing", False)),
+                       text_field=args.text_field, max_file_mb=args.max_file_mb, strict_data=args.strict_data)
 
 
 def options_to_argv(o: PeerOptions) -> list[str]:
@@ -118,7 +151,11 @@ def options_to_argv(o: PeerOptions) -> list[str]:
     for flag, value in (("--rounds", o.rounds), ("--api-port", o.api_port), ("--api-host", o.api_host)):
         if value is not None:
             argv += [flag, str(value)]
-    for flag, on in (("--client-mode", o.client_mode), ("--no-relay", not o.use_relay),
+    if o.text_field != "text":
+        argv += ["--text-field", o.text_field]
+    if o.max_file_mb != 16.0:
+        argv += ["--max-file-mb", repr(o.max_file_mb)]
+    for flag, on in (("--strict", o.strict_data), ("--client-mode", o.client_mode), ("--no-relay", not o.use_relay),
                      ("--auto-relay", o.use_auto_relay), ("--allow-remote-api", o.allow_remote_api)):
         if on:
             argv.append(flag)

@@ -144,8 +144,11 @@ class PeerRunner:
         o = self.options
         self.peer = peer = LocalPeer(spec, data, peer_id=peer_id, threads=o.threads, workdir=o.workdir,
                                      keep_checkpoints=o.keep_checkpoints, device=o.device,
-                                     activation_checkpointing=o.activation_checkpointing)
+                                     activation_checkpointing=o.activation_checkpointing,
+                                     data_options=o.data_options())
         self.status.update(device=describe(peer.device), precision=spec.inner.precision)
+        logger.info("%s", peer.shard.summary())
+        write_json_atomic(Path(o.workdir) / "manifest.json", peer.shard.manifest_document())  # files used and skipped
         if not peer.resume():
             self._checkpoint()  # round 0: a stop before the first round still leaves a checkpoint
         self.status.update(round=peer.round, model_sha256=peer.theta_sha256)

@@ -24,7 +24,7 @@ from swarmfold.averaging.base import Averager, AverageRequest, AverageResult
 from swarmfold.averaging.outer import OuterOptimizer
 from swarmfold.averaging.verification import ENVIRONMENT_CLASS
 from swarmfold.peer.checkpoint import Checkpoint, CheckpointError, load_latest, save_checkpoint
-from swarmfold.peer.data import Shard
+from swarmfold.peer.data import DataOptions, Shard
 from swarmfold.peer.device import (
     configure_determinism,
     describe,
@@ -97,7 +97,8 @@ class LocalPeer:
     def __init__(self, spec: Spec, data: Sequence[str | Path], *, peer_id: str, threads: int,
                  workdir: Path | None = None, keep_checkpoints: int = 3, tokenizer: Tokenizer | None = None,
                  shard: Shard | None = None, device: torch.device | str = "cpu",
-                 activation_checkpointing: bool = False):
+                 activation_checkpointing: bool = False,
+                 data_options: DataOptions | None = None):
         self.spec = spec
         self.peer_id = peer_id
         self.threads = threads
@@ -109,7 +110,7 @@ class LocalPeer:
         set_threads(threads)  # the thread count is part of the determinism contract, and recorded
         self.tokenizer = tokenizer or load_tokenizer(spec.tokenizer)
         self.shard = shard or Shard(data, self.tokenizer, seq_len=spec.data.seq_len,
-                                    val_fraction=spec.data.val_fraction)
+                                    val_fraction=spec.data.val_fraction, options=data_options)
         genesis = build_model(spec, self.tokenizer.vocab_size, self.tokenizer.eos_id)  # on the CPU, on every device
         self.theta = flat_params(genesis)  # θ_r, the round's shared starting point (CPU, float32)
         self.model = genesis.to(self.device)
@@ -231,6 +232,7 @@ class LocalPeer:
             "spec": self.spec.to_dict(),
             "manifest_hash": self.shard.manifest_hash,
             "manifest": self.shard.manifest_json(),
+            "manifest_skipped": self.shard.skipped_json(),
             "model_sha256": self.theta_sha256,
             "tokens_total": self.tokens_total,
             "carried_tokens": self.carried_tokens,
