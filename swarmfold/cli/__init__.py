@@ -22,7 +22,7 @@ def _modules() -> list:
     from swarmfold.cli import peer as peer_cmds
 
     mods = [peer_cmds]
-    for optional in ("swarm", "daemon", "contrib"):
+    for optional in ("swarm", "daemon", "contrib", "doctor"):
         try:
             mods.append(__import__(f"swarmfold.cli.{optional}", fromlist=["register"]))
         except ModuleNotFoundError as e:
