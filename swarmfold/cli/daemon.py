@@ -98,14 +98,7 @@ def cmd_start(args: argparse.Namespace) -> int:
     from swarmfold.spec import load_spec
 
     options = options_from_args(args)
-    spec = load_spec(options.spec)  # a bad spec fails here, with its message, not in the background
-    if options.data:  # so does bad data; the tokens land in the cache the peer then reads
-        from swarmfold.peer.data import Shard
-        from swarmfold.peer.tokenizer import load_tokenizer
-
-        shard = Shard(options.data, load_tokenizer(spec.tokenizer), seq_len=spec.data.seq_len,
-                      val_fraction=spec.data.val_fraction, options=options.data_options())
-        print(shard.summary(), flush=True)
+    load_spec(options.spec)  # a bad spec fails here, with its message, not in the background
     try:
         settings = load_settings(options.workdir)
     except SettingsError as e:
@@ -126,6 +119,9 @@ def cmd_start(args: argparse.Namespace) -> int:
         _err("start", str(e))
         return e.code if e.code in (EXIT_BAD_INPUT, EXIT_LOCKED) else EXIT_FAILURE
     print(f"started swarmfold peer (pid {started.pid}) in {options.workdir}")
+    summary = (started.status or {}).get("data")
+    if summary:
+        print(summary)  # the shard's summary line: files, bytes, tokens, skipped by reason
     if started.api:
         print(f"dashboard: {started.api['url']}")
         for addr in (started.status or {}).get("visible_maddrs", []):

@@ -148,6 +148,7 @@ class PeerRunner:
                                      data_options=o.data_options())
         self.status.update(device=describe(peer.device), precision=spec.inner.precision)
         logger.info("%s", peer.shard.summary())
+        self.status.update(data=peer.shard.summary())
         write_json_atomic(Path(o.workdir) / "manifest.json", peer.shard.manifest_document())  # files used and skipped
         if not peer.resume():
             self._checkpoint()  # round 0: a stop before the first round still leaves a checkpoint

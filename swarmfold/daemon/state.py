@@ -48,6 +48,7 @@ class PeerStatus:
     last_checkpoint_time: float | None = None
     last_checkpoint_path: str = ""
     visible_maddrs: list[str] = field(default_factory=list)
+    data: str = ""  # the shard's summary line (peer/data.py Shard.summary)
     rounds: Counter = field(default_factory=Counter)  # committed / alone / rolled_back / failed
     bytes_sent: int = 0
     bytes_received: int = 0
@@ -134,7 +135,7 @@ class PeerStatus:
                 "last_checkpoint_age_s": None if self.last_checkpoint_time is None
                 else now - self.last_checkpoint_time,
                 "last_checkpoint_path": self.last_checkpoint_path,
-                "visible_maddrs": list(self.visible_maddrs),
+                "visible_maddrs": list(self.visible_maddrs), "data": self.data,
                 "rounds": dict(self.rounds), "bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received,
                 "rejected": dict(self.rejected), "paused": self.paused,
                 "uptime_s": now - self.started_at,
