@@ -4,7 +4,7 @@ Each check gives one line: `ok` with what it found, or `PROBLEM` with what is wr
 the fix. The exit status is 0 when every check is ok, 1 otherwise.
 
   versions    Python, torch, hivemind (the swarm pins hivemind 1.1.12), swarmfold
-  device      what `--device auto` would pick (auto_device below: CUDA, then Apple MPS, then CPU)
+  device      what `--device auto` would pick (peer/device.py: CUDA, then Apple MPS, then the CPU)
   disk        free space in the workdir and the token cache
   threads     the threads the peer would use against the cores this process may run on
   api port    whether the control API's port (settings.toml or --api-port) is free
@@ -55,18 +55,10 @@ class Check:
 
 
 def auto_device() -> str:
-    """The device `--device auto` picks: the first CUDA device, else Apple's MPS, else the CPU.
+    """The device `--device auto` picks (peer/device.py resolve_device: CUDA, then MPS, then the CPU)."""
+    from swarmfold.peer.device import describe, resolve_device
 
-    Written against torch directly (the peer's own device selection lands separately); it
-    must agree with it: CUDA first, then MPS, then CPU."""
-    import torch
-
-    if torch.cuda.is_available():
-        return f"cuda:0 ({torch.cuda.get_device_name(0)})"
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        return "mps"
-    return "cpu"
+    return describe(resolve_device("auto"))
 
 
 def check_versions() -> Check:
