@@ -2,9 +2,14 @@
 
 It writes N stdlib shards, starts N real peers (`swarmfold run`, separate processes on
 127.0.0.1, each with its own DHT node and libp2p daemon), shows their rounds as they
-train, then trains the two references on exactly the batches the peers used:
+train, and trains the two references on exactly the batches the peers use:
   - each peer alone on its shard for the same tokens;
   - the data-parallel equivalent: one model with batch N·B for the same steps.
+The peers' identities are made first, so their ids (which seed their batches) are known
+before they start, and the references train in worker processes (one thread each, one per
+core, `nice` 10) while the swarm runs: they take the CPU the peers leave idle (start-up,
+matchmaking, all-reduce) and all of it once the peers are done. Progress of the references
+is shown with the rounds, then as a bar.
 It prints validation loss on every shard for all of them, the bytes each peer sent next
 to what per-step gradient all-reduce would have sent, and writes DIR/result.json.
 """
@@ -13,28 +18,112 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
 import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 from typing import IO, Any
 
 from swarmfold.averaging.base import allreduce_fp32_bytes_per_step
+from swarmfold.averaging.identity import load_or_create_identity
 from swarmfold.errors import UserError
 from swarmfold.fsutil import write_json_atomic
 from swarmfold.peer.checkpoint import list_checkpoints, load_checkpoint_dir
 from swarmfold.peer.corpus import write_stdlib_shards
-from swarmfold.peer.local import LocalPeer, evaluate_model, model_from_checkpoint
+from swarmfold.peer.local import evaluate_model, model_from_checkpoint
 from swarmfold.peer.reference import load_shards, train_data_parallel, train_isolated
 from swarmfold.peer.trainer import set_threads
+from swarmfold.progress import Progress
 from swarmfold.spec import Spec, preset, to_toml
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_ROUNDS = 12  # 300 inner steps per peer with the tiny preset's H = 25
 EVAL_WINDOWS = 128  # validation windows per shard (the same for every model)
+REFERENCE_NICE = 10  # the references yield the CPU to the peers while the swarm runs
+
+_progress_queue: Any = None  # in a reference worker: where it reports finished batches
+
+
+def _init_reference_worker(queue: Any, niceness: int) -> None:
+    global _progress_queue
+    _progress_queue = queue
+    if niceness:
+        os.nice(niceness)
+    set_threads(1)
+
+
+def _reference_job(spec: Spec, shard_paths: list[Path], ids: list[str], kind: str, index: int,
+                   rounds: int) -> dict[str, float]:
+    """Train one reference (kind 'alone' for peer `index`, or 'data-parallel') and evaluate it on every shard."""
+    shards = load_shards(spec, shard_paths)
+    h = spec.round.inner_steps
+    per_round = h * (len(ids) if kind == "data-parallel" else 1)  # batches of B
+
+    def report(_round: int) -> None:
+        _progress_queue.put(per_round)
+
+    if kind == "data-parallel":
+        model = train_data_parallel(spec, shards, ids, rounds=rounds, on_round=report)
+    else:
+        model = train_isolated(spec, shards[index], ids[index], rounds=rounds, threads=1, on_round=report).model
+    return {p.name: evaluate_model(model, s, spec.inner.batch_size, EVAL_WINDOWS)
+            for p, s in zip(shard_paths, shards, strict=True)}
+
+
+class _References:
+    """The references, trained in worker processes from the start of the swarm (see the module docstring)."""
+
+    def __init__(self, spec: Spec, shard_paths: list[Path], ids: list[str], rounds: int):
+        ctx = multiprocessing.get_context("spawn")
+        self.queue = ctx.Queue()
+        workers = max(1, min(os.cpu_count() or 1, len(ids) + 1))
+        self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_reference_worker,
+                                        initargs=(self.queue, REFERENCE_NICE))
+        self.total = 2 * rounds * spec.round.inner_steps * len(ids)  # batches of B: N alone + data-parallel
+        self.done = 0
+        self.jobs: dict[str, Future] = {"data-parallel": self.pool.submit(  # the longest first
+            _reference_job, spec, shard_paths, ids, "data-parallel", 0, rounds)}
+        for i in range(len(ids)):
+            self.jobs[f"alone-{i}"] = self.pool.submit(_reference_job, spec, shard_paths, ids, "alone", i, rounds)
+
+    def poll(self) -> int:
+        """Batches finished since the last poll."""
+        new = 0
+        while True:
+            try:
+                new += int(self.queue.get_nowait())
+            except Exception:  # queue.Empty
+                break
+        self.done += new
+        return new
+
+    def percent(self) -> str:
+        self.poll()
+        return f"references {100 * self.done / self.total:.0f}%"
+
+    def results(self) -> dict[str, dict[str, float]]:
+        """Wait for every reference, showing progress; the per-shard losses of each."""
+        with Progress("training the references", total=self.total, unit="batch", interval=15.0) as bar:
+            bar.update(self.done)
+            while not all(f.done() for f in self.jobs.values()):
+                time.sleep(0.5)
+                new = self.poll()
+                if new:
+                    bar.update(new)
+            bar.update(self.poll())
+        out = {name: f.result() for name, f in self.jobs.items()}
+        self.pool.shutdown()
+        return out
+
+    def cancel(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        for proc in list(getattr(self.pool, "_processes", {}).values()):  # a running job is not cancelled
+            proc.kill()
 
 
 def demo_spec(peers: int) -> Spec:
@@ -80,7 +169,8 @@ def _newest_meta(workdir: Path) -> dict[str, Any] | None:
     return None
 
 
-def _watch(procs: list[subprocess.Popen], workdirs: list[Path], rounds: int, stdout: IO[str]) -> None:
+def _watch(procs: list[subprocess.Popen], workdirs: list[Path], rounds: int, stdout: IO[str],
+           extra: Any = lambda: "") -> None:
     shown = 0
     while True:
         metas = [_newest_meta(w) for w in workdirs]
@@ -91,7 +181,7 @@ def _watch(procs: list[subprocess.Popen], workdirs: list[Path], rounds: int, std
             losses = "  ".join(f"{(m.get('last_round') or {}).get('status', '?'):>9}" for m in row)
             hashes = {m["model_sha256"] for m in row if m["round"] == done}
             agree = "all peers hold the same model" if len(hashes) == 1 else f"{len(hashes)} different models"
-            print(f"  round {shown:3d}/{rounds}  [{losses}]  {agree}", file=stdout, flush=True)
+            print(f"  round {shown:3d}/{rounds}  [{losses}]  {agree}  {extra()}", file=stdout, flush=True)
         if all(p.poll() is not None for p in procs):
             bad = [(i, p.returncode) for i, p in enumerate(procs) if p.returncode != 0]
             if bad:
@@ -129,6 +219,10 @@ def run_demo(*, peers: int = 3, rounds: int | None = None, out: Path = Path("run
             import shutil
 
             shutil.rmtree(w / "checkpoints")
+    # the peers' ids seed their batches: made now, the references can train while the swarm does
+    ids = [load_or_create_identity(w / "identity.key").peer_id for w in workdirs]
+    refs = _References(spec, shard_paths, ids, rounds)
+    t_start = time.monotonic()
     try:
         procs.append(_start(0, out, spec_path, shard_paths[0], rounds, threads, []))
         first = _wait_json(workdirs[0] / "peer.json", procs)
@@ -143,8 +237,11 @@ def run_demo(*, peers: int = 3, rounds: int | None = None, out: Path = Path("run
             time.sleep(0.25)
         print(f"  started {peers} peers (logs in {out}/peer-*/peer.log); training:", file=stdout, flush=True)
         t0 = time.monotonic()
-        _watch(procs, workdirs, rounds, stdout)
+        _watch(procs, workdirs, rounds, stdout, refs.percent)
         swarm_seconds = time.monotonic() - t0
+    except BaseException:
+        refs.cancel()
+        raise
     finally:
         for p in procs:
             if p.poll() is None:
@@ -154,19 +251,29 @@ def run_demo(*, peers: int = 3, rounds: int | None = None, out: Path = Path("run
                 except (ProcessLookupError, subprocess.TimeoutExpired):
                     os.killpg(p.pid, signal.SIGKILL)
 
-    print(f"  swarm finished in {swarm_seconds:.0f}s; training the references on the same batches...",
-          file=stdout, flush=True)
-    return _report(spec, shard_paths, workdirs, rounds, out, stdout)
+    print(f"  swarm finished in {swarm_seconds:.0f}s; the references (trained alongside, on the same batches) "
+          f"are {refs.percent().split()[-1]} done...", file=stdout, flush=True)
+    try:
+        references = refs.results()
+    except BaseException:
+        refs.cancel()
+        raise
+    reference_wait = time.monotonic() - t0 - swarm_seconds
+    return _report(spec, shard_paths, workdirs, rounds, out, stdout, references,
+                   {"swarm_s": swarm_seconds, "references_after_swarm_s": reference_wait,
+                    "total_s": time.monotonic() - t_start}, ids)
 
 
 def _report(spec: Spec, shard_paths: list[Path], workdirs: list[Path], rounds: int, out: Path,
-            stdout: IO[str]) -> int:
-    cores = max(1, os.cpu_count() or 1)  # the peers have finished: the references may use every core
-    set_threads(cores)
+            stdout: IO[str], references: dict[str, dict[str, float]], timings: dict[str, float],
+            trained_for: list[str]) -> int:
+    set_threads(max(1, os.cpu_count() or 1))  # the peers have finished: the evaluation may use every core
     shards = load_shards(spec, shard_paths)
     names = [p.name for p in shard_paths]
     metas = [json.loads((list_checkpoints(w)[0] / "meta.json").read_text()) for w in workdirs]
     ids = [m["peer_id"] for m in metas]
+    if ids != trained_for:
+        raise RuntimeError(f"the references were trained for peers {trained_for}, but the peers are {ids}")
 
     def per_shard(model: Any) -> dict[str, float]:
         return {n: evaluate_model(model, s, spec.inner.batch_size, EVAL_WINDOWS) for n, s in zip(names, shards,
@@ -174,12 +281,9 @@ def _report(spec: Spec, shard_paths: list[Path], workdirs: list[Path], rounds: i
 
     _, swarm_model = model_from_checkpoint(load_checkpoint_dir(list_checkpoints(workdirs[0])[0]))
     swarm = per_shard(swarm_model)
-    isolated: list[dict[str, Any]] = []
-    for pid, shard, name in zip(ids, shards, names, strict=True):
-        alone: LocalPeer = train_isolated(spec, shard, pid, rounds=rounds, threads=cores)
-        isolated.append({"peer_id": pid, "shard": name, "val_loss_per_shard": per_shard(alone.model)})
-    dp_model = train_data_parallel(spec, shards, ids, rounds=rounds)
-    data_parallel = per_shard(dp_model)
+    isolated: list[dict[str, Any]] = [{"peer_id": pid, "shard": name, "val_loss_per_shard": references[f"alone-{i}"]}
+                                      for i, (pid, name) in enumerate(zip(ids, names, strict=True))]
+    data_parallel = references["data-parallel"]
 
     numel = sum(p.numel() for p in swarm_model.parameters())
     ddp_bytes = rounds * spec.round.inner_steps * allreduce_fp32_bytes_per_step(numel, len(ids))
@@ -193,7 +297,7 @@ def _report(spec: Spec, shard_paths: list[Path], workdirs: list[Path], rounds: i
         "isolated": [dict(r, val_loss_mean=_mean(r["val_loss_per_shard"])) for r in isolated],
         "ddp_bytes_per_peer": ddp_bytes,
         "rounds": rounds, "inner_steps": spec.round.inner_steps, "spec_hash": spec.spec_hash,
-        "eval_windows_per_shard": EVAL_WINDOWS,
+        "eval_windows_per_shard": EVAL_WINDOWS, "seconds": timings,
     }
     write_json_atomic(out / "result.json", result)
 
@@ -212,6 +316,8 @@ def _report(spec: Spec, shard_paths: list[Path], workdirs: list[Path], rounds: i
     print(f"\nswarm mean {_mean(swarm):.4f} vs best peer alone {min(alone_means):.4f} vs data-parallel "
           f"{_mean(data_parallel):.4f}: the swarm {'beats' if beats else 'does NOT beat'} every peer alone.",
           file=stdout)
+    print(f"wall time: swarm {timings['swarm_s']:.0f} s, then {timings['references_after_swarm_s']:.0f} s more "
+          f"for the references; {timings['total_s']:.0f} s in all", file=stdout)
     print(f"wrote {out / 'result.json'}", file=stdout)
     from swarmfold.peer.inference import generate
 

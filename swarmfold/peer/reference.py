@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -28,7 +28,8 @@ def load_shards(spec: Spec, shard_paths: Sequence[Path]) -> list[Shard]:
     return [Shard([p], tok, seq_len=spec.data.seq_len, val_fraction=spec.data.val_fraction) for p in shard_paths]
 
 
-def train_data_parallel(spec: Spec, shards: Sequence[Shard], peer_ids: Sequence[str], *, rounds: int) -> torch.nn.Module:
+def train_data_parallel(spec: Spec, shards: Sequence[Shard], peer_ids: Sequence[str], *, rounds: int,
+                        on_round: Callable[[int], None] | None = None) -> torch.nn.Module:
     """One model trained on the concatenation of every peer's batch at every step."""
     tok = shards[0].tokenizer
     model = build_model(spec, tok.vocab_size, tok.eos_id)
@@ -42,15 +43,19 @@ def train_data_parallel(spec: Spec, shards: Sequence[Shard], peer_ids: Sequence[
             per_peer.append([shard.train_batch(row) for row in order])
         for t in range(h):
             trainer.step(torch.cat([batches[t] for batches in per_peer]))
+        if on_round is not None:
+            on_round(r + 1)
     return model
 
 
 def train_isolated(spec: Spec, shard: Shard, peer_id: str, *, rounds: int, threads: int,
-                   device: torch.device | str = "cpu") -> LocalPeer:
+                   device: torch.device | str = "cpu", on_round: Callable[[int], None] | None = None) -> LocalPeer:
     """One peer alone for `rounds` rounds: the swarm's round code with no one to average with."""
     peer = LocalPeer(spec, [], peer_id=peer_id, threads=threads, shard=shard, tokenizer=shard.tokenizer,
                      device=device)
     averager = SoloAverager()
-    for _ in range(rounds):
+    for r in range(rounds):
         peer.run_round(averager)
+        if on_round is not None:
+            on_round(r + 1)
     return peer
