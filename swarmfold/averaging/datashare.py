@@ -46,7 +46,7 @@ import random
 import re
 import shutil
 import time
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -396,8 +396,11 @@ class _Part:
 
 def fetch_public_data(swarm: Swarm, manifest_hash: str, dest_dir: Path, *, tokenizer_ident: str | None = None,
                       max_total_bytes: int = MAX_TOTAL_BYTES, timeout: float = 30.0, wait: float = 60.0,
-                      rng: random.Random | None = None) -> FetchReport:
+                      rng: random.Random | None = None,
+                      on_progress: Callable[[int, int], None] | None = None) -> FetchReport:
     """Fetch the data with `manifest_hash` from the swarm's providers into `dest_dir`; see the module doc.
+
+    `on_progress(bytes_downloaded, total_bytes)` is called after each chunk (progress display).
 
     `timeout` bounds each answer of a provider (a stall); `wait` is how long to look for
     providers in the DHT when none has answered yet. `tokenizer_ident`, when given, must be
@@ -408,7 +411,7 @@ def fetch_public_data(swarm: Swarm, manifest_hash: str, dest_dir: Path, *, token
         raise PublicDataFetchError(f"verify.public_data {manifest_hash[:80]!r} is not a manifest hash "
                                    "(64 lowercase hex digits); fix the spec")
     fetcher = _Fetcher(swarm, manifest_hash, Path(dest_dir), tokenizer_ident=tokenizer_ident,
-                       max_total_bytes=max_total_bytes, timeout=timeout)
+                       max_total_bytes=max_total_bytes, timeout=timeout, on_progress=on_progress)
     local = fetcher.local_copy()
     if local is not None:
         logger.info("public data %s… is complete in %s (%d files)", manifest_hash[:12], dest_dir, local.files)
@@ -455,8 +458,9 @@ def fetch_public_data(swarm: Swarm, manifest_hash: str, dest_dir: Path, *, token
 
 class _Fetcher:
     def __init__(self, swarm: Swarm, wanted: str, dest: Path, *, tokenizer_ident: str | None,
-                 max_total_bytes: int, timeout: float):
+                 max_total_bytes: int, timeout: float, on_progress: Callable[[int, int], None] | None = None):
         self.swarm, self.wanted, self.dest = swarm, wanted, dest
+        self.on_progress = on_progress
         self.tokenizer_ident = tokenizer_ident
         self.max_total_bytes, self.timeout = max_total_bytes, timeout
         self.report = FetchReport(manifest_hash=wanted, dest=dest, files=0, total_bytes=0)
@@ -667,6 +671,8 @@ class _Fetcher:
                     part.hasher.update(data)
                     part.offset += len(data)
                     self.report.bytes_downloaded += len(data)
+                    if self.on_progress is not None:
+                        self.on_progress(self.report.bytes_downloaded, self.report.total_bytes)
                 out.flush()
                 os.fsync(out.fileno())
         finally:

@@ -22,6 +22,7 @@ from swarmfold.averaging.datashare import (
 from swarmfold.averaging.swarm import Swarm
 from swarmfold.peer.data import Shard
 from swarmfold.peer.tokenizer import load_tokenizer
+from swarmfold.progress import Progress
 from swarmfold.spec import Spec
 
 logger = logging.getLogger(__name__)
@@ -37,8 +38,10 @@ def fetch_public_shard(swarm: Swarm, spec: Spec, workdir: Path) -> Path:
     dest = public_data_dir(workdir, spec.verify.public_data)
     logger.info("no --data: this swarm trains on its public data %s…; getting it from peers into %s",
                 spec.verify.public_data[:12], dest)
-    fetch_public_data(swarm, spec.verify.public_data, dest, tokenizer_ident=load_tokenizer(spec.tokenizer).ident,
-                      timeout=spec.network.fetch_timeout, wait=spec.network.fetch_wait)
+    with Progress(f"fetching the public data {spec.verify.public_data[:12]}…", unit="B", log=logger) as bar:
+        fetch_public_data(swarm, spec.verify.public_data, dest, tokenizer_ident=load_tokenizer(spec.tokenizer).ident,
+                          timeout=spec.network.fetch_timeout, wait=spec.network.fetch_wait,
+                          on_progress=bar.callback())
     return dest
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel
@@ -16,6 +18,8 @@ from swarmfold.peer.local import model_from_checkpoint
 from swarmfold.peer.seeds import make_generator
 from swarmfold.peer.tokenizer import load_tokenizer
 from swarmfold.spec import Spec
+
+logger = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -53,8 +57,13 @@ def export(ckpt: Checkpoint, out: Path) -> Path:
 
     The folder appears whole or not at all.
     """
+    from swarmfold.progress import Progress
+
+    bar = Progress(f"export to {out}", total=3, unit="step", interval=10.0, log=logger)
     spec, model = model_from_checkpoint(ckpt)
+    bar.update(1)  # the checkpoint is loaded
     if not isinstance(model, PreTrainedModel):
+        bar.close()
         raise TypeError(f"export: expected a transformers model, got {type(model).__name__}")
     out = Path(out)
     if out.exists() and not (out / "swarmfold.json").is_file():
@@ -62,17 +71,19 @@ def export(ckpt: Checkpoint, out: Path) -> Path:
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        _write_export(ckpt, spec, model, tmp)
+        _write_export(ckpt, spec, model, tmp, bar)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        bar.close()
     if out.exists():  # an earlier export: replace it whole
         shutil.rmtree(out)
     os.replace(tmp, out)
     return out
 
 
-def _write_export(ckpt: Checkpoint, spec: Spec, model: PreTrainedModel, folder: Path) -> None:
+def _write_export(ckpt: Checkpoint, spec: Spec, model: PreTrainedModel, folder: Path, bar: Any) -> None:
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # CLI output stays one line; the bar adds nothing for one file
     if spec.pretrained:  # the folder's own inference setting (training turns the KV cache off)
@@ -82,8 +93,10 @@ def _write_export(ckpt: Checkpoint, spec: Spec, model: PreTrainedModel, folder: 
     finally:
         if bars:
             hf_logging.enable_progress_bar()
+    bar.update(1, B=sum(f.stat().st_size for f in folder.iterdir()))  # the weights are written
     if spec.tokenizer.kind == "hf":
         load_tokenizer(spec.tokenizer)._tok.save_pretrained(str(folder))  # type: ignore[attr-defined]
+    bar.update(1)  # the tokenizer and swarmfold.json
     info = {"swarmfold_round": ckpt.round, "model_sha256": ckpt.meta.get("model_sha256"),
             "spec_hash": ckpt.meta.get("spec_hash"), "tokenizer": spec.tokenizer.kind,
             "note": "byte-level tokenizer: token i < 256 is byte i, 256 is end-of-text"
