@@ -104,8 +104,9 @@ class RoundTimeouts:
     def phase_bounds(self) -> dict[str, float]:
         """The longest each phase of one attempt can take (what docs/swarm.md tabulates)."""
         return {
-            "matchmaking (attempt 0)": self.matchmaking + self.leader_grace + self.join,
-            "matchmaking (retry)": self.retry_window + self.leader_grace + self.join,
+            # a follower: the window, its leader's grace for the proposal, the grace again for the final list
+            "matchmaking (attempt 0)": self.matchmaking + 2 * self.leader_grace,
+            "matchmaking (retry)": self.retry_window + 2 * self.leader_grace,
             "all-reduce": self.span_exchange,
             "commit": self.commit,
             "all-reduce + commit (safety net)": self.attempt_budget,
