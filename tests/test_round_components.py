@@ -224,15 +224,16 @@ def test_members_commit_on_agreeing_digests_and_not_otherwise() -> None:
     g = _group(["a", "b"])
     same = judge(g, "a", [_outcome(["a", "b"]), _outcome(["a", "b"])])
 
-    async def both(jb: Any) -> tuple[bool, bool]:
+    async def both(jb: Any) -> tuple[tuple[bool, list[str]], tuple[bool, list[str]]]:
         stats = {"sent": 0, "received": 0}
         ra, rb = await asyncio.gather(commits["a"].commit(g, 3, same, dict(stats)), commits["b"].commit(g, 3, jb, stats))
         return ra, rb
 
-    assert asyncio.run(both(judge(g, "b", [_outcome(["a", "b"]), _outcome(["a", "b"])]))) == (True, True)
+    assert asyncio.run(both(judge(g, "b", [_outcome(["a", "b"]), _outcome(["a", "b"])]))) == ((True, ["b"]),
+                                                                                               (True, ["a"]))
     commits, _ = _commits(["a", "b"])
     other = judge(g, "b", [_outcome(["a", "b"], "e"), _outcome(["a", "b"])])
-    assert asyncio.run(both(other)) == (False, False)
+    assert asyncio.run(both(other)) == ((False, []), (False, []))
 
 
 def test_judge_names_what_went_wrong() -> None:

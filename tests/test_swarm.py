@@ -278,7 +278,8 @@ def test_a_flood_of_votes_and_parts_for_made_up_groups_does_not_stop_honest_comm
         tmp_path: Path, shards: list[Path], procs: list[subprocess.Popen]) -> None:
     """A non-member floods both honest peers with votes and parts for random group ids (far more
     than any table holds) and with failing votes for the group ids they are about to use; every
-    honest round still commits, bit-identical to `simulate`."""
+    honest round still commits, each member hearing the other's vote (not committing by default
+    when the commit window closes without it), bit-identical to `simulate`."""
     import sys
 
     from swarm_helpers import TESTS
@@ -311,5 +312,7 @@ def test_a_flood_of_votes_and_parts_for_made_up_groups_does_not_stop_honest_comm
     for w in honest:
         info = last_rounds(w)
         assert all(info[r]["status"] == "committed" and len(info[r]["included"]) == 2 for r in range(1, rounds + 1)), info
+        other = [p for p in ids if p != _ids([w])[0]]
+        assert all(info[r]["confirmed"] == other for r in range(1, rounds + 1)), info
         got = model_hashes(w)
         assert {r: got[r] for r in range(1, rounds + 1)} == {r: sim[r] for r in range(1, rounds + 1)}

@@ -33,6 +33,7 @@ class AverageResult:
     members: list[str] = field(default_factory=list)  # the agreed group, sorted
     included: list[str] = field(default_factory=list)  # whose contributions are in the aggregate
     weights: dict[str, float] = field(default_factory=dict)  # the weight each included contribution had
+    confirmed: list[str] = field(default_factory=list)  # other members whose digest votes matched ours
     rejected: dict[str, str] = field(default_factory=dict)  # peer id -> named error
     attempts: int = 1
     reason: str = ""

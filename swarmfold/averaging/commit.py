@@ -105,9 +105,11 @@ class Commit:
         self._changed = asyncio.Event()
         return True
 
-    async def commit(self, group: Group, round_idx: int, j: Judgement, stats: dict[str, int]) -> bool:
-        """Exchange digest votes; True iff we hold the aggregate, no member reported a failure, and every
-        vote received carries our digest (a member that died mid-commit is not waited for)."""
+    async def commit(self, group: Group, round_idx: int, j: Judgement, stats: dict[str, int]
+                     ) -> tuple[bool, list[str]]:
+        """Exchange digest votes: (commit?, the members whose votes confirmed our digest). Commit iff we hold
+        the aggregate, no member reported a failure, and every vote received carries our digest (a member
+        that died mid-commit is not waited for)."""
         ok = not j.failure
         vote = Vote(group_id=group.group_id, ok=ok, digest=j.digest, reason=j.failure).to_wire()
         others = [m for m in group.members if m != self.peer_id]
@@ -136,7 +138,7 @@ class Commit:
             bad = {p[-8:]: v.reason or "different digest" for p, v in got.items() if not (v.ok and v.digest == j.digest)}
             logger.warning("[%s] round %d: not committing (%s)", self.peer_id[-8:], round_idx,
                            j.failure or f"votes: {bad}")
-        return agree
+        return agree, sorted(p for p, v in got.items() if v.ok and v.digest == j.digest)
 
     async def on_vote(self, info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         sender = str(info.peer_id)

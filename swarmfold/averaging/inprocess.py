@@ -31,6 +31,7 @@ def reduce_in_process(requests: dict[str, AverageRequest], *, swarm_id: str, com
         sent = butterfly_bytes(numel, n, i, compression)
         out[pid] = AverageResult(status="committed", aggregate=agg, group_id=gid, members=members,
                                  included=members, weights={p: float(requests[p].weight) for p in members},
+                                 confirmed=[p for p in members if p != pid],
                                  bytes_sent=sent, bytes_received=sent,
                                  compressed=compression != "none")
     return out

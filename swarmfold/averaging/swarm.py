@@ -285,7 +285,7 @@ class Swarm:
         timings["allreduce"] += time.perf_counter() - t0
         t1 = time.perf_counter()
         j = judge(group, self.peer_id, results)
-        committed = await self.committer.commit(group, req.round, j, stats)
+        committed, confirmed = await self.committer.commit(group, req.round, j, stats)
         if red is not None:  # our reducer's traffic (complete: every voter had our result first)
             stats["sent"] += red.bytes_sent
             stats["received"] += red.bytes_received
@@ -299,6 +299,7 @@ class Swarm:
         logger.info("[%s] round %d: committed with %d of %d members (group %s, digest %s)", self.peer_id[-8:],
                     req.round, len(j.included), len(group.members), group.group_id[:8], j.digest[:12])
         return AverageResult(status="committed", aggregate=out, group_id=group.group_id, members=group.members,
-                             included=j.included, weights=j.weights, rejected=j.rejected, timings=timings,
+                             included=j.included, weights=j.weights, confirmed=confirmed, rejected=j.rejected,
+                             timings=timings,
                              bytes_sent=stats["sent"], bytes_received=stats["received"],
                              compressed=self.avg.compression != "none")

@@ -196,7 +196,7 @@ class LocalPeer:
         self.counters[result.status] = self.counters.get(result.status, 0) + 1
         self.last_round = {"round": self.round, "status": result.status, "group_id": result.group_id,
                            "members": list(result.members), "included": list(result.included),
-                           "weights": dict(result.weights),
+                           "weights": dict(result.weights), "confirmed": list(result.confirmed),
                            "rejected": dict(result.rejected), "attempts": result.attempts, "reason": result.reason,
                            "timings": dict(result.timings, train=phase.seconds), "bytes_sent": result.bytes_sent}
         report = RoundReport(round=self.round, status=result.status, train_loss=phase.stats.mean_loss,
