@@ -299,8 +299,9 @@ def preset(name: str) -> Spec:
             data=DataSpec(seq_len=1024),
             inner=InnerSpec(lr=6e-4, batch_size=32, micro_batch_size=8, warmup_steps=100),
             round=RoundSpec(inner_steps=100),
-            averaging=AveragingSpec(allreduce_timeout=300.0, state_sync_timeout=900.0, commit_timeout=60.0,
-                                    matchmaking_timeout=30.0, record_ttl=300.0),
+            averaging=AveragingSpec(allreduce_timeout=300.0, commit_timeout=60.0, matchmaking_timeout=30.0,
+                                    record_ttl=300.0),
+            network=NetworkSpec(state_sync_timeout=900.0),
         )
     if name == "1b":
         return Spec(
@@ -309,8 +310,9 @@ def preset(name: str) -> Spec:
             data=DataSpec(seq_len=1024),
             inner=InnerSpec(lr=3e-4, batch_size=32, micro_batch_size=1, warmup_steps=100),
             round=RoundSpec(inner_steps=100),
-            averaging=AveragingSpec(allreduce_timeout=900.0, state_sync_timeout=3600.0, commit_timeout=120.0,
-                                    matchmaking_timeout=60.0, record_ttl=600.0, max_message_bytes=1024 * 2**20),
+            averaging=AveragingSpec(allreduce_timeout=900.0, commit_timeout=120.0, matchmaking_timeout=60.0,
+                                    record_ttl=600.0, max_message_bytes=1024 * 2**20),
+            network=NetworkSpec(state_sync_timeout=3600.0),
         )
     raise SpecError([f"preset: unknown preset {name!r}; choose one of {', '.join(PRESETS)}"])
 
