@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from swarmfold.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 SPEC_VERSION = 1
 
@@ -125,7 +128,6 @@ class AveragingSpec:
     join_timeout: float = _doc("seconds to wait for a group leader's answer", default=5.0)
     allreduce_timeout: float = _doc("seconds a reducer or member waits for tensor parts", default=60.0)
     commit_timeout: float = _doc("seconds a member waits for the others' digests", default=10.0)
-    state_sync_timeout: float = _doc("seconds to download the model from a peer when joining", default=120.0)
     max_attempts: int = _doc("how many times a round's all-reduce is redone after a failure", default=3)
     max_message_bytes: int = _doc("largest accepted message (bytes), tensor parts included", default=256 * 2**20)
     compression: str = _doc("pseudo-gradient wire format: none, fp16 or int8 (blockwise absmax, error feedback)",
@@ -168,6 +170,11 @@ class NetworkSpec:
                              "public data before it gives up", default=60.0)
     fetch_timeout: float = _doc("seconds a peer serving or fetching public data waits for the other side's "
                                 "next answer or chunk before it moves on", default=30.0)
+    state_sync_timeout: float = _doc("seconds one download of the model and outer state from one peer may take "
+                                     "when joining or catching up (a local setting, not part of the swarm id)",
+                                     default=120.0)
+    poll_interval: float = _doc("seconds between two reads of the matchmaking declarations while gathering a "
+                                "group (a local setting, not part of the swarm id)", default=0.2)
 
 
 @dataclass(kw_only=True)
@@ -292,8 +299,9 @@ def preset(name: str) -> Spec:
             data=DataSpec(seq_len=1024),
             inner=InnerSpec(lr=6e-4, batch_size=32, micro_batch_size=8, warmup_steps=100),
             round=RoundSpec(inner_steps=100),
-            averaging=AveragingSpec(allreduce_timeout=300.0, state_sync_timeout=900.0, commit_timeout=60.0,
-                                    matchmaking_timeout=30.0, record_ttl=300.0),
+            averaging=AveragingSpec(allreduce_timeout=300.0, commit_timeout=60.0, matchmaking_timeout=30.0,
+                                    record_ttl=300.0),
+            network=NetworkSpec(state_sync_timeout=900.0),
         )
     if name == "1b":
         return Spec(
@@ -302,8 +310,9 @@ def preset(name: str) -> Spec:
             data=DataSpec(seq_len=1024),
             inner=InnerSpec(lr=3e-4, batch_size=32, micro_batch_size=1, warmup_steps=100),
             round=RoundSpec(inner_steps=100),
-            averaging=AveragingSpec(allreduce_timeout=900.0, state_sync_timeout=3600.0, commit_timeout=120.0,
-                                    matchmaking_timeout=60.0, record_ttl=600.0, max_message_bytes=1024 * 2**20),
+            averaging=AveragingSpec(allreduce_timeout=900.0, commit_timeout=120.0, matchmaking_timeout=60.0,
+                                    record_ttl=600.0, max_message_bytes=1024 * 2**20),
+            network=NetworkSpec(state_sync_timeout=3600.0),
         )
     raise SpecError([f"preset: unknown preset {name!r}; choose one of {', '.join(PRESETS)}"])
 
@@ -384,8 +393,29 @@ _SECTIONS: dict[str, type] = {
 }
 
 
+# settings that once sat in a hashed section but are purely local: (section, field) -> where they live now
+_MOVED_TO_NETWORK = {("averaging", "state_sync_timeout"): "state_sync_timeout"}
+
+
+def _move_local_settings(raw: dict[str, Any], source: str) -> dict[str, Any]:
+    """Accept a spec written before a local setting left the hashed sections: move its value to
+    [network] and say how to fix the file (the swarm id is computed without it either way)."""
+    moved = None
+    for (section, key), new in _MOVED_TO_NETWORK.items():
+        old = raw.get(section)
+        if isinstance(old, dict) and key in old:
+            moved = moved or {**raw, section: dict(old), "network": dict(raw.get("network") or {})}
+            value = moved[section].pop(key)
+            moved["network"].setdefault(new, value)
+            logger.warning("%s: %s.%s is deprecated: it is a local setting and now lives in [network] "
+                           "(outside the swarm id); move the line `%s = %s` from [%s] to [network]",
+                           source, section, key, new, value, section)
+    return moved if moved is not None else raw
+
+
 def spec_from_dict(raw: dict[str, Any], source: str = "spec") -> Spec:
     errors: list[str] = []
+    raw = _move_local_settings(raw, source)
     spec = _load_section(Spec, raw, "", errors)
     errors.extend(validate(spec))
     if errors:
@@ -492,8 +522,7 @@ def validate(s: Spec) -> list[str]:
     need(a.group_size >= 1, f"averaging.group_size: must be >= 1, got {a.group_size}")
     need(1 <= a.min_group_size <= max(1, a.group_size),
          f"averaging.min_group_size ({a.min_group_size}) must be between 1 and group_size ({a.group_size})")
-    for name in ("matchmaking_timeout", "join_timeout", "allreduce_timeout", "commit_timeout",
-                 "state_sync_timeout", "record_ttl"):
+    for name in ("matchmaking_timeout", "join_timeout", "allreduce_timeout", "commit_timeout", "record_ttl"):
         need(getattr(a, name) > 0, f"averaging.{name}: must be a positive number of seconds, got {getattr(a, name)}")
     need(a.max_attempts >= 1, f"averaging.max_attempts: must be >= 1, got {a.max_attempts}")
     need(a.max_message_bytes >= 2**16, f"averaging.max_message_bytes: must be >= 65536, got {a.max_message_bytes}")
@@ -517,7 +546,7 @@ def validate(s: Spec) -> list[str]:
 
     need(isinstance(s.seed, int) and 0 <= s.seed < 2**63, f"seed: must be an integer in [0, 2^63), got {s.seed}")
     need(bool(s.name.strip()), "name: must not be empty")
-    for name in ("dht_timeout", "fetch_wait", "fetch_timeout"):
+    for name in ("dht_timeout", "fetch_wait", "fetch_timeout", "state_sync_timeout", "poll_interval"):
         value = getattr(s.network, name)
         need(isinstance(value, (int, float)) and value > 0,
              f"network.{name}: must be a positive number of seconds, got {value}")

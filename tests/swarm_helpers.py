@@ -89,6 +89,15 @@ def last_rounds(workdir: Path) -> dict[int, dict]:
     return out
 
 
+def provenances(workdir: Path) -> dict[int, dict]:
+    """round -> meta.json's `provenance` (where that checkpoint's θ came from)."""
+    out = {}
+    for d in sorted((workdir / "checkpoints").glob("round-*")):
+        if (d / "meta.json").exists():
+            out[int(d.name[6:])] = json.loads((d / "meta.json").read_text()).get("provenance", {})
+    return out
+
+
 @contextlib.contextmanager
 def connected_swarms(spec: Any, keys: Path, names: Sequence[str]) -> Iterator[list[Any]]:
     """Real in-process `Swarm`s on 127.0.0.1 (identity keys `keys/<name>.key`), each joined through the

@@ -22,11 +22,12 @@ from conftest import REPO
 from daemon_helpers import fed_status
 from prometheus_client.parser import text_string_to_metric_families
 
-from swarmfold.cli import EXIT_BAD_INPUT, EXIT_LOCKED, build_parser
+from swarmfold.cli import build_parser
 from swarmfold.daemon.api import ControlApi, write_api_file
 from swarmfold.daemon.metrics import METRICS, make_registry, render
 from swarmfold.daemon.settings import DEFAULT_API_PORT, Settings
 from swarmfold.daemon.state import Controls
+from swarmfold.errors import ExitCode
 
 DEPLOY = REPO / "deploy"
 METRIC_NAME = re.compile(r"\bswarmfold_[a-z0-9_]+\b")
@@ -142,7 +143,7 @@ def test_systemd_unit() -> None:
     assert svc["Restart"] == "on-failure"
     assert float(svc["TimeoutStopSec"]) >= Settings().stop_timeout_s
     assert svc["KillSignal"] == "SIGTERM" and "-HUP $MAINPID" in svc["ExecReload"]
-    assert set(svc["RestartPreventExitStatus"].split()) == {str(EXIT_BAD_INPUT), str(EXIT_LOCKED)}
+    assert set(svc["RestartPreventExitStatus"].split()) == {str(int(ExitCode.BAD_INPUT)), str(int(ExitCode.LOCKED))}
     state = svc["StateDirectory"]
     argv = shlex.split(svc["ExecStart"])
     assert argv[0].endswith("/swarmfold")

@@ -21,6 +21,7 @@ from swarm_helpers import (
     log_tail,
     model_hashes,
     peer_script,
+    provenances,
     start_peer,
     wait_exit,
     wait_ready,
@@ -31,8 +32,7 @@ from swarmfold.peer.simulate import simulate
 
 pytestmark = pytest.mark.slow
 
-NET = {"matchmaking_timeout": 10.0, "join_timeout": 8.0, "allreduce_timeout": 5.0, "commit_timeout": 4.0,
-       "state_sync_timeout": 30.0}
+NET = {"matchmaking_timeout": 10.0, "join_timeout": 8.0, "allreduce_timeout": 5.0, "commit_timeout": 4.0}
 
 
 def _ids(workdirs: list[Path]) -> list[str]:
@@ -76,7 +76,7 @@ def test_kill_in_every_phase(phase: str, tmp_path: Path, shards: list[Path], pro
     victim, survivors = workdirs[0], workdirs[1:]
     # the victim is the first peer (so it is in the groups from the start); it SIGKILLs its own
     # process group (DHT and libp2p daemon included) at that point of its first round >= kill_round
-    start_peer(procs, victim, spec_path, shards[0], rounds=rounds,
+    start_peer(procs, victim, spec_path, shards[0], rounds=rounds, script=peer_script("crashing_peer"),
                env={"SWARMFOLD_TEST_FAULT": f"{phase}@{kill_round}"})
     first = wait_ready(victim)["maddrs"][:1]
     for i, w in enumerate(survivors, 1):
@@ -109,6 +109,9 @@ def test_kill_in_every_phase(phase: str, tmp_path: Path, shards: list[Path], pro
     back = re.search(r"synced to round (\d+)", after_kill) or re.search(r"resumed from \S+ \(round (\d+)", after_kill)
     assert back, log_tail(victim)
     sync_round = int(back[1])
+    if back.re.pattern.startswith("synced"):  # the checkpoint written by the sync says so, not our old round
+        assert last_rounds(victim)[sync_round]["status"] == "synced", last_rounds(victim)[sync_round]
+        assert provenances(victim)[sync_round]["from_peer"] in _ids(survivors)
     joined = [k for k, info in last_rounds(victim).items()
               if k > sync_round and info.get("status") == "committed" and len(info["included"]) == 3]
     assert joined and min(joined) <= sync_round + 2, (sync_round, joined)
@@ -191,6 +194,15 @@ def test_late_joiner_downloads_the_published_state(tmp_path: Path, shards: list[
     assert synced >= 3
     assert ours[synced] == theirs[synced], "the joiner holds exactly the state the swarm published"
     assert set(ours) - {0} == set(range(synced, rounds + 1)), "it trained nothing before syncing"
+    # the checkpoint of the sync records where its state came from, and claims no round of its own
+    first_id = _ids([first])[0]
+    prov, info = provenances(late), last_rounds(late)
+    assert prov[synced]["source"] == "synced" and prov[synced]["from_peer"] == first_id
+    assert prov[synced]["theta_round"] == synced and info[synced]["status"] == "synced"
+    for k in range(synced + 1, rounds + 1):  # then each checkpoint names the group that made it
+        if info[k]["status"] == "committed":
+            assert prov[k]["source"] == "committed" and prov[k]["theta_round"] == k
+            assert prov[k]["group_id"] == info[k]["group_id"] and set(prov[k]["weights"]) == set(info[k]["included"])
     assert any(info.get("status") == "committed" and len(info["included"]) == 2
                for info in last_rounds(late).values()), "then it averaged with the swarm"
 
@@ -260,3 +272,47 @@ def test_state_download_is_checked_against_the_published_hash(tmp_path: Path) ->
             b.download_state([lie], numel=2048)
         with pytest.raises(StateSyncError, match="elements"):
             b.download_state([rec], numel=4096)
+
+
+def test_a_flood_of_votes_and_parts_for_made_up_groups_does_not_stop_honest_commits(
+        tmp_path: Path, shards: list[Path], procs: list[subprocess.Popen]) -> None:
+    """A non-member floods both honest peers with votes and parts for random group ids (far more
+    than any table holds) and with failing votes for the group ids they are about to use; every
+    honest round still commits, each member hearing the other's vote (not committing by default
+    when the commit window closes without it), bit-identical to `simulate`."""
+    import sys
+
+    from swarm_helpers import TESTS
+
+    spec = fast_spec(averaging={**NET, "min_group_size": 2, "group_size": 2})
+    spec_path = write_spec(spec, tmp_path / "spec.toml")
+    rounds = 4
+    honest = [tmp_path / "honest-0", tmp_path / "honest-1"]
+    start_peer(procs, honest[0], spec_path, shards[0], rounds=rounds)
+    first = wait_ready(honest[0])["maddrs"][:1]
+    flood_dir = tmp_path / "flooder"
+    flood_dir.mkdir()
+    log = open(flood_dir / "peer.log", "ab")
+    procs.append(subprocess.Popen(
+        [sys.executable, "-m", "peers.flooding_peer", "--spec", str(spec_path), "--workdir", str(flood_dir),
+         "--initial-peers", *first], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}))
+    deadline = time.monotonic() + 240
+    while not re.search(r"flooder: sent (1[5-9]|[2-9]\d|\d{3,})\d\d votes", (flood_dir / "peer.log").read_text()):
+        assert time.monotonic() < deadline and procs[-1].poll() is None, log_tail(flood_dir)
+        time.sleep(0.3)  # until more than the old table's 1,024 made-up groups are in (honest-0 waits meanwhile)
+    start_peer(procs, honest[1], spec_path, shards[1], rounds=rounds, initial=first)
+    for p, w in zip((procs[0], procs[2]), honest, strict=True):
+        assert wait_exit(p, w, timeout=300) == 0, log_tail(w)
+    assert "sent" in log_tail(flood_dir, 5), "the flood went on during the rounds"
+    ids = _ids(honest)
+    simulate(spec, [[shards[0]], [shards[1]]], rounds=rounds, threads=1, out=tmp_path / "sim", peer_ids=ids,
+             keep_checkpoints=1000)
+    sim = model_hashes(tmp_path / "sim" / "peer-0")
+    for w in honest:
+        info = last_rounds(w)
+        assert all(info[r]["status"] == "committed" and len(info[r]["included"]) == 2 for r in range(1, rounds + 1)), info
+        other = [p for p in ids if p != _ids([w])[0]]
+        assert all(info[r]["confirmed"] == other for r in range(1, rounds + 1)), info
+        got = model_hashes(w)
+        assert {r: got[r] for r in range(1, rounds + 1)} == {r: sim[r] for r in range(1, rounds + 1)}

@@ -41,8 +41,7 @@ from swarmfold.peer.simulate import simulate
 from swarmfold.peer.tokenizer import load_tokenizer
 from swarmfold.spec import Spec
 
-NET = {"matchmaking_timeout": 5.0, "join_timeout": 4.0, "allreduce_timeout": 8.0, "commit_timeout": 4.0,
-       "state_sync_timeout": 30.0}
+NET = {"matchmaking_timeout": 5.0, "join_timeout": 4.0, "allreduce_timeout": 8.0, "commit_timeout": 4.0}
 
 
 def _public_spec(shard: Path, **averaging: object) -> Spec:
@@ -117,30 +116,24 @@ def test_deny_records_need_a_quorum_and_expire(tmp_path: Path) -> None:
 
 def test_a_deny_record_travels_through_the_dht(tmp_path: Path, shards: list[Path]) -> None:
     """Peer a publishes a deny record; peer b (another DHT node) reads it and leaves the peer out."""
-    from swarmfold.averaging.aggregate import Contribution
-    from swarmfold.averaging.protocol import Expectation
-    from swarmfold.averaging.swarm import _Reducer
     from swarmfold.averaging.verification import SpanVerdict
 
     spec = _public_spec(shards[0])
     with connected_swarms(spec, tmp_path, ["a", "b"]) as (a, b):
         cheat = load_or_create_identity(tmp_path / "c.key").peer_id
-        red = _Reducer(exp=Expectation(spec_hash=spec.spec_hash, round=3, group_id="g", base_sha256="0" * 64,
-                                       members=frozenset([cheat]), compression="none", numel=1, span_index=0,
-                                       weight_cap=1.0),
-                       parts={cheat: Contribution(torch.zeros(1), 1.0)})
 
         async def deny() -> None:
-            a._deny(cheat, red, SpanVerdict(False, "bitwise", "replay differs", 0.5))
+            a.directory.deny(cheat, 3, SpanVerdict(False, "bitwise", "replay differs", 0.5),
+                             {"group_id": "g", "span": 0, "base_sha256": "0" * 64})
 
-        a._call(deny())
+        a.run_coroutine(deny())
         deadline = time.monotonic() + 30
         seen: set[str] = set()
         while cheat not in seen:
             assert time.monotonic() < deadline, "b never saw the deny record"
-            seen = b._call(b._refresh_denied(4))
+            seen = b.run_coroutine(b.directory.refresh_denied(4))
             time.sleep(0.3)
-        assert a._call(a._refresh_denied(4)) == {cheat}, "the issuer refuses it too"
+        assert a.run_coroutine(a.directory.refresh_denied(4)) == {cheat}, "the issuer refuses it too"
 
 
 @pytest.mark.slow

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
@@ -30,6 +32,8 @@ class AverageResult:
     group_id: str = ""
     members: list[str] = field(default_factory=list)  # the agreed group, sorted
     included: list[str] = field(default_factory=list)  # whose contributions are in the aggregate
+    weights: dict[str, float] = field(default_factory=dict)  # the weight each included contribution had
+    confirmed: list[str] = field(default_factory=list)  # other members whose digest votes matched ours
     rejected: dict[str, str] = field(default_factory=dict)  # peer id -> named error
     attempts: int = 1
     reason: str = ""
@@ -48,6 +52,14 @@ class SoloAverager:
 
     def average(self, request: AverageRequest) -> AverageResult:
         return AverageResult(status="alone", aggregate=request.delta, reason="training alone")
+
+
+def group_id_for(swarm_id: str, round_idx: int, attempt: int, members: list[str], *, waiting: bool = False) -> str:
+    """The id every member of a group derives from the same facts: swarm, round, attempt (or the waiting
+    room of min_group_size, which peers reach from any attempt) and the sorted member list."""
+    where: int | str = "wait" if waiting else attempt
+    blob = json.dumps([swarm_id, round_idx, where, sorted(members)], separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:32]
 
 
 def partition_groups(peer_ids: list[str], group_size: int) -> list[list[str]]:

@@ -62,6 +62,8 @@ from swarmfold.averaging.records import (
     owned_subkey,
     owner_peer_id,
 )
+from swarmfold.averaging.timeouts import HANDOFF_MARGIN
+from swarmfold.averaging.transport import DHT_ERRORS
 from swarmfold.errors import UserError
 from swarmfold.fsutil import fsync_dir, write_atomic
 from swarmfold.hashing import file_sha256
@@ -226,7 +228,7 @@ def find_providers(swarm: Swarm, wanted: str) -> list[Provider]:
 
     now = get_dht_time()
     out = []
-    for subkey, value, exp in entries(swarm.run_coroutine(get(), timeout=swarm.spec.network.dht_timeout + 5)):
+    for subkey, value, exp in entries(swarm.run_coroutine(get(), timeout=swarm.timeouts.dht_call)):
         p = parse_provider(subkey, value, wanted)
         if p is not None and exp > now and p.peer_id != swarm.peer_id:
             out.append(p)
@@ -269,10 +271,10 @@ class DataServer:
             self.swarm.add_handler(DATA, self._handle)
             self._registered = True
         if self._refresh is None:
-            self.swarm.run_coroutine(self._start(), timeout=10)
+            self.swarm.run_coroutine(self._start(), timeout=self.swarm.timeouts.local_call)
         try:
-            self.swarm.run_coroutine(self._announce(h), timeout=self.swarm.spec.network.dht_timeout + 5)
-        except Exception as e:  # the refresh loop tries again
+            self.swarm.run_coroutine(self._announce(h), timeout=self.swarm.timeouts.dht_call)
+        except DHT_ERRORS as e:  # the refresh loop tries again
             logger.warning("[%s] could not announce data %s… yet: %s", self.swarm.peer_id[-8:], h[:12], e)
         logger.info("[%s] serving public data %s… (%d files, %s bytes)", self.swarm.peer_id[-8:], h[:12],
                     len(manifest.files), f"{manifest.total_bytes:,}")
@@ -286,7 +288,7 @@ class DataServer:
         """Stop refreshing the announcements (they expire) and answering (the handler refuses)."""
         self._served.clear()
         if self._refresh is not None:
-            self.swarm.run_coroutine(self._cancel(), timeout=10)
+            self.swarm.run_coroutine(self._cancel(), timeout=self.swarm.timeouts.local_call)
 
     async def _start(self) -> None:
         self._refresh = asyncio.ensure_future(self._refresh_loop())
@@ -315,8 +317,10 @@ class DataServer:
             for h in list(self._served):
                 try:
                     await self._announce(h)
-                except Exception as e:  # retried at the next beat
-                    logger.debug("announcing data %s… failed: %s", h[:12], e)
+                except DHT_ERRORS as e:  # retried at the next beat
+                    logger.info("announcing data %s… failed: %s", h[:12], e)
+                except Exception:  # not a DHT hiccup: a bug worth seeing; the next beat still runs
+                    logger.warning("announcing data %s… failed unexpectedly", h[:12], exc_info=True)
 
     async def _handle(self, info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -424,8 +428,8 @@ def fetch_public_data(swarm: Swarm, manifest_hash: str, dest_dir: Path, *, token
         while True:
             try:
                 found = [p for p in find_providers(swarm, manifest_hash) if p.peer_id not in bad]
-            except Exception as e:  # a DHT hiccup: look again until the deadline
-                logger.debug("could not read the providers of %s…: %s", manifest_hash[:12], e)
+            except DHT_ERRORS as e:  # a DHT hiccup: look again until the deadline
+                logger.info("could not read the providers of %s…: %s", manifest_hash[:12], e)
                 found = []
             order.shuffle(found)
             for provider in found:
@@ -526,22 +530,25 @@ class _Fetcher:
         async def bounded() -> T:
             return await asyncio.wait_for(coro, self.timeout)
         try:
-            return self.swarm.run_coroutine(bounded(), timeout=self.timeout + 5)
+            return self.swarm.run_coroutine(bounded(), timeout=self.timeout + HANDOFF_MARGIN)
         except TimeoutError as e:
             raise _NetError(f"no answer within {self.timeout:g} s") from e
         except wire.WireError as e:
             if isinstance(e.__cause__, asyncio.IncompleteReadError):
                 raise _NetError(str(e)) from e  # the stream closed
             raise  # an oversized or malformed message: the provider misbehaved
-        except Exception as e:  # the network boundary: unreachable, reset
+        except DHT_ERRORS as e:  # the network boundary: unreachable, reset
+            raise _NetError(str(e) or type(e).__name__) from e
+        except Exception as e:  # not a network failure: a bug worth seeing; this provider is left
+            logger.warning("data request failed unexpectedly", exc_info=True)
             raise _NetError(str(e) or type(e).__name__) from e
 
     def _close(self, writer: asyncio.StreamWriter) -> None:
         async def close() -> None:
             wire.close(writer)
         try:
-            self.swarm.run_coroutine(close(), timeout=5)
-        except Exception as e:  # the stream is gone either way
+            self.swarm.run_coroutine(close(), timeout=self.swarm.timeouts.local_call)
+        except DHT_ERRORS as e:  # the stream is gone either way
             logger.debug("closing a data stream: %s", e)
 
     def _ask(self, provider: Provider, msg: dict[str, Any], max_reply: int

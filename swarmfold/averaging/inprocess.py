@@ -7,17 +7,9 @@ encode the aggregate once and hand every member the decoded form of those bytes.
 
 from __future__ import annotations
 
-import hashlib
-import json
-
 from swarmfold.averaging import codec
 from swarmfold.averaging.aggregate import Contribution, aggregate
-from swarmfold.averaging.base import AverageRequest, AverageResult, butterfly_bytes
-
-
-def group_id_for(swarm_id: str, round_idx: int, attempt: int, members: list[str]) -> str:
-    blob = json.dumps([swarm_id, round_idx, attempt, sorted(members)], separators=(",", ":")).encode()
-    return hashlib.sha256(blob).hexdigest()[:32]
+from swarmfold.averaging.base import AverageRequest, AverageResult, butterfly_bytes, group_id_for
 
 
 def reduce_in_process(requests: dict[str, AverageRequest], *, swarm_id: str, compression: str, rule: str,
@@ -38,6 +30,8 @@ def reduce_in_process(requests: dict[str, AverageRequest], *, swarm_id: str, com
     for i, pid in enumerate(members):
         sent = butterfly_bytes(numel, n, i, compression)
         out[pid] = AverageResult(status="committed", aggregate=agg, group_id=gid, members=members,
-                                 included=members, bytes_sent=sent, bytes_received=sent,
+                                 included=members, weights={p: float(requests[p].weight) for p in members},
+                                 confirmed=[p for p in members if p != pid],
+                                 bytes_sent=sent, bytes_received=sent,
                                  compressed=compression != "none")
     return out

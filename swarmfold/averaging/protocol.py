@@ -10,9 +10,8 @@ the wire. A rejected contribution is left out of the round and never stalls the 
 from __future__ import annotations
 
 import enum
-import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -20,7 +19,10 @@ import torch
 from swarmfold.averaging import codec
 from swarmfold.averaging.wire import WireError, field
 
-PROTOCOL = "swarmfold/2"  # 2: spans stream in chunks
+if TYPE_CHECKING:
+    from swarmfold.averaging.messages import PartHeader
+
+PROTOCOL = "swarmfold/3"  # 2: spans stream in chunks; 3: typed messages (averaging/messages.py)
 HELLO, PROPOSE, REDUCE, VOTE, STATE = (f"{PROTOCOL}/{name}" for name in ("hello", "propose", "reduce", "vote", "state"))
 DATA = f"{PROTOCOL}/data"  # the public data's manifest and files (averaging/datashare.py)
 
@@ -113,45 +115,39 @@ class Expectation:
     max_payload_bytes: int = 1 << 62  # averaging.max_message_bytes
 
 
-def check_header(msg: dict[str, Any], sender: str, exp: Expectation) -> float:
-    """Validate a contribution's header (everything but the numbers); returns its weight or raises Rejected."""
-    try:
-        if sender not in exp.members:
-            raise Rejected(Rejection.NOT_A_MEMBER, f"{sender} is not in group {exp.group_id[:8]}")
-        spec_hash = field(msg, "spec_hash", str)
-        if spec_hash != exp.spec_hash:
-            raise Rejected(Rejection.WRONG_SPEC, f"spec {spec_hash[:12]} is not ours ({exp.spec_hash[:12]})")
-        round_idx = field(msg, "round", int)
-        if round_idx != exp.round:
-            raise Rejected(Rejection.WRONG_ROUND, f"round {round_idx}, expected {exp.round}")
-        base = field(msg, "base_sha256", str)
-        if base != exp.base_sha256:
-            raise Rejected(Rejection.WRONG_BASE, f"trained from {base[:12]}, the group's base is {exp.base_sha256[:12]}")
-        dtype = field(msg, "dtype", str)
-        if dtype != DTYPE_OF_CODEC[exp.compression]:
-            raise Rejected(Rejection.WRONG_DTYPE, f"dtype {dtype!r}, expected {DTYPE_OF_CODEC[exp.compression]!r}")
-        numel = field(msg, "numel", int)
-        span = field(msg, "span", int)
-        if span != exp.span_index or numel != exp.numel:
-            raise Rejected(Rejection.WRONG_SHAPE, f"span {span} of {numel} elements, expected span "
-                           f"{exp.span_index} of {exp.numel}")
-        size = field(msg, "payload_bytes", int)
-        if size > exp.max_payload_bytes:
-            raise Rejected(Rejection.OVERSIZED, f"a payload of {size} bytes exceeds the limit of "
-                           f"{exp.max_payload_bytes} bytes")
-        if size != span_payload_size(exp.compression, exp.numel):
-            raise Rejected(Rejection.WRONG_SHAPE, f"payload of {size} bytes, expected "
-                           f"{span_payload_size(exp.compression, exp.numel)}")
-        if field(msg, "chunk", int) != CHUNK_ELEMENTS:
-            raise Rejected(Rejection.MALFORMED, f"chunks of {msg['chunk']} elements, expected {CHUNK_ELEMENTS}")
-        weight = field(msg, "weight", (int, float))
-        if not math.isfinite(weight) or weight <= 0:
-            raise Rejected(Rejection.MALFORMED, f"weight {weight} must be a positive number")
-        if weight > exp.weight_cap:
-            raise Rejected(Rejection.WEIGHT_ABOVE_CAP, f"weight {weight} exceeds the cap {exp.weight_cap}")
-        return float(weight)
-    except WireError as e:
-        raise Rejected(Rejection.MALFORMED, str(e)) from e
+def check_header(msg: dict[str, Any] | PartHeader, sender: str, exp: Expectation) -> float:
+    """Validate a contribution's header (everything but the numbers); returns its weight or raises Rejected.
+    A map from the wire is first parsed as a `messages.PartHeader` (a malformed one is `malformed`)."""
+    from swarmfold.averaging.messages import PartHeader
+
+    if sender not in exp.members:
+        raise Rejected(Rejection.NOT_A_MEMBER, f"{sender} is not in group {exp.group_id[:8]}")
+    h = msg if isinstance(msg, PartHeader) else PartHeader.from_wire(msg)
+    if h.spec_hash != exp.spec_hash:
+        raise Rejected(Rejection.WRONG_SPEC, f"spec {h.spec_hash[:12]} is not ours ({exp.spec_hash[:12]})")
+    if h.round != exp.round:
+        raise Rejected(Rejection.WRONG_ROUND, f"round {h.round}, expected {exp.round}")
+    if h.base_sha256 != exp.base_sha256:
+        raise Rejected(Rejection.WRONG_BASE, f"trained from {h.base_sha256[:12]}, the group's base is "
+                       f"{exp.base_sha256[:12]}")
+    if h.dtype != DTYPE_OF_CODEC[exp.compression]:
+        raise Rejected(Rejection.WRONG_DTYPE, f"dtype {h.dtype!r}, expected {DTYPE_OF_CODEC[exp.compression]!r}")
+    if h.span != exp.span_index or h.numel != exp.numel:
+        raise Rejected(Rejection.WRONG_SHAPE, f"span {h.span} of {h.numel} elements, expected span "
+                       f"{exp.span_index} of {exp.numel}")
+    if h.payload_bytes > exp.max_payload_bytes:
+        raise Rejected(Rejection.OVERSIZED, f"a payload of {h.payload_bytes} bytes exceeds the limit of "
+                       f"{exp.max_payload_bytes} bytes")
+    if h.payload_bytes != span_payload_size(exp.compression, exp.numel):
+        raise Rejected(Rejection.WRONG_SHAPE, f"payload of {h.payload_bytes} bytes, expected "
+                       f"{span_payload_size(exp.compression, exp.numel)}")
+    if h.chunk != CHUNK_ELEMENTS:
+        raise Rejected(Rejection.MALFORMED, f"chunks of {h.chunk} elements, expected {CHUNK_ELEMENTS}")
+    if h.weight <= 0:
+        raise Rejected(Rejection.MALFORMED, f"weight {h.weight} must be a positive number")
+    if h.weight > exp.weight_cap:
+        raise Rejected(Rejection.WEIGHT_ABOVE_CAP, f"weight {h.weight} exceeds the cap {exp.weight_cap}")
+    return h.weight
 
 
 def check_chunk(msg: dict[str, Any], index: int, compression: str, out: torch.Tensor) -> None:

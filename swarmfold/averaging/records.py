@@ -8,6 +8,7 @@ speak for another.
 
   {swarm}.peers              one record per peer: round, model/outer hashes, metrics, addresses
   {swarm}.mm.{round}.{try}   matchmaking declarations: "ready for this round, from this base"
+  {swarm}.mm.{round}.wait    the same, of peers waiting for a group of min_group_size
   {swarm}.deny               deny records: peers excluded after failed verification
 """
 
@@ -22,8 +23,8 @@ from typing import Any
 import msgpack
 from cryptography.hazmat.primitives import serialization
 from hivemind.dht.crypto import RSASignatureValidator
-from hivemind.utils.crypto import RSAPrivateKey
 
+from swarmfold.averaging.hivemind_adapter import signature_validator
 from swarmfold.averaging.identity import Identity, peer_id_from_public_key
 
 logger = logging.getLogger(__name__)
@@ -40,15 +41,18 @@ def matchmaking_key(swarm_id: str, round_idx: int, attempt: int) -> str:
     return f"swarmfold.{swarm_id}.mm.{round_idx}.{attempt}"
 
 
+def waiting_key(swarm_id: str, round_idx: int) -> str:
+    """Where every peer waiting for a group of min_group_size at this round declares, whatever its attempt."""
+    return f"swarmfold.{swarm_id}.mm.{round_idx}.wait"
+
+
 def deny_key(swarm_id: str) -> str:
     return f"swarmfold.{swarm_id}.deny"
 
 
 def make_validator(identity: Identity) -> RSASignatureValidator:
     """hivemind's signature validator, signing with this peer's identity key."""
-    key = RSAPrivateKey.__new__(RSAPrivateKey)
-    key._private_key = identity.private_key  # hivemind wraps a `cryptography` key; reuse ours
-    return RSASignatureValidator(key)
+    return signature_validator(identity.private_key)
 
 
 def owned_subkey(validator: RSASignatureValidator, peer_id: str) -> bytes:

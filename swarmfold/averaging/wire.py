@@ -14,8 +14,9 @@ from typing import Any
 
 import msgpack
 
+from swarmfold.averaging.hivemind_adapter import widen_reader
+
 HEADER_LEN = 8
-PROTOCOL_VERSION = 1
 
 
 class WireError(Exception):
@@ -90,8 +91,7 @@ def widen(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, limit: int
     asyncio's StreamReader pauses reading once 2 x its limit (64 KiB) is buffered and hivemind
     creates our readers, hence the attribute; were it gone, nothing breaks, it is only slower.
     """
-    if isinstance(getattr(reader, "_limit", None), int):
-        reader._limit = max(reader._limit, limit)  # type: ignore[attr-defined]
+    widen_reader(reader, limit)
     writer.transport.set_write_buffer_limits(high=limit)
     sock = writer.get_extra_info("socket")
     if sock is not None:

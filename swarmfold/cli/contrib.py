@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-EXIT_PASS, EXIT_FAIL, EXIT_BAD_INPUT = 0, 1, 2
+from swarmfold.errors import ExitCode
 
 
 def _emit(text: str) -> None:
@@ -109,11 +109,11 @@ def cmd_contribute(args: argparse.Namespace) -> int:
                             device=args.device)
     except (ContributeError, IdentityError) as e:
         _error("contribute", str(e))
-        return EXIT_BAD_INPUT
+        return ExitCode.BAD_INPUT
     body = result.body
     if args.json:
         _emit(json.dumps(body))
-        return EXIT_PASS
+        return ExitCode.OK
     _emit(f"contribution of peer {body['peer_id']}: {body['steps']} steps from round {body['base']['round']} "
           f"(model {body['base']['model_sha256'][:12]}…), {body['tokens']:,} tokens, "
           f"loss {body['losses'][0]:.4f} -> {body['losses'][-1]:.4f}")
@@ -121,7 +121,7 @@ def cmd_contribute(args: argparse.Namespace) -> int:
     _emit(f"  receipt  {result.receipt_path}  (signed, inner state: {body['inner_start']['source']})")
     if result.snapshot_paths:
         _emit(f"  {len(result.snapshot_paths)} snapshots every {body['snapshots']['interval']} steps for spot checks")
-    return EXIT_PASS
+    return ExitCode.OK
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -136,17 +136,17 @@ def cmd_merge(args: argparse.Namespace) -> int:
                                            options=options)
     except (MergeError, ContributionError) as e:
         _error("merge", str(e))
-        return EXIT_BAD_INPUT
+        return ExitCode.BAD_INPUT
     if args.json:
         _emit(json.dumps({"checkpoint": str(path), "round": result.round, "model_sha256": result.model_sha256,
                           "aggregate_sha256": result.aggregate_sha256, "contributions": result.contributions}))
-        return EXIT_PASS
+        return ExitCode.OK
     _emit(f"merged {len(result.contributions)} contributions with {args.method} ({args.weights} weights) "
           f"into {path}")
     for c in result.contributions:
         _emit(f"  {c['peer_id']}  weight {c['weight']:g}  {c['file']}")
     _emit(f"round {result.round}, model sha256 {result.model_sha256}")
-    return EXIT_PASS
+    return ExitCode.OK
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -163,10 +163,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
             _emit(json.dumps({"passed": False, "refused": True, "reason": str(e)}))
         else:
             _emit(f"FAIL (refused): {e}")
-        return EXIT_FAIL
+        return ExitCode.FAILURE
     except VerifyInputError as e:
         _error("verify", str(e))
-        return EXIT_BAD_INPUT
+        return ExitCode.BAD_INPUT
     if args.json:
         _emit(json.dumps(report.to_dict()))
     else:
@@ -180,4 +180,4 @@ def cmd_verify(args: argparse.Namespace) -> int:
                              environment_class(report.environment_here))
             diff = {k: (claimed[k], here[k]) for k in claimed if claimed[k] != here[k]}
             _emit(f"  environment differs (receipt, here): {diff}")
-    return EXIT_PASS if report.passed else EXIT_FAIL
+    return ExitCode.OK if report.passed else ExitCode.FAILURE

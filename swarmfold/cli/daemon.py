@@ -15,7 +15,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_LOCKED = 0, 1, 2, 3
+from swarmfold.errors import ExitCode
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -103,7 +103,7 @@ def cmd_start(args: argparse.Namespace) -> int:
         settings = load_settings(options.workdir)
     except SettingsError as e:
         _err("start", str(e))
-        return EXIT_BAD_INPUT
+        return ExitCode.BAD_INPUT
     from swarmfold.peer.device import resolve_device
 
     # a missing device fails here too (settings.toml's device applies when --device was not given)
@@ -114,10 +114,10 @@ def cmd_start(args: argparse.Namespace) -> int:
                                  ready_timeout=args.ready_timeout)
     except WorkdirLocked as e:
         _err("start", str(e))
-        return EXIT_LOCKED
+        return ExitCode.LOCKED
     except StartFailed as e:
         _err("start", str(e))
-        return e.code if e.code in (EXIT_BAD_INPUT, EXIT_LOCKED) else EXIT_FAILURE
+        return e.code if e.code in (ExitCode.BAD_INPUT, ExitCode.LOCKED) else ExitCode.FAILURE
     print(f"started swarmfold peer (pid {started.pid}) in {options.workdir}")
     summary = (started.status or {}).get("data")
     if summary:
@@ -128,7 +128,7 @@ def cmd_start(args: argparse.Namespace) -> int:
             print(f"join with: --initial-peers {addr}")
     print(f"log:       {log_path(options.workdir)}")
     print(f"stop with: swarmfold stop --workdir {options.workdir}")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
@@ -158,16 +158,16 @@ def cmd_status(args: argparse.Namespace) -> int:
         snap = api_call(args.workdir, "/api/status", timeout=3.0)
     except ApiUnavailable as e:
         if args.check:
-            return EXIT_FAILURE
+            return ExitCode.FAILURE
         pid = running_pid(args.workdir)
         offline = {"running": pid is not None, "pid": pid, "api_error": str(e),
                    "newest_checkpoint": newest_checkpoint(args.workdir), "last_exit": read_exit_file(args.workdir)}
         print(json.dumps(offline, indent=1) if args.json else format_offline(args.workdir, offline))
-        return EXIT_OK if pid is not None else EXIT_FAILURE
+        return ExitCode.OK if pid is not None else ExitCode.FAILURE
     if args.check:
-        return EXIT_OK
+        return ExitCode.OK
     print(json.dumps(snap, indent=1) if args.json else format_status(snap))
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _age(seconds: float | None) -> str:
@@ -242,7 +242,7 @@ def _control(args: argparse.Namespace, action: str) -> int:
         result = api_call(args.workdir, f"/api/{action}", method="POST", token=read_token(args.workdir))
     except ApiUnavailable as e:
         _err(action, str(e))
-        return EXIT_FAILURE
+        return ExitCode.FAILURE
     reasons = result.get("pause_reasons") or {}
     if action == "pause":
         print("paused: the peer finishes the round it is in, then skips rounds (it stays in the swarm)")
@@ -250,7 +250,7 @@ def _control(args: argparse.Namespace, action: str) -> int:
         print(f"your pause is lifted, but the peer stays paused: {'; '.join(reasons.values())}")
     else:
         print("resumed: the peer catches up with the swarm and trains again")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_pause(args: argparse.Namespace) -> int:
@@ -267,7 +267,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
     path = args.workdir / LOG_DIR / STDIO_FILE if args.stdio else log_path(args.workdir)
     if not path.exists() and not args.follow:
         _err("logs", f"{path} does not exist; has a peer run in {args.workdir}?")
-        return EXIT_FAILURE
+        return ExitCode.FAILURE
     for line in tail_lines(path, args.lines):
         print(line)
     if args.follow:
@@ -277,4 +277,4 @@ def cmd_logs(args: argparse.Namespace) -> int:
                 print(line, flush=True)
         except KeyboardInterrupt:
             pass
-    return EXIT_OK
+    return ExitCode.OK

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from swarmfold.daemon.options import add_data_arguments
+from swarmfold.errors import ExitCode
 from swarmfold.fsutil import write_atomic
 
 if TYPE_CHECKING:
@@ -124,7 +125,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
     if args.out.exists() and not args.force:
         print(f"swarmfold init: {args.out} exists; pass --force to overwrite", file=sys.stderr)
-        return 2
+        return ExitCode.BAD_INPUT
     spec = preset(args.preset)
     source = f"preset {args.preset}"
     if args.from_pretrained is not None:
@@ -139,7 +140,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     print(f"wrote {args.out} ({source}, swarm id {spec.swarm_id})")
     for line in _memory_lines(spec):
         print(line)
-    return 0
+    return ExitCode.OK
 
 
 def _memory_lines(spec: Spec) -> list[str]:
@@ -155,7 +156,7 @@ def cmd_data_stdlib(args: argparse.Namespace) -> int:
 
     for path in write_stdlib_shards(args.shards, args.out):
         print(path)
-    return 0
+    return ExitCode.OK
 
 
 def data_options(args: argparse.Namespace) -> DataOptions:
@@ -174,11 +175,11 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
                   val_fraction=spec.data.val_fraction, options=data_options(args))
     if args.json:
         print(json.dumps(shard.manifest_document(), indent=1))
-        return 0
+        return ExitCode.OK
     for s in shard.skipped:
         print(f"skipped {s.name}: {s.reason}")
     print(shard.summary())
-    return 0
+    return ExitCode.OK
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -208,7 +209,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"round {report.round:4d}  loss {report.train_loss:.4f}  {report.tokens_per_second:,.0f} tokens/s")
     val = peer.evaluate(max_windows=256)
     print(f"done: {peer.round} rounds, validation loss {val:.4f}, model sha256 {peer.theta_sha256[:16]}")
-    return 0
+    return ExitCode.OK
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -233,7 +234,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(json.dumps(result))
     else:
         print(f"round {ckpt.round}: validation loss {loss:.4f}, perplexity {math.exp(loss):.2f}")
-    return 0
+    return ExitCode.OK
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -245,7 +246,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     text = generate(resolve_checkpoint(args.target), args.prompt, tokens=args.tokens,
                     temperature=args.temperature, top_k=args.top_k, seed=args.seed, device=args.device)
     print(args.prompt + text)
-    return 0
+    return ExitCode.OK
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -255,10 +256,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.out.exists() and not (args.out / "swarmfold.json").is_file():
         print(f"swarmfold export: {args.out} exists and is not a swarmfold export; choose a new --out",
               file=sys.stderr)
-        return 2
+        return ExitCode.BAD_INPUT
     out = export(resolve_checkpoint(args.target), args.out)
     print(f"exported to {out}; load with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
-    return 0
+    return ExitCode.OK
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -273,4 +274,4 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     for p in peers:
         print(f"{p.peer_id}: round {p.round}, validation loss {p.evaluate(max_windows=256):.4f}, "
               f"model sha256 {p.theta_sha256[:16]}")
-    return 0
+    return ExitCode.OK

@@ -23,10 +23,12 @@ from swarmfold.averaging.identity import load_or_create_identity
 from swarmfold.averaging.protocol import SpecMismatch, StateSyncError
 from swarmfold.averaging.records import PeerRecord
 from swarmfold.averaging.swarm import JoinError, Swarm
+from swarmfold.averaging.transport import DHT_ERRORS
 from swarmfold.daemon.options import PeerOptions
 from swarmfold.daemon.publicdata import fetch_public_shard, serve_shard
 from swarmfold.daemon.replay import make_swarm_verifier
 from swarmfold.daemon.state import Controls, PeerStatus, RoundRecord
+from swarmfold.errors import ExitCode
 from swarmfold.fsutil import write_json_atomic
 from swarmfold.peer.data import DataError
 from swarmfold.peer.device import describe, resolve_device
@@ -36,7 +38,6 @@ from swarmfold.spec import Spec, load_spec
 
 logger = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
 
 
 @dataclass
@@ -166,8 +167,10 @@ class PeerRunner:
             try:
                 if any(pid != self.peer.peer_id for pid in self.swarm.records()):
                     return
-            except Exception as e:  # the DHT is still settling; try again shortly
+            except DHT_ERRORS as e:  # the DHT is still settling; try again shortly
                 logger.debug("records not readable yet: %s", e)
+            except Exception:  # not a DHT hiccup: a bug worth seeing
+                logger.warning("reading the swarm's records failed unexpectedly", exc_info=True)
             time.sleep(0.5)
         logger.info("[%s] no other peer's record visible after %.0fs; starting from our own state",
                     self.peer.peer_id[-8:], timeout)
@@ -182,14 +185,14 @@ class PeerRunner:
             return self._loop()
         except SpecMismatch as e:
             logger.error("%s", e)
-            return EXIT_BAD_INPUT
+            return ExitCode.BAD_INPUT
         except JoinError as e:
             logger.error("%s", e)
-            return EXIT_FAILURE
+            return ExitCode.FAILURE
         except TrainingInterrupted:
             logger.info("stopped during training; the last checkpoint (round %s) is the state",
                         self.peer.round if self.peer else "?")
-            return EXIT_OK
+            return ExitCode.OK
         finally:
             self.status.set_state("stopping", "shutting down")
             if self.swarm is not None:
@@ -213,7 +216,7 @@ class PeerRunner:
             result = self.swarm.average(self.peer.request(phase))
             report = self.peer.finish_round(phase, result)
             self._after_round(report)
-        return EXIT_OK
+        return ExitCode.OK
 
     def _step_hook(self, step: int) -> None:
         if self.controls.stop.is_set():
@@ -233,8 +236,10 @@ class PeerRunner:
                 try:
                     records = self.swarm.records() if self.swarm is not None else {}
                     self.status.set_swarm({pid: _record_view(r) for pid, r in records.items()})
-                except Exception as e:  # a DHT hiccup only delays the view
-                    logger.debug("could not read the swarm's records while paused: %s", e)
+                except DHT_ERRORS as e:  # a DHT hiccup only delays the view
+                    logger.info("could not read the swarm's records while paused: %s", e)
+                except Exception:  # not a DHT hiccup: a bug worth seeing
+                    logger.warning("reading the swarm's records failed unexpectedly", exc_info=True)
             self.controls.resume_event.wait(timeout=1.0)
         self.status.update(paused=False)
         logger.info("[%s] resumed", self.peer.peer_id[-8:])
@@ -244,8 +249,11 @@ class PeerRunner:
         assert self.peer is not None and self.swarm is not None
         try:
             records = self.swarm.records()
-        except Exception as e:  # a DHT hiccup must not kill the peer; try again next round
+        except DHT_ERRORS as e:  # a DHT hiccup must not kill the peer; try again next round
             logger.warning("could not read the swarm's records: %s", e)
+            return
+        except Exception:  # not a DHT hiccup: a bug worth seeing; the peer trains on and tries next round
+            logger.warning("reading the swarm's records failed unexpectedly", exc_info=True)
             return
         self.status.set_swarm({pid: _record_view(r) for pid, r in records.items()})
         target = choose_sync_target(records, me=self.peer.peer_id, my_round=self.peer.round,
@@ -258,7 +266,7 @@ class PeerRunner:
         except StateSyncError as e:
             logger.warning("[%s] state sync failed: %s; training from our own state", self.peer.peer_id[-8:], e)
             return
-        self.peer.load_shared_state(rnd, theta, outer)
+        self.peer.load_shared_state(rnd, theta, outer, source=source)
         self._synced_at = rnd
         self.status.update(round=self.peer.round, model_sha256=self.peer.theta_sha256)
         logger.info("[%s] synced to round %d (model %s) from %s", self.peer.peer_id[-8:], rnd,
@@ -314,8 +322,10 @@ class PeerRunner:
                                   "timings": last.get("timings", {})})
         try:
             self.swarm.publish(record)
-        except Exception as e:  # publishing is best effort; the heartbeat retries
+        except DHT_ERRORS as e:  # publishing is best effort; the heartbeat retries
             logger.warning("could not publish our record: %s", e)
+        except Exception:  # not a DHT hiccup: a bug worth seeing; the heartbeat still retries
+            logger.warning("publishing our record failed unexpectedly", exc_info=True)
 
 
 def _record_view(r: PeerRecord) -> dict[str, Any]:

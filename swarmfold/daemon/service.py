@@ -50,15 +50,13 @@ from swarmfold.daemon.options import PeerOptions, add_peer_arguments, options_fr
 from swarmfold.daemon.resources import DutyCycle, ResourceWatcher
 from swarmfold.daemon.settings import Settings, SettingsError, load_settings, reload_settings
 from swarmfold.daemon.state import Controls, PeerStatus
-from swarmfold.errors import UserError
+from swarmfold.errors import LOG_FORMAT, ExitCode, UserError, setup_logging
 from swarmfold.peer.checkpoint import CheckpointError
 from swarmfold.peer.data import DataError
 from swarmfold.spec import SpecError
 
 logger = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 LOG_MAX_BYTES, LOG_BACKUPS = 5_000_000, 3
 
 RunPeer = Callable[..., int]
@@ -212,8 +210,9 @@ def run_service(options: PeerOptions, *, foreground: bool, runner: RunPeer | Non
         lock.acquire()
     except WorkdirLocked as e:
         logger.error("%s", e)
-        return EXIT_LOCKED
-    code, status = EXIT_FAILURE, PeerStatus()
+        return ExitCode.LOCKED
+    code: int = ExitCode.FAILURE
+    status = PeerStatus()
     done = threading.Event()
     try:
         with service_logging(workdir, foreground=foreground) as log:
@@ -260,7 +259,7 @@ def _serve(options: PeerOptions, *, status: PeerStatus, runner: RunPeer) -> int:
         settings = load_settings(options.workdir)
     except SettingsError as e:
         logger.error("%s", e)
-        return EXIT_BAD_INPUT
+        return ExitCode.BAD_INPUT
     apply_settings(options, settings)
     controls = Controls()
     prefill_status(status, options.workdir)
@@ -274,19 +273,19 @@ def _serve(options: PeerOptions, *, status: PeerStatus, runner: RunPeer) -> int:
                 options.initial_peers = [*options.initial_peers,
                                          *peers_from_api(options.initial_peers_from, stop=controls.stop)]
             if controls.stop.is_set():
-                return EXIT_OK
+                return ExitCode.OK
             logger.info("settings from %s: %s", settings.source, settings.to_dict())
             return int(runner(options, status=status, controls=controls, settings=settings,
                               step_hook=DutyCycle(settings, controls)) or 0)
         except (RemoteBindRefused, SpecError, DataError, CheckpointError, UserError, FileNotFoundError) as e:
             logger.error("%s", e)
-            return EXIT_BAD_INPUT
+            return ExitCode.BAD_INPUT
         except ConnectionError as e:
             logger.error("%s", e)
-            return EXIT_FAILURE
+            return ExitCode.FAILURE
         except KeyboardInterrupt:
             logger.warning("interrupted: exiting without a final checkpoint")
-            return EXIT_INTERRUPTED
+            return ExitCode.INTERRUPTED
         finally:
             watcher.halt()
             if api is not None:
@@ -300,8 +299,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="swarmfold-daemon", description="a detached swarmfold peer")
     add_peer_arguments(parser)
     args = parser.parse_args(argv)
-    level = os.environ.get("SWARMFOLD_LOG_LEVEL", "INFO").upper()
-    logging.basicConfig(level=getattr(logging, level, logging.INFO), format=LOG_FORMAT, stream=sys.stderr)
-    for noisy in ("hivemind", "transformers", "urllib3", "filelock"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    setup_logging(os.environ.get("SWARMFOLD_LOG_LEVEL", "INFO"))
     return run_service(options_from_args(args), foreground=False)

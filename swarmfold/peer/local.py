@@ -127,6 +127,8 @@ class LocalPeer:
         self.theta_sha256 = tensor_sha256(self.theta)
         self.last_checkpoint_time: float | None = None
         self.last_round: dict[str, Any] = {}  # what happened in the latest round (kept in meta.json)
+        # where θ_r came from (kept in meta.json): genesis, a group's commit, a round alone, or a sync
+        self.provenance: dict[str, Any] = {"source": "genesis", "theta_round": 0}
         self.counters: dict[str, int] = {"bytes_sent": 0, "bytes_received": 0, "committed": 0, "alone": 0,
                                          "rolled_back": 0}  # lifetime totals, kept in meta.json
 
@@ -175,6 +177,7 @@ class LocalPeer:
         if result.status in ("committed", "alone"):
             if result.aggregate is None:
                 raise ValueError("averager returned no aggregate for a committed round")
+            self.provenance = _provenance_of(self.round, result)
             self.theta = self.outer.step(self.theta, result.aggregate)
             set_flat_params(self.model, self.theta)
             self.theta_sha256 = tensor_sha256(self.theta)
@@ -193,6 +196,7 @@ class LocalPeer:
         self.counters[result.status] = self.counters.get(result.status, 0) + 1
         self.last_round = {"round": self.round, "status": result.status, "group_id": result.group_id,
                            "members": list(result.members), "included": list(result.included),
+                           "weights": dict(result.weights), "confirmed": list(result.confirmed),
                            "rejected": dict(result.rejected), "attempts": result.attempts, "reason": result.reason,
                            "timings": dict(result.timings, train=phase.seconds), "bytes_sent": result.bytes_sent}
         report = RoundReport(round=self.round, status=result.status, train_loss=phase.stats.mean_loss,
@@ -211,8 +215,10 @@ class LocalPeer:
     def carrying(self) -> bool:
         return self.carried_tokens > 0 or self.residual is not None
 
-    def load_shared_state(self, round_idx: int, theta: torch.Tensor, outer_state: dict[str, torch.Tensor]) -> None:
-        """Adopt θ_r and outer state downloaded from a peer (late join / catch-up)."""
+    def load_shared_state(self, round_idx: int, theta: torch.Tensor, outer_state: dict[str, torch.Tensor],
+                          source: str = "") -> None:
+        """Adopt θ_r and outer state downloaded from peer `source` (late join / catch-up). The next
+        checkpoint then says so: its provenance is the sync, and its last round is no round of ours."""
         if theta.shape != self.theta.shape or theta.dtype != torch.float32:
             raise ValueError(f"downloaded weights have shape {tuple(theta.shape)}/{theta.dtype}, "
                              f"this spec's model needs ({self.theta.numel()},)/float32")
@@ -223,6 +229,10 @@ class LocalPeer:
         self.round = round_idx
         self.carried_tokens = 0
         self.residual = None
+        self.provenance = {"source": "synced", "theta_round": round_idx, "from_peer": source,
+                           "model_sha256": self.theta_sha256}
+        self.last_round = {"round": round_idx, "status": "synced", "source": source,
+                           "reason": f"downloaded θ of round {round_idx} from {source or 'a peer'}"}
 
     def meta(self) -> dict[str, Any]:
         return {
@@ -243,6 +253,7 @@ class LocalPeer:
             "eos_id": self.tokenizer.eos_id,
             "environment": environment(self.threads, self.device),
             "last_round": self.last_round,
+            "provenance": self.provenance,
             "counters": dict(self.counters),
             "written_at": time.time(),
         }
@@ -284,6 +295,8 @@ class LocalPeer:
         self.carried_tokens = int(meta.get("carried_tokens", 0))
         self.counters.update({k: int(v) for k, v in meta.get("counters", {}).items()})
         self.last_round = dict(meta.get("last_round", {}))
+        self.provenance = dict(meta.get("provenance") or {"source": "unknown",
+                                                          "reason": "written before checkpoints recorded it"})
         set_flat_params(self.model, ckpt.local.get("local_params", theta))
         self.residual = ckpt.local.get("ef_residual")
         recorded = meta.get("environment", {})
@@ -357,3 +370,13 @@ def model_from_checkpoint(ckpt: Checkpoint, device: torch.device | str = "cpu") 
     target = device if isinstance(device, torch.device) else resolve_device(device)
     configure_determinism(target, allow_tf32=spec.inner.allow_tf32)
     return spec, model.to(target)
+
+
+def _provenance_of(round_idx: int, result: AverageResult) -> dict[str, Any]:
+    """Where θ_{r+1} comes from when round r's outcome is applied (committed or alone). A rolled-back
+    round keeps θ_r, and so its provenance: `theta_round` then lags the checkpoint's round."""
+    where = {"theta_round": round_idx + 1, "averaged_round": round_idx}
+    if result.status == "committed":
+        return {"source": "committed", **where, "group_id": result.group_id, "members": list(result.members),
+                "included": list(result.included), "weights": dict(result.weights)}
+    return {"source": "alone", **where, "reason": result.reason}

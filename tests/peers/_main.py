@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import logging
 
 from swarmfold.averaging.swarm import Swarm
 from swarmfold.daemon.options import add_peer_arguments, options_from_args
 from swarmfold.daemon.runner import PeerRunner
+from swarmfold.errors import setup_logging
 
 
 def run_peer(swarm_cls: type[Swarm]) -> int:
@@ -16,6 +16,5 @@ def run_peer(swarm_cls: type[Swarm]) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     add_peer_arguments(sub.add_parser("run"))
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("hivemind").setLevel(logging.WARNING)
+    setup_logging("INFO")
     return PeerRunner(options_from_args(args), swarm_cls=swarm_cls).run()

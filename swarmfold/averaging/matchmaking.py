@@ -1,0 +1,401 @@
+"""Matchmaking: form this round's group, one member list and one group id that every member agrees on
+before any tensor moves.
+
+Each ready peer declares under (swarm, round, attempt) with its base model hash, and
+gathers declarations until its group can be full, every peer known to be at this round
+has declared, or the window closes. The smallest peer id of a group proposes the member
+list; the others accept one proposal only; the leader sends the final list (the group id
+is a hash of swarm, round, attempt and members: base.group_id_for). With
+min_group_size > 1, peers that found too few others meet in the waiting room of their
+round (records.waiting_key) until enough are there, or enough others have moved past it.
+
+`Membership` remembers the groups this peer is in (bounded): the all-reduce and the commit
+accept parts, readiness and votes only from their members.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from swarmfold.averaging import wire
+from swarmfold.averaging.base import AverageRequest, group_id_for, partition_groups
+from swarmfold.averaging.directory import Directory
+from swarmfold.averaging.messages import Answer, Cancel, Final, Propose, parse_matchmaking
+from swarmfold.averaging.protocol import PROPOSE, AveragingError, Phase, Rejected
+from swarmfold.averaging.records import Declaration
+from swarmfold.averaging.timeouts import RoundTimeouts
+from swarmfold.averaging.transport import SMALL_MESSAGE, Net
+from swarmfold.spec import Spec
+
+logger = logging.getLogger(__name__)
+
+MAX_KNOWN_GROUPS = 16  # groups remembered for late parts and votes (a few rounds' worth of attempts)
+
+
+@dataclass
+class Group:
+    round: int
+    attempt: int
+    group_id: str
+    members: list[str]  # sorted
+    clients: frozenset[str]  # members in client mode (they send but do not reduce)
+    leader: str
+    waiting: bool = False  # formed in the waiting room of min_group_size
+
+    @property
+    def reducers(self) -> list[str]:
+        return [m for m in self.members if m not in self.clients]
+
+
+@dataclass(frozen=True)
+class NoGroup:
+    """Matchmaking ended without a group: the window closed (`moved_on` False), or too few peers are
+    left at this round while enough are past it (`moved_on` True: the catch-up will follow them)."""
+
+    moved_on: bool = False
+
+
+class AttemptFailed(AveragingError):
+    """One attempt failed; the next one leaves out `exclude` (and expects `expected`, when known)."""
+
+    def __init__(self, reason: str, exclude: set[str], *, rejected: dict[str, str] | None = None,
+                 bytes_sent: int = 0, bytes_received: int = 0, expected: set[str] | None = None):
+        super().__init__(reason)
+        self.expected = expected
+        self.exclude = exclude
+        self.rejected = rejected or {}
+        self.bytes_sent = bytes_sent
+        self.bytes_received = bytes_received
+
+
+class _JoinWaiters(Exception):
+    """Control flow in matchmaking: peers of this round already wait for a group; join them."""
+
+    def __init__(self, count: int):
+        super().__init__(f"{count} peer(s) already waiting")
+        self.count = count
+
+
+@dataclass
+class _Attempt:
+    """This peer's matchmaking state for one (round, attempt) or the round's waiting room."""
+
+    round: int
+    attempt: int
+    base: str
+    excluded: set[str]
+    waiting: bool = False
+    locked_to: str | None = None  # the leader whose proposal we accepted (or ourselves)
+    proposed: frozenset[str] = frozenset()  # the members of that proposal
+    proposal_event: asyncio.Event = field(default_factory=asyncio.Event)
+    final: asyncio.Future | None = None  # the leader's Final or Cancel
+
+    def here(self, m: Propose | Final | Cancel) -> bool:
+        """Is `m` about where we are (the waiting room is one per round, whatever the attempt)?"""
+        return m.round == self.round and m.waiting == self.waiting and (self.waiting or m.attempt == self.attempt)
+
+
+class Membership:
+    """The groups this peer is in or about to be in: who may send it parts, readiness and votes."""
+
+    def __init__(self) -> None:
+        self._groups: OrderedDict[str, frozenset[str]] = OrderedDict()
+        self._pending: frozenset[str] = frozenset()  # members of the proposal we accepted, final list to come
+
+    def register(self, group: Group) -> None:
+        self._groups[group.group_id] = frozenset(group.members)
+        self._groups.move_to_end(group.group_id)
+        while len(self._groups) > MAX_KNOWN_GROUPS:
+            self._groups.popitem(last=False)
+
+    def set_pending(self, members: frozenset[str]) -> None:
+        self._pending = members
+
+    def members_of(self, group_id: str) -> frozenset[str] | None:
+        return self._groups.get(group_id)
+
+    def is_member(self, sender: str, group_id: str) -> bool:
+        members = self._groups.get(group_id)
+        return members is not None and sender in members
+
+    def may_become_member(self, sender: str) -> bool:
+        """`sender` is in the proposal we accepted: its group's final list may still be on its way to us."""
+        return sender in self._pending
+
+
+class Matchmaker:
+    def __init__(self, net: Net, directory: Directory, spec: Spec, timeouts: RoundTimeouts, *,
+                 client_mode: bool, maddrs: Callable[[], list[str]], stopping: threading.Event,
+                 on_phase: Callable[[str, str], None], on_enter: Callable[[Phase, int], None]):
+        self.net = net
+        self.dir = directory
+        self.spec = spec
+        self.avg = spec.averaging
+        self.tt = timeouts
+        self.peer_id = net.peer_id
+        self.swarm_id = spec.swarm_id
+        self.client_mode = client_mode
+        self.maddrs = maddrs
+        self.stopping = stopping
+        self.on_phase = on_phase
+        self.on_enter = on_enter
+        self.membership = Membership()
+        self._attempt: _Attempt | None = None
+
+    # ---- one attempt ----------------------------------------------------------------------------
+    async def matchmake(self, req: AverageRequest, attempt: int, excluded: set[str], expected: set[str] | None,
+                        for_cause: set[str] | None = None) -> Group | NoGroup:
+        """Form this attempt's group. `excluded` peers are left out; once waiting for a group of
+        min_group_size, only those excluded `for_cause` (a rejected contribution) stay out: a peer
+        that was merely slow or unreachable gets another chance."""
+        a = await self._begin(_Attempt(round=req.round, attempt=attempt, base=req.model_sha256,
+                                       excluded=set(excluded)), self.tt.declaration_ttl(attempt))
+        self.on_enter(Phase.MATCHMAKING, req.round)
+        if expected is None:
+            expected, _ = await self.dir.expected_peers(req.round, excluded)
+        deadline = time.monotonic() + self.tt.gather_window(attempt)
+        while True:
+            group, what = await self._try_form(a, expected, deadline)
+            if group is not None:
+                return group
+            if self.avg.min_group_size <= 1 or self.stopping.is_set():
+                return NoGroup()
+            # min_group_size > 1: keep waiting at this round unless the swarm has moved past it
+            self.on_phase("matchmaking", f"round {req.round}: waiting for a group of at least "
+                          f"{self.avg.min_group_size} ({what})")
+            logger.info("[%s] round %d: %s, waiting for a group of at least %d", self.peer_id[-8:], req.round,
+                        what, self.avg.min_group_size)
+            _, ahead = await self.dir.expected_peers(req.round, excluded)
+            if ahead >= max(1, self.avg.min_group_size - 1):
+                return NoGroup(moved_on=True)
+            # every waiting peer of this round meets in its waiting room, whatever attempt it came from
+            a = await self._begin(_Attempt(round=req.round, attempt=attempt, base=req.model_sha256,
+                                           excluded=set(for_cause or ()), waiting=True), self.tt.waiting_room_ttl)
+            deadline = time.monotonic() + self.tt.matchmaking
+            expected = set()
+
+    async def _begin(self, a: _Attempt, ttl: float) -> _Attempt:
+        a.final = asyncio.get_running_loop().create_future()
+        self._attempt = a
+        self.membership.set_pending(frozenset())
+        decl = Declaration(peer_id=self.peer_id, model_sha256=a.base, client_mode=self.client_mode,
+                           maddrs=self.maddrs())
+        await self.dir.declare(decl, a.round, a.attempt, a.waiting, ttl)
+        return a
+
+    async def _try_form(self, a: _Attempt, expected: set[str], deadline: float) -> tuple[Group | None, str]:
+        """Gather, then lead, follow or wait for a leader; (a group of min_group_size, or None and why)."""
+        try:
+            members = await self._gather(a, expected, deadline)
+            group = None
+            if a.locked_to is not None and a.locked_to != self.peer_id:
+                group = await self._follow(a)
+            else:
+                groups = [g for g in partition_groups(sorted(members), self.avg.group_size) if self.peer_id in g]
+                mine = groups[0] if groups else [self.peer_id]
+                if len(mine) > 1:
+                    if mine[0] == self.peer_id:
+                        group = await self._lead(a, mine, members)
+                    else:
+                        group = await self._await_leader(a, mine, deadline)
+            if group is not None and len(group.members) >= self.avg.min_group_size:
+                return group, ""
+            if group is not None:  # too small to average: release the members
+                await self._cancel(group)
+            return None, f"{len(members)} ready"
+        except _JoinWaiters as w:
+            return None, f"{w.count} already waiting"
+
+    async def _waiting(self, a: _Attempt) -> set[str]:
+        """Other peers already waiting for a group of min_group_size at this round (same base)."""
+        return {pid for pid, d in (await self.dir.declared(a.round, a.attempt, True)).items()
+                if d.model_sha256 == a.base and pid != self.peer_id and pid not in a.excluded}
+
+    async def _gather(self, a: _Attempt, expected: set[str], deadline: float) -> dict[str, Declaration]:
+        """Poll declarations until the group can be full, everyone expected is in, or the deadline.
+
+        With min_group_size > 1: a peer that sees others in its round's waiting room joins them at
+        once (_JoinWaiters) instead of forming a group with peers that have left its attempt; and the
+        waiting peers stop gathering as soon as they are min_group_size."""
+        polls = 0
+        gone: set[str] = set()
+        waiting_room = self.avg.min_group_size > 1
+        while True:
+            declared = await self.dir.declared(a.round, a.attempt, a.waiting)
+            if polls % 5 == 0:
+                gone = await self.dir.moved_past(a.round)
+            polls += 1
+            if waiting_room and not a.waiting and a.locked_to is None:
+                waiting = await self._waiting(a)
+                if waiting - gone:
+                    raise _JoinWaiters(len(waiting - gone))
+            members = {pid: d for pid, d in declared.items()
+                       if d.model_sha256 == a.base and pid not in a.excluded and pid not in gone}
+            members.setdefault(self.peer_id, Declaration(self.peer_id, a.base, self.client_mode, self.maddrs()))
+            if self._gathered(a, members, expected, gone, deadline):
+                return members
+            try:
+                await asyncio.wait_for(a.proposal_event.wait(), self.tt.poll)
+            except TimeoutError:
+                pass
+
+    def _gathered(self, a: _Attempt, members: dict[str, Declaration], expected: set[str], gone: set[str],
+                  deadline: float) -> bool:
+        others = set(members) - {self.peer_id}
+        waiting_room = self.avg.min_group_size > 1
+        enough = waiting_room and a.waiting and len(members) >= self.avg.min_group_size
+        # too few here and enough already past this round: stop gathering, so that the round is
+        # rolled back and the catch-up moves us to where they are (instead of chasing them)
+        left_behind = (waiting_room and len(members) < self.avg.min_group_size
+                       and len(gone) >= self.avg.min_group_size - 1)
+        return (len(members) >= self.avg.group_size or bool(expected and expected <= others) or enough
+                or left_behind or time.monotonic() >= deadline or a.locked_to is not None
+                or self.stopping.is_set())
+
+    # ---- leading --------------------------------------------------------------------------------
+    async def _lead(self, a: _Attempt, proposed: list[str], declared: dict[str, Declaration]) -> Group | None:
+        if a.locked_to is not None:
+            return None
+        a.locked_to, a.proposed = self.peer_id, frozenset(proposed)
+        self.membership.set_pending(a.proposed)
+        clients = sorted(p for p in proposed if declared[p].client_mode)
+        msg = Propose(round=a.round, attempt=a.attempt, waiting=a.waiting, base=a.base, members=tuple(proposed),
+                      clients=tuple(clients), spec_hash=self.spec.spec_hash).to_wire()
+
+        async def ask(peer: str) -> str | None:
+            try:
+                reply, _, _ = await self.net.request(peer, PROPOSE, msg, timeout=self.tt.join,
+                                                     maddrs=declared[peer].maddrs)
+                answer = Answer.from_wire(reply)
+                if answer.ok:
+                    return peer
+                logger.info("[%s] round %d: %s declined our proposal: %s", self.peer_id[-8:], a.round, peer[-8:],
+                            answer.reason)
+            except (AveragingError, Rejected) as e:
+                logger.info("[%s] round %d: proposal to %s failed: %s", self.peer_id[-8:], a.round, peer[-8:], e)
+            return None
+
+        answers = await asyncio.gather(*(ask(p) for p in proposed if p != self.peer_id))
+        members = sorted([self.peer_id] + [p for p in answers if p is not None])
+        group = Group(round=a.round, attempt=a.attempt, members=members, leader=self.peer_id, waiting=a.waiting,
+                      clients=frozenset(p for p in clients if p in members),
+                      group_id=group_id_for(self.swarm_id, a.round, a.attempt, members, waiting=a.waiting))
+        self.membership.register(group)  # before the final list goes out: members may send parts at once
+        final = Final(round=a.round, attempt=a.attempt, waiting=a.waiting, members=tuple(members),
+                      clients=tuple(sorted(group.clients)), group_id=group.group_id).to_wire()
+        cancel = Cancel(round=a.round, attempt=a.attempt, waiting=a.waiting, group_id=group.group_id,
+                        reason="dropped").to_wire()
+        # the final list to members; a cancel to those that answered too late, so they stop waiting
+        await asyncio.gather(*(self._send_final(p, final if p in members else cancel, declared[p].maddrs)
+                               for p in proposed if p != self.peer_id))
+        if len(members) < 2:
+            return None
+        logger.info("[%s] round %d: leading group %s of %d", self.peer_id[-8:], a.round, group.group_id[:8],
+                    len(members))
+        return group
+
+    async def _send_final(self, peer: str, final: dict[str, Any], maddrs: list[str]) -> None:
+        try:
+            await self.net.request(peer, PROPOSE, final, timeout=self.tt.join, maddrs=maddrs)
+        except AveragingError as e:
+            logger.info("final to %s failed: %s", peer[-8:], e)
+
+    async def _cancel(self, group: Group) -> None:
+        if group.leader != self.peer_id:
+            return
+        msg = Cancel(round=group.round, attempt=group.attempt, waiting=group.waiting, group_id=group.group_id,
+                     reason="too_small").to_wire()
+        await asyncio.gather(*(self._send_final(p, msg, []) for p in group.members if p != self.peer_id))
+
+    # ---- following ------------------------------------------------------------------------------
+    async def _await_leader(self, a: _Attempt, mine: list[str], deadline: float) -> Group | None:
+        """Wait for our group's leader (or any valid leader) to propose, then for its final list.
+
+        The leader may still be gathering until about our own deadline (it began when we did),
+        so we wait that long plus the leader's grace before giving up on it."""
+        give_up = time.monotonic() + max(0.0, deadline - time.monotonic()) + self.tt.leader_grace
+        while not a.proposal_event.is_set() and time.monotonic() < give_up:
+            try:
+                await asyncio.wait_for(a.proposal_event.wait(), min(1.0, max(0.01, give_up - time.monotonic())))
+            except TimeoutError:
+                if mine[0] in await self.dir.moved_past(a.round):  # the leader is gone to a later round
+                    break
+                if (self.avg.min_group_size > 1 and not a.waiting and not a.proposal_event.is_set()
+                        and mine[0] in await self._waiting(a)):  # the leader now waits for a bigger group
+                    a.locked_to = self.peer_id  # accept no proposal of this attempt any more
+                    raise _JoinWaiters(1) from None
+        if a.locked_to is None:
+            a.locked_to = self.peer_id  # stop accepting: we give up on this attempt
+            raise AttemptFailed(f"leader {mine[0][-8:]} did not propose in time", {mine[0]},
+                                expected=set(mine) - {mine[0], self.peer_id})
+        return await self._follow(a)
+
+    async def _follow(self, a: _Attempt) -> Group | None:
+        assert a.final is not None
+        try:
+            final = await asyncio.wait_for(asyncio.shield(a.final), self.tt.leader_grace)
+        except TimeoutError as e:
+            raise AttemptFailed(f"no final member list from leader {str(a.locked_to)[-8:]}",
+                                {str(a.locked_to)}) from e
+        if isinstance(final, Cancel):
+            if final.reason == "too_small":
+                return None  # keep waiting at this attempt for more peers
+            raise AttemptFailed(f"leader {str(a.locked_to)[-8:]} formed its group without us", set())
+        return Group(round=a.round, attempt=a.attempt, group_id=final.group_id, members=sorted(final.members),
+                     clients=frozenset(final.clients), leader=str(a.locked_to), waiting=a.waiting)
+
+    async def on_propose(self, info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sender = str(info.peer_id)
+        try:
+            raw, _ = await wire.recv(reader, SMALL_MESSAGE)
+            try:
+                ok, reason = self.consider(sender, parse_matchmaking(raw))
+            except Rejected as r:
+                ok, reason = False, r.label
+            await wire.send(writer, Answer(ok=ok, reason=reason).to_wire())
+        except (wire.WireError, ConnectionError) as e:
+            logger.info("bad proposal from %s: %s", sender[-8:], e)
+        finally:
+            wire.close(writer)
+
+    def consider(self, sender: str, m: Propose | Final | Cancel) -> tuple[bool, str]:
+        """Accept or decline a leader's message (synchronously, so that a final list accepted here is
+        known before the leader hears back and starts the all-reduce)."""
+        a = self._attempt
+        if a is None or not a.here(m):
+            return False, "not at this round/attempt"
+        if isinstance(m, (Final, Cancel)):
+            if a.locked_to != sender or a.final is None or a.final.done():
+                return False, "no pending proposal from you"
+            if isinstance(m, Final):
+                members = sorted(m.members)
+                if (self.peer_id not in members or not set(members) <= a.proposed
+                        or m.group_id != group_id_for(self.swarm_id, a.round, a.attempt, members, waiting=a.waiting)):
+                    a.final.set_result(Cancel(round=m.round, attempt=m.attempt, waiting=m.waiting,
+                                              group_id=m.group_id, reason="dropped"))
+                    return False, "malformed final list"
+                self.membership.register(Group(round=a.round, attempt=a.attempt, group_id=m.group_id,
+                                               members=members, clients=frozenset(m.clients), leader=sender))
+            a.final.set_result(m)
+            return True, ""
+        if a.locked_to is not None:
+            return False, "already in a group"
+        if self.peer_id not in m.members or sender != min(m.members):
+            return False, "malformed proposal"
+        if len(m.members) > self.avg.group_size:
+            return False, "group too large"
+        if m.base != a.base:
+            return False, "different base model"
+        if a.excluded & set(m.members):
+            return False, "proposal includes peers excluded this round"
+        a.locked_to, a.proposed = sender, frozenset(m.members)
+        self.membership.set_pending(a.proposed)
+        a.proposal_event.set()
+        return True, ""

@@ -1,0 +1,114 @@
+"""One timeout budget: every bound of a round, derived in one place from the spec.
+
+The spec's [averaging] section holds the four hashed settings that shape a round
+(matchmaking_timeout, join_timeout, allreduce_timeout, commit_timeout: peers of one swarm
+must agree on them). [network] holds the purely local ones (dht_timeout,
+state_sync_timeout, poll_interval). Everything else below is derived, and each
+multiplier says why it is what it is. docs/swarm.md sums them into how long each phase
+can take at most.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from swarmfold.spec import Spec
+
+# a blocking call from another thread into the network loop waits this much longer than the
+# bound of the coroutine it runs, so that the coroutine's own, named timeout fires first
+HANDOFF_MARGIN = 5.0
+
+
+@dataclass(frozen=True)
+class RoundTimeouts:
+    """Seconds. Built by `from_spec`; nothing else in the round holds a timeout of its own."""
+
+    matchmaking: float  # attempt 0: how long a ready peer gathers declarations (averaging.matchmaking_timeout)
+    join: float  # one propose / final / cancel / hello request and its answer (averaging.join_timeout)
+    allreduce: float  # a reducer waits this long for every member's part (averaging.allreduce_timeout)
+    commit: float  # a member waits this long for the others' digest votes (averaging.commit_timeout)
+    dht: float  # one DHT store or get (network.dht_timeout)
+    state_sync: float  # one download of θ_r and the outer state from one peer (network.state_sync_timeout)
+    poll: float  # how often matchmaking re-reads the declarations (network.poll_interval)
+
+    # ---- derived ------------------------------------------------------------------------------
+    @property
+    def retry_window(self) -> float:
+        """Attempts after the first gather for 2 x join: the survivors are known and already declared,
+        so they need one request round trip each way, not another full matchmaking window."""
+        return 2 * self.join
+
+    def gather_window(self, attempt: int) -> float:
+        return self.matchmaking if attempt == 0 else self.retry_window
+
+    @property
+    def leader_grace(self) -> float:
+        """How long past its own gathering deadline a member waits for its leader's proposal, and
+        after accepting it, for the final list: the leader sends each of them after one join
+        exchange with every member (run in parallel), hence 2 x join."""
+        return 2 * self.join
+
+    def declaration_ttl(self, attempt: int) -> float:
+        """A matchmaking declaration lives for the gather window plus the leader's grace, so that
+        it is visible for as long as anyone may still form a group from it."""
+        return self.gather_window(attempt) + self.leader_grace
+
+    @property
+    def waiting_room_ttl(self) -> float:
+        return self.matchmaking + self.leader_grace
+
+    @property
+    def reducer_ready(self) -> float:
+        """A reducer that gets a part before it has learnt the group itself (the leader's final list
+        reaches members in parallel) waits this long for it: the leader's grace."""
+        return self.leader_grace
+
+    @property
+    def span_exchange(self) -> float:
+        """A member's bound on one span exchange with a reducer (stream the part, receive the
+        aggregate), and a reducer's bound on reading one member's chunks or streaming the result
+        back: the reducer's own wait (allreduce) plus as long again to compute and stream the
+        aggregate, which it starts only once every part is in or timed out."""
+        return 2 * self.allreduce
+
+    @property
+    def attempt_budget(self) -> float:
+        """A safety net around the all-reduce and commit of one attempt (each step inside is bounded
+        on its own): a span exchange (2 x allreduce) plus a reducer's slowest wait (allreduce), two
+        commits (our votes go out while others' come in), and the leader's grace for a late member."""
+        return self.span_exchange + self.allreduce + 2 * self.commit + self.leader_grace
+
+    @property
+    def state_sync_total(self) -> float:
+        """The whole catch-up: a failed source and a second one (network.state_sync_timeout each)."""
+        return 2 * self.state_sync
+
+    @property
+    def dht_call(self) -> float:
+        """A blocking call from another thread that does one DHT operation on the network loop."""
+        return self.dht + HANDOFF_MARGIN
+
+    @property
+    def local_call(self) -> float:
+        """A blocking call that does only local work on the network loop (add a handler, close a
+        stream): the loop may be busy with a round's traffic, never for this long."""
+        return 2 * HANDOFF_MARGIN
+
+    @classmethod
+    def from_spec(cls, spec: Spec) -> RoundTimeouts:
+        a, n = spec.averaging, spec.network
+        return cls(matchmaking=a.matchmaking_timeout, join=a.join_timeout, allreduce=a.allreduce_timeout,
+                   commit=a.commit_timeout, dht=n.dht_timeout, state_sync=n.state_sync_timeout,
+                   poll=n.poll_interval)
+
+    def phase_bounds(self) -> dict[str, float]:
+        """The longest each phase of one attempt can take (what docs/swarm.md tabulates)."""
+        return {
+            # a follower: the window, its leader's grace for the proposal, the grace again for the final list
+            "matchmaking (attempt 0)": self.matchmaking + 2 * self.leader_grace,
+            "matchmaking (retry)": self.retry_window + 2 * self.leader_grace,
+            "all-reduce": self.span_exchange,
+            "commit": self.commit,
+            "all-reduce + commit (safety net)": self.attempt_budget,
+            "state sync": self.state_sync_total,
+        }

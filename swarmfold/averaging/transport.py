@@ -1,0 +1,220 @@
+"""Transport: this peer's DHT node, its P2P handle, the network loop, calls and streams to peers, and
+the hello that refuses peers of another spec.
+
+`Transport` starts a hivemind DHT (which runs hivemind's bundled libp2p daemon in a
+child process, with this peer's identity key) and takes a replica of its P2P handle in
+an asyncio loop on a background thread. Everything network-side of the round runs on
+that loop; `call()` hands it a coroutine from another thread and waits for the result.
+The phase modules only see the `Net` protocol below: `open`, `request`, `dht_call`,
+`add_handler`, so each can run on an in-process fake (tests/test_round_components.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, TypeVar
+
+import hivemind
+from hivemind.p2p import P2P, PeerID
+
+from swarmfold.averaging import wire
+from swarmfold.averaging.hivemind_adapter import connect
+from swarmfold.averaging.identity import Identity
+from swarmfold.averaging.messages import Hello, HelloReply
+from swarmfold.averaging.protocol import HELLO, AveragingError, Rejected, SpecMismatch
+from swarmfold.averaging.records import make_validator
+from swarmfold.averaging.timeouts import RoundTimeouts
+from swarmfold.spec import Spec
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+SMALL_MESSAGE = 1 << 20  # proposals, votes, hello: never need more
+# what a DHT operation raises when the DHT or the network misbehaves (retry loops catch these; anything
+# else is a bug, logged at warning with its traceback): our own bound, hivemind's future timing out,
+# a reset connection, the DHT's child process gone (pipe errors)
+DHT_ERRORS: tuple[type[BaseException], ...] = (AveragingError, TimeoutError, ConnectionError, OSError, EOFError)
+Handler = Callable[[Any, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+class JoinError(Exception):
+    """The DHT could not start or reach any initial peer."""
+
+
+class Net(Protocol):
+    """What the phase modules need of the network (Transport, or a fake in tests)."""
+
+    peer_id: str
+
+    async def open(self, peer: str, proto: str, maddrs: list[str] | None = None
+                   ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]: ...
+
+    async def request(self, peer: str, proto: str, msg: dict[str, Any], *, timeout: float,
+                      max_reply: int = SMALL_MESSAGE, maddrs: list[str] | None = None,
+                      after_send: Callable[[], None] | None = None) -> tuple[dict[str, Any], int, int]: ...
+
+
+class Transport:
+    def __init__(self, spec: Spec, identity: Identity, timeouts: RoundTimeouts, *,
+                 initial_peers: list[str] | None = None, host_maddrs: list[str] | None = None,
+                 announce_maddrs: list[str] | None = None, client_mode: bool = False, use_relay: bool = True,
+                 use_auto_relay: bool = False):
+        self.spec = spec
+        self.identity = identity
+        self.peer_id = identity.peer_id
+        self.timeouts = timeouts
+        self.initial_peers = list(initial_peers or [])
+        self.host_maddrs = list(host_maddrs or ["/ip4/127.0.0.1/tcp/0"])
+        self.announce_maddrs = list(announce_maddrs or [])
+        self.client_mode = client_mode
+        self.use_relay, self.use_auto_relay = use_relay, use_auto_relay
+        self.validator = make_validator(identity)
+        self.dht: hivemind.DHT | None = None
+        self.p2p: P2P | None = None
+        self.maddrs: list[str] = []
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="swarmfold-net", daemon=True)
+        self._handlers: dict[str, Handler] = {HELLO: self._on_hello}
+
+    # ---- lifecycle ------------------------------------------------------------------------
+    def start(self, handlers: dict[str, Handler]) -> None:
+        """Join the DHT (JoinError on unreachable initial peers) and serve `handlers` (protocol -> handler)."""
+        try:
+            self.dht = hivemind.DHT(
+                start=True, initial_peers=self.initial_peers or None, host_maddrs=self.host_maddrs,
+                announce_maddrs=self.announce_maddrs or None, identity_path=str(self.identity.path),
+                client_mode=self.client_mode, use_relay=self.use_relay, use_auto_relay=self.use_auto_relay,
+                record_validators=[self.validator], check_if_identity_free=False,
+            )
+        except Exception as e:  # hivemind raises P2PDaemonError, ValueError, TimeoutError...
+            hint = ("check the --initial-peers / bootstrap_peers addresses and that those peers are running"
+                    if self.initial_peers else "check --host-maddrs")
+            raise JoinError(f"could not join the swarm: {e}; {hint}") from e
+        self.maddrs = [str(a) for a in self.dht.get_visible_maddrs()]
+        self._thread.start()
+        self._handlers.update(handlers)
+        self.call(self._setup(), timeout=self.timeouts.dht_call)
+
+    async def _setup(self) -> None:
+        assert self.dht is not None  # start() set it
+        self.p2p = await self.dht.replicate_p2p()
+        for name, handler in self._handlers.items():
+            await self.p2p.add_binary_stream_handler(name, handler)
+
+    def shutdown(self) -> None:
+        if self._thread.is_alive():
+            try:
+                self.call(self._teardown(), timeout=self.timeouts.local_call)
+            except (TimeoutError, AveragingError, OSError, ConnectionError) as e:  # the process is leaving
+                logger.debug("teardown: %s", e)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout=self.timeouts.local_call)
+            if not self._thread.is_alive():
+                self.loop.close()
+        if self.dht is not None:
+            self.dht.shutdown()
+            self.dht = None
+
+    async def _teardown(self) -> None:
+        """Cancel our tasks and close the P2P replica (the DHT process owns the daemon itself)."""
+        current = asyncio.current_task()
+        tasks = [t for t in asyncio.all_tasks(self.loop) if t is not current]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self.p2p is not None:
+            await self.p2p.shutdown()
+            self.p2p = None
+
+    def call(self, coro: Awaitable[T], timeout: float | None = None) -> T:
+        """Run `coro` on the network loop from another thread and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)  # type: ignore[arg-type]
+
+    def add_handler(self, proto: str, handler: Handler) -> None:
+        """Serve `proto` with `handler(info, reader, writer)` (after start())."""
+        assert self.p2p is not None, "start() the swarm first"
+        self.call(self.p2p.add_binary_stream_handler(proto, handler), timeout=self.timeouts.local_call)
+
+    async def dht_call(self, future: Any) -> Any:
+        """Await a DHT operation, bounded: a stuck DHT must not stall the round."""
+        try:
+            return await asyncio.wait_for(future, self.timeouts.dht)
+        except TimeoutError as e:
+            raise AveragingError(f"the DHT did not answer within {self.timeouts.dht}s (network.dht_timeout)") from e
+
+    # ---- calling peers -----------------------------------------------------------------------
+    async def open(self, peer: str, proto: str, maddrs: list[str] | None = None
+                   ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A stream to `peer`'s `proto` handler, dialing `maddrs` if the daemon has no route yet."""
+        assert self.p2p is not None
+        pid = PeerID.from_base58(peer)
+        try:
+            _, reader, writer = await self.p2p.call_binary_stream_handler(pid, proto)
+            return reader, writer
+        except Exception as first:  # hivemind's P2PHandlerError, P2PDaemonError, ConnectionError...: dial
+            if not maddrs:
+                raise AveragingError(f"cannot reach {peer}: {first}") from first
+            logger.debug("no stream to %s (%s); connecting to %s", peer[-8:], first, maddrs)
+            try:
+                await connect(self.p2p, pid, maddrs)
+                _, reader, writer = await self.p2p.call_binary_stream_handler(pid, proto)
+                return reader, writer
+            except Exception as e:  # the same errors, after dialing: the peer is unreachable
+                raise AveragingError(f"cannot reach {peer}: {first}; then dialing {maddrs}: {e}") from e
+
+    async def request(self, peer: str, proto: str, msg: dict[str, Any], *, timeout: float,
+                      max_reply: int = SMALL_MESSAGE, maddrs: list[str] | None = None,
+                      after_send: Callable[[], None] | None = None) -> tuple[dict[str, Any], int, int]:
+        """One request/response exchange: (reply, bytes sent, bytes received)."""
+        async def exchange() -> tuple[dict[str, Any], int, int]:
+            reader, writer = await self.open(peer, proto, maddrs)
+            try:
+                sent = await wire.send(writer, msg)
+                if after_send is not None:
+                    after_send()
+                reply, received = await wire.recv(reader, max_reply)
+                return reply, sent, received
+            finally:
+                wire.close(writer)
+        try:
+            return await asyncio.wait_for(exchange(), timeout)
+        except TimeoutError as e:
+            raise AveragingError(f"{peer} did not answer {proto} within {timeout:.1f}s") from e
+        except (wire.WireError, ConnectionError, OSError) as e:
+            raise AveragingError(f"{proto} to {peer} failed: {e}") from e
+
+    # ---- hello: refuse peers of another spec --------------------------------------------------
+    async def _on_hello(self, info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            msg, _ = await wire.recv(reader, SMALL_MESSAGE)
+            theirs = Hello.from_wire(msg)
+            ok = theirs.spec_hash == self.spec.spec_hash
+            if not ok:
+                logger.warning("[%s] refused peer %s: its spec hash %s… differs from this swarm's %s… (%s); "
+                               "it must run this swarm's spec file", self.peer_id[-8:], info.peer_id,
+                               theirs.spec_hash[:12], self.spec.spec_hash[:12], self.spec.name)
+            await wire.send(writer, HelloReply(ok=ok, spec_hash=self.spec.spec_hash, name=self.spec.name).to_wire())
+        except (wire.WireError, Rejected, ConnectionError) as e:
+            logger.info("bad hello from %s: %s", info.peer_id, e)
+        finally:
+            wire.close(writer)
+
+    async def check_spec(self, peers: list[str]) -> None:
+        """Ask each initial peer for its spec hash; SpecMismatch if one differs."""
+        hello = Hello(spec_hash=self.spec.spec_hash, name=self.spec.name).to_wire()
+        for addr in peers:
+            peer = addr.rsplit("/p2p/", 1)[-1]
+            try:
+                raw, _, _ = await self.request(peer, HELLO, hello, timeout=self.timeouts.join, maddrs=[addr])
+                reply = HelloReply.from_wire(raw)
+            except (AveragingError, Rejected) as e:
+                logger.warning("[%s] could not check the spec of %s: %s", self.peer_id[-8:], peer, e)
+                continue
+            if not reply.ok:
+                raise SpecMismatch(
+                    f"refused by {peer}: that swarm ('{reply.name}') runs spec {reply.spec_hash[:12]}…, but your "
+                    f"spec hashes to {self.spec.spec_hash[:12]}…. Every peer of a swarm must use the same spec "
+                    "file: get the swarm's spec and pass it with --spec")

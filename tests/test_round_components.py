@@ -1,0 +1,365 @@
+"""The round's pieces on their own: typed messages, the timeout budget, membership, the commit's vote
+table and judgement, matchmaking's answers, the all-reduce's gate for parts, and the hivemind adapter.
+
+Everything here runs in-process in milliseconds: phase logic is driven by calling the handlers
+with in-memory streams (`FakeNet`) and checked by the state it leaves, not by logs or clocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from typing import Any
+
+import pytest
+from conftest import fast_spec
+
+from swarmfold.averaging import wire
+from swarmfold.averaging.allreduce import SpanOutcome
+from swarmfold.averaging.base import AverageRequest, group_id_for
+from swarmfold.averaging.commit import MAX_VOTE_GROUPS, Commit, judge
+from swarmfold.averaging.matchmaking import (
+    MAX_KNOWN_GROUPS,
+    Group,
+    Matchmaker,
+    Membership,
+    _Attempt,
+)
+from swarmfold.averaging.messages import (
+    Answer,
+    Cancel,
+    Final,
+    Hello,
+    HelloReply,
+    PartHeader,
+    Propose,
+    ReduceError,
+    SpanResult,
+    StateReply,
+    StateRequest,
+    Vote,
+    parse_matchmaking,
+)
+from swarmfold.averaging.protocol import Phase, Rejected
+from swarmfold.averaging.timeouts import RoundTimeouts
+from swarmfold.spec import SpecError, spec_from_dict
+
+
+# ---- an in-process network: requests call the other side's handler over in-memory streams -------------
+class _Writer:
+    def __init__(self) -> None:
+        self.buf = bytearray()
+
+    def write(self, data: bytes) -> None:
+        self.buf += data
+
+    async def drain(self) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+class _Info:
+    def __init__(self, peer_id: str):
+        self.peer_id = peer_id
+
+
+class FakeNet:
+    """The `Net` of one peer: `handlers[peer][proto]` answer its requests."""
+
+    def __init__(self, peer_id: str, handlers: dict[str, dict[str, Any]]):
+        self.peer_id = peer_id
+        self.handlers = handlers
+
+    async def request(self, peer: str, proto: str, msg: dict[str, Any], *, timeout: float, **_: Any
+                      ) -> tuple[dict[str, Any], int, int]:
+        reader = asyncio.StreamReader()
+        reader.feed_data(wire.pack(msg))
+        reader.feed_eof()
+        writer = _Writer()
+        await self.handlers[peer][proto](_Info(self.peer_id), reader, writer)
+        reply = asyncio.StreamReader()
+        reply.feed_data(bytes(writer.buf))
+        reply.feed_eof()
+        answer, n = await wire.recv(reply, 1 << 20)
+        return answer, len(wire.pack(msg)), n
+
+
+def _group(members: list[str], gid: str = "g" * 32) -> Group:
+    return Group(round=3, attempt=0, group_id=gid, members=sorted(members), clients=frozenset(), leader=min(members))
+
+
+# ---- messages ---------------------------------------------------------------------------------------
+EXAMPLES = [
+    Hello(spec_hash="s", name="n"), HelloReply(ok=True, spec_hash="s", name="n"),
+    Propose(round=1, attempt=0, waiting=False, base="b", members=("a", "b"), clients=("b",), spec_hash="s"),
+    Final(round=1, attempt=2, waiting=True, members=("a", "b"), clients=(), group_id="g"),
+    Cancel(round=1, attempt=0, waiting=False, group_id="g", reason="too_small"), Answer(ok=False, reason="no"),
+    PartHeader(group_id="g", spec_hash="s", round=1, base_sha256="b", span=0, numel=4, dtype="int8-absmax",
+               weight=2.0, payload_bytes=8, chunk=1024, environment={"torch": "2"}),
+    SpanResult(group_id="g", span=1, included=("a", "b"), complete=True, rejected={"c": "nonfinite: x"},
+               weights={"a": 1.0, "b": 2.0}),
+    ReduceError(reason="unknown group"), Vote(group_id="g", ok=True, digest="d"),
+    StateRequest(spec_hash="s"), StateReply(round=2, model_sha256="m", outer_sha256="o", theta=b"\0" * 8,
+                                            outer={"m": b"\0" * 8}),
+]
+
+
+@pytest.mark.parametrize("msg", EXAMPLES, ids=lambda m: type(m).__name__)
+def test_every_message_kind_round_trips_through_msgpack(msg: Any) -> None:
+    back = type(msg).from_wire(wire.unpack(wire.pack(msg.to_wire())[wire.HEADER_LEN:], 1 << 20))
+    assert back == msg
+
+
+@pytest.mark.parametrize("msg", EXAMPLES, ids=lambda m: type(m).__name__)
+def test_unknown_missing_or_mistyped_fields_are_malformed(msg: Any) -> None:
+    raw = msg.to_wire()
+    name = next(k for k in raw if k != "kind")
+    for bad, what in [({**raw, "extra": 1}, "unknown field"), ({k: v for k, v in raw.items() if k != name},
+                                                                 "missing field"),
+                      ({**raw, name: [1]}, name), ({**raw, "kind": "other"}, "expected")]:
+        with pytest.raises(Rejected) as e:
+            type(msg).from_wire(bad)
+        assert e.value.kind.value == "malformed" and what in e.value.detail, (bad, e.value.detail)
+
+
+def test_numbers_are_checked_by_kind() -> None:
+    base = EXAMPLES[6].to_wire()
+    for field_, value in [("weight", float("nan")), ("weight", True), ("round", 1.5), ("round", "1")]:
+        with pytest.raises(Rejected, match="malformed"):
+            PartHeader.from_wire({**base, field_: value})
+    assert PartHeader.from_wire({**base, "weight": 3}).weight == 3.0  # an integer weight is a number
+    with pytest.raises(Rejected, match="cancel reason"):
+        Cancel.from_wire({**EXAMPLES[4].to_wire(), "reason": "because"})
+    assert isinstance(parse_matchmaking(EXAMPLES[3].to_wire()), Final)
+    with pytest.raises(Rejected, match="unknown matchmaking message kind"):
+        parse_matchmaking({"kind": "vote"})
+    assert len(Answer.from_wire({"kind": "answer", "ok": False, "reason": "x" * 10_000}).reason) == 500
+
+
+# ---- the timeout budget ---------------------------------------------------------------------------------
+def test_round_timeouts_are_derived_from_the_spec_in_one_place() -> None:
+    spec = fast_spec(averaging={"matchmaking_timeout": 10.0, "join_timeout": 3.0, "allreduce_timeout": 7.0,
+                                "commit_timeout": 2.0}, network={"dht_timeout": 4.0, "state_sync_timeout": 50.0})
+    t = RoundTimeouts.from_spec(spec)
+    assert (t.matchmaking, t.join, t.allreduce, t.commit, t.dht, t.state_sync) == (10.0, 3.0, 7.0, 2.0, 4.0, 50.0)
+    assert t.gather_window(0) == 10.0 and t.gather_window(1) == t.retry_window == 6.0
+    assert t.attempt_budget == 3 * 7.0 + 2 * 2.0 + 2 * 3.0  # the bound the round used before, now named
+    assert t.span_exchange == 14.0 and t.state_sync_total == 100.0 and t.dht_call > t.dht
+    bounds = t.phase_bounds()
+    assert bounds["all-reduce + commit (safety net)"] >= bounds["all-reduce"] + bounds["commit"]
+
+
+def test_local_settings_are_outside_the_swarm_id() -> None:
+    spec = fast_spec()
+    assert spec.replace(network={"state_sync_timeout": 999.0, "poll_interval": 1.0}).spec_hash == spec.spec_hash
+
+
+def test_an_old_spec_with_state_sync_timeout_in_averaging_still_loads(caplog: pytest.LogCaptureFixture) -> None:
+    raw = fast_spec().to_dict()
+    raw["averaging"]["state_sync_timeout"] = 77.0
+    raw["network"].pop("state_sync_timeout")
+    with caplog.at_level(logging.WARNING, logger="swarmfold.spec"):
+        spec = spec_from_dict(raw, "old.toml")
+    assert spec.network.state_sync_timeout == 77.0 and spec.spec_hash == fast_spec().spec_hash
+    assert "old.toml: averaging.state_sync_timeout is deprecated" in caplog.text and "[network]" in caplog.text
+    raw["averaging"]["state_sync_timeout"] = -1.0
+    with pytest.raises(SpecError, match="network.state_sync_timeout"):
+        spec_from_dict(raw, "old.toml")
+
+
+# ---- membership and the commit ------------------------------------------------------------------------------
+def test_membership_is_bounded_and_knows_pending_members() -> None:
+    m = Membership()
+    for i in range(MAX_KNOWN_GROUPS + 5):
+        m.register(_group(["a", "b"], gid=f"{i:032d}"))
+    assert m.members_of(f"{0:032d}") is None and m.is_member("a", f"{MAX_KNOWN_GROUPS + 4:032d}")
+    assert not m.is_member("c", f"{MAX_KNOWN_GROUPS + 4:032d}") and not m.may_become_member("c")
+    m.set_pending(frozenset({"c"}))
+    assert m.may_become_member("c")
+
+
+def _commits(members: list[str]) -> tuple[dict[str, Commit], Membership]:
+    handlers: dict[str, dict[str, Any]] = {}
+    t = RoundTimeouts.from_spec(fast_spec(averaging={"commit_timeout": 5.0}))
+    out = {}
+    for p in members + ["x"]:
+        m = Membership()
+        m.register(_group(members))
+        out[p] = Commit(FakeNet(p, handlers), m, t, on_enter=lambda phase, r: None)
+        handlers[p] = {"swarmfold/3/vote": out[p].on_vote}
+    return out, m
+
+
+def _outcome(included: list[str], digest: str = "d") -> SpanOutcome:
+    return SpanOutcome(included=included, weights={p: 1.0 for p in included}, complete=True, rejected={},
+                       digest=digest)
+
+
+def test_votes_from_outside_the_group_are_refused_and_tables_stay_bounded() -> None:
+    commits, _ = _commits(["a", "b"])
+
+    async def go() -> list[dict[str, Any]]:
+        x = commits["x"]  # not a member: every vote it sends is refused
+        answers = [(await x.net.request("a", "swarmfold/3/vote", Vote(group_id=gid, ok=False, digest="z").to_wire(),
+                                        timeout=1))[0] for gid in ["g" * 32] + [f"{i:032d}" for i in range(50)]]
+        answers.append((await x.net.request("a", "swarmfold/3/vote", {"kind": "vote", "group_id": 1},
+                                            timeout=1))[0])
+        return answers
+
+    answers = asyncio.run(go())
+    assert all(not r["ok"] for r in answers) and "malformed" in answers[-1]["reason"]
+    assert commits["a"].votes == {}, "nothing stored for a non-member"
+    for i in range(MAX_VOTE_GROUPS + 3):  # a member's votes for many groups of ours: bounded too
+        g = _group(["a", "b"], gid=f"{i:032d}")
+        commits["a"].membership.register(g)
+        assert commits["a"]._record("b", Vote(group_id=g.group_id, ok=True, digest="d"))
+    assert len(commits["a"].votes) == MAX_VOTE_GROUPS
+
+
+def test_members_commit_on_agreeing_digests_and_not_otherwise() -> None:
+    commits, _ = _commits(["a", "b"])
+    g = _group(["a", "b"])
+    same = judge(g, "a", [_outcome(["a", "b"]), _outcome(["a", "b"])])
+
+    async def both(jb: Any) -> tuple[tuple[bool, list[str]], tuple[bool, list[str]]]:
+        stats = {"sent": 0, "received": 0}
+        ra, rb = await asyncio.gather(commits["a"].commit(g, 3, same, dict(stats)), commits["b"].commit(g, 3, jb, stats))
+        return ra, rb
+
+    assert asyncio.run(both(judge(g, "b", [_outcome(["a", "b"]), _outcome(["a", "b"])]))) == ((True, ["b"]),
+                                                                                               (True, ["a"]))
+    commits, _ = _commits(["a", "b"])
+    other = judge(g, "b", [_outcome(["a", "b"], "e"), _outcome(["a", "b"])])
+    assert asyncio.run(both(other)) == ((False, []), (False, []))
+
+
+def test_judge_names_what_went_wrong() -> None:
+    g = _group(["a", "b"])
+    assert judge(g, "a", [_outcome(["a", "b"]), None]).failure.startswith("no aggregate from reducer")
+    assert judge(g, "a", [_outcome(["a", "b"]), None]).missing == {"b"}
+    assert judge(g, "a", [_outcome(["a", "b"]), _outcome(["a"])]).failure == "reducers included different contributors"
+    assert judge(g, "a", [_outcome(["b"]), _outcome(["b"])]).failure == "our own contribution was rejected"
+    cut = SpanOutcome(included=["a", "b"], weights={"a": 1.0, "b": 1.0}, complete=False, rejected={"c": "x"},
+                      digest="")
+    j = judge(g, "a", [_outcome(["a", "b"]), cut])
+    assert "cut off" in j.failure and j.rejected == {"c": "x"} and j.digest == ""
+    ok = judge(g, "a", [_outcome(["a", "b"]), _outcome(["a", "b"])])
+    assert not ok.failure and len(ok.digest) == 64
+
+
+# ---- matchmaking's answers -------------------------------------------------------------------------------
+def _matchmaker(me: str) -> Matchmaker:
+    spec = fast_spec(averaging={"group_size": 3})
+    return Matchmaker(FakeNet(me, {}), None, spec, RoundTimeouts.from_spec(spec),  # type: ignore[arg-type]
+                      client_mode=False, maddrs=lambda: [], stopping=threading.Event(),
+                      on_phase=lambda p, d: None, on_enter=lambda p, r: None)
+
+
+def test_a_follower_accepts_one_proposal_and_a_final_list_that_matches_it() -> None:
+    async def go() -> None:
+        mm = _matchmaker("b")
+        a = _Attempt(round=3, attempt=1, base="B", excluded={"z"})
+        a.final = asyncio.get_running_loop().create_future()
+        mm._attempt = a
+        prop = dict(round=3, attempt=1, waiting=False, base="B", members=("a", "b"), clients=(), spec_hash="s")
+        assert mm.consider("a", Propose(**{**prop, "attempt": 2})) == (False, "not at this round/attempt")
+        assert mm.consider("b", Propose(**prop))[1] == "malformed proposal"  # the proposer is not the smallest
+        assert mm.consider("a", Propose(**{**prop, "base": "C"}))[1] == "different base model"
+        assert mm.consider("a", Propose(**{**prop, "members": ("a", "b", "z")}))[1].startswith("proposal includes")
+        assert mm.consider("a", Propose(**prop)) == (True, "")
+        assert mm.consider("a", Propose(**prop))[1] == "already in a group"
+        assert mm.membership.may_become_member("a") and not mm.membership.may_become_member("c")
+        gid = group_id_for(mm.swarm_id, 3, 1, ["a", "b"])
+        final = Final(round=3, attempt=1, waiting=False, members=("a", "b"), clients=(), group_id=gid)
+        assert mm.consider("c", final)[1] == "no pending proposal from you"
+        assert mm.consider("a", final) == (True, "")
+        assert a.final.result() == final and mm.membership.is_member("a", gid)
+
+    asyncio.run(go())
+
+
+def test_a_final_list_with_a_wrong_group_id_or_new_members_is_refused() -> None:
+    async def go() -> None:
+        for members, gid in [(("a", "b"), "0" * 32), (("a", "b", "c"), None)]:
+            mm = _matchmaker("b")
+            a = _Attempt(round=3, attempt=0, base="B", excluded=set(), waiting=True)
+            a.final = asyncio.get_running_loop().create_future()
+            mm._attempt = a
+            assert mm.consider("a", Propose(round=3, attempt=5, waiting=True, base="B", members=("a", "b"),
+                                            clients=(), spec_hash="s")) == (True, ""), "any attempt in the waiting room"
+            gid = gid or group_id_for(mm.swarm_id, 3, 0, list(members), waiting=True)
+            final = Final(round=3, attempt=0, waiting=True, members=members, clients=(), group_id=gid)
+            assert mm.consider("a", final) == (False, "malformed final list")
+            assert isinstance(a.final.result(), Cancel) and mm.membership.members_of(gid) is None
+
+    asyncio.run(go())
+
+
+def test_the_waiting_room_has_its_own_group_ids() -> None:
+    assert group_id_for("s", 3, 0, ["a", "b"]) != group_id_for("s", 3, 0, ["a", "b"], waiting=True)
+    assert group_id_for("s", 3, 0, ["a", "b"], waiting=True) == group_id_for("s", 3, 7, ["b", "a"], waiting=True)
+
+
+# ---- the all-reduce's gate: parts only from members of our groups -------------------------------------------
+def test_a_reducer_refuses_parts_for_groups_it_is_not_in_at_once() -> None:
+    from swarmfold.averaging.allreduce import AllReduce
+    from swarmfold.averaging.directory import Directory
+
+    spec = fast_spec(averaging={"join_timeout": 30.0})
+
+    async def go() -> None:
+        m = Membership()
+        net = FakeNet("a", {})
+        ar = AllReduce(net, Directory.__new__(Directory), m, spec, RoundTimeouts.from_spec(spec),
+                       make_part=lambda *a: {}, on_enter=lambda p, r: None, loop=asyncio.get_running_loop())
+        ar.dir.denied = set()
+        t0 = asyncio.get_running_loop().time()
+        assert await ar._reducer_for("x", "f" * 32) is None  # a stranger: refused without waiting
+        assert asyncio.get_running_loop().time() - t0 < 1.0
+        m.set_pending(frozenset({"a", "b"}))  # b is in the proposal we accepted: it may wait for our reducer
+        waiting = asyncio.ensure_future(ar._reducer_for("b", "g" * 32))
+        await asyncio.sleep(0)
+        assert not waiting.done()
+        req = AverageRequest(round=3, delta=__import__("torch").zeros(4096), weight=1.0, model_sha256="B")
+        red = ar._open_reducer(req, _group(["a", "b"]), (0, 4096), 0)
+        assert await asyncio.wait_for(waiting, 5) is red
+        ar.shutdown()
+
+    asyncio.run(go())
+
+
+def test_a_subclass_sees_every_phase_it_enters() -> None:
+    assert [p.value for p in Phase] == ["matchmaking", "send", "reduce", "commit"]
+
+
+# ---- the hivemind adapter: fail loudly when an upgrade moves a private attribute ----------------------------
+def test_hivemind_still_has_the_private_attributes_the_adapter_uses() -> None:
+    import inspect
+
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from hivemind.p2p import P2P
+    from hivemind.p2p.p2p_daemon_bindings.p2pclient import Client
+    from hivemind.utils.crypto import RSAPrivateKey
+
+    from swarmfold.averaging import hivemind_adapter as ad
+
+    assert f"self.{ad.P2P_CLIENT} = await p2pclient.Client.create(" in inspect.getsource(P2P), \
+        f"hivemind's P2P no longer keeps its daemon client in {ad.P2P_CLIENT}"
+    assert list(inspect.signature(Client.connect).parameters) == ["self", "peer_id", "maddrs"], \
+        "the daemon client's connect(peer_id, maddrs) changed"
+    key = RSAPrivateKey()
+    assert isinstance(getattr(key, ad.RSA_INNER_KEY), rsa.RSAPrivateKey), \
+        f"hivemind's RSAPrivateKey no longer wraps a cryptography key in {ad.RSA_INNER_KEY}"
+    mine = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    validator = ad.signature_validator(mine)
+    assert validator.local_public_key  # it signs with our key
+
+    async def reader_limit() -> None:
+        reader = asyncio.StreamReader()
+        assert isinstance(getattr(reader, ad.READER_LIMIT), int), f"asyncio's StreamReader lost {ad.READER_LIMIT}"
+        assert ad.widen_reader(reader, 1 << 22) and getattr(reader, ad.READER_LIMIT) == 1 << 22
+
+    asyncio.run(reader_limit())
