@@ -63,7 +63,7 @@ from swarmfold.peer.model import build_model, flat_params, num_parameters
 from swarmfold.peer.seeds import batch_order
 from swarmfold.peer.tokenizer import load_tokenizer
 from swarmfold.peer.trainer import InnerTrainer, set_threads
-from swarmfold.spec import Spec, preset
+from swarmfold.spec import PRESETS, Spec, preset
 
 TARGET = 0.97
 SIDES = ("swarmfold", "plain")
@@ -316,8 +316,8 @@ def main() -> int:
     ap.add_argument("--devices", nargs="+", default=["all"],
                     help="devices to run on: all (every device present), or e.g. cpu cuda:0 mps")
     ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
-    ap.add_argument("--preset", default="tiny", choices=["tiny", "small"], help="model on the CPU")
-    ap.add_argument("--gpu-preset", default="small", choices=["tiny", "small"], help="model on GPUs and MPS")
+    ap.add_argument("--preset", default="tiny", choices=list(PRESETS), help="model on the CPU")
+    ap.add_argument("--gpu-preset", default="small", choices=list(PRESETS), help="model on GPUs and MPS")
     ap.add_argument("--steps", type=int, default=20, help="inner steps per run")
     ap.add_argument("--repeats", type=int, default=3, help="lockstep repeats, and ABBA pairs of whole runs")
     ap.add_argument("--threads", type=int, default=1)

@@ -8,11 +8,15 @@ so it passes on a CPU-only box and on a GPU box alike. No test needs a GPU.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import fast_spec, write_spec
+from conftest import REPO, fast_spec, write_spec
 
 from swarmfold.averaging.base import SoloAverager
 from swarmfold.averaging.verification import ENVIRONMENT_CLASS, environment_class, same_class
@@ -172,3 +176,37 @@ def test_settings_device_is_validated_and_fills_in_an_absent_flag() -> None:
     apply_settings(explicit, Settings(device="cpu"))
     assert explicit.device == "auto"  # the command line wins
 
+
+# ---- scripts/device_check.sh ------------------------------------------------------------
+
+DEVICE_CHECK = REPO / "scripts" / "device_check.sh"
+
+
+def test_device_check_script_is_valid_bash_and_refuses_a_missing_device(tmp_path: Path) -> None:
+    assert subprocess.run(["bash", "-n", str(DEVICE_CHECK)], capture_output=True, text=True).returncode == 0
+    missing = f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "cuda"
+    env = dict(os.environ, SWARMFOLD_PYTHON=sys.executable)
+    out = subprocess.run(["bash", str(DEVICE_CHECK), "--device", missing, "--out", str(tmp_path / "dc.json")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 2, out.stderr
+    assert f"no Python here has a torch that sees {missing}" in out.stderr
+    assert not (tmp_path / "dc.json").exists()
+
+
+@pytest.mark.slow
+def test_device_check_dry_run_on_the_cpu_passes_every_check(tmp_path: Path) -> None:
+    """The GPU check's own code, end to end, on the CPU (`--dry`): real train/run/simulate processes."""
+    out = tmp_path / "device_check.json"
+    env = dict(os.environ, SWARMFOLD_PYTHON=sys.executable)
+    done = subprocess.run(["bash", str(DEVICE_CHECK), "--dry", "--out", str(out)], capture_output=True, text=True,
+                          env=env, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["passed"] and report["device"] == "cpu"
+    assert set(report["checks"]) == {"train_twice", "resume", "bf16_deterministic", "swarm_equals_simulate",
+                                     "inner_loop_speed"}
+    assert all(c["passed"] for c in report["checks"].values())
+    twice = report["checks"]["train_twice"]
+    assert twice["run_a"] == twice["run_b"] and twice["checkpoint_environment"]["device"] == "cpu"
+    assert report["checks"]["bf16_deterministic"]["differs_from_fp32"] is True
+    assert [c["precision"] for c in report["checks"]["inner_loop_speed"]["configs"]] == ["fp32", "bf16"]

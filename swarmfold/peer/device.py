@@ -16,6 +16,7 @@ environment class recorded in checkpoints, receipts and records (peer/local.py
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from typing import Any
@@ -140,6 +141,12 @@ def device_environment(device: torch.device) -> dict[str, Any]:
     """The device part of the environment class: kind, and for GPUs name, compute capability,
     CUDA, cuDNN and driver versions. Every key is always present (a string; '' where it does
     not apply), so that a CPU peer's class compares cleanly with a GPU peer's."""
+    return dict(_device_environment(str(device)))
+
+
+@functools.cache
+def _device_environment(name: str) -> dict[str, Any]:  # asked at every checkpoint: NVML once per process
+    device = torch.device(name)
     env: dict[str, Any] = {"device": device.type, "device_name": "", "compute_capability": "", "cuda": "",
                            "cudnn": "", "driver": ""}
     if device.type == "cuda":
