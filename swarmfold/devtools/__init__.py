@@ -1,0 +1,1 @@
+"""Tools for developing and testing swarmfold (not used by a running peer)."""
