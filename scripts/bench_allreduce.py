@@ -4,6 +4,14 @@ Run (about 3 minutes on 2 cores; writes the JSON and a PNG next to it):
 
     nice -n 10 .venv/bin/python scripts/bench_allreduce.py                         # 40 MB, 4 peers, 5 repeats
     nice -n 10 .venv/bin/python scripts/bench_allreduce.py --numel 100000 --repeats 1 --out /tmp/a.json
+    nice -n 10 .venv/bin/python scripts/bench_allreduce.py --link rtt=50ms,rate=100mbit --numel 2500000 \
+        --repeats 3 --out results/bench_allreduce_wan_50ms_100mbit.json          # over an emulated WAN
+
+`--link` puts every peer behind its own emulated access link (swarmfold.devtools.linkemu,
+a TCP proxy: one-way latency rtt/2, per-peer up/down token buckets, optional loss; see its
+docstring for the model). Each peer listens on a real port and announces the emulator's
+port for it, so every byte between peers, of both systems, crosses the emulated links;
+the report gives the bytes that did, per system.
 
 Both systems average the same 10M-float32 vector (40 MB) among 4 peers on 127.0.0.1.
 Every peer is its own process with its own DHT node and libp2p daemon (8 peer processes
@@ -53,6 +61,9 @@ from typing import IO, Any
 import numpy as np
 import psutil
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _swarm_procs import EmulatedLink  # noqa: E402
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 TAG = "@@BENCH "  # stdout lines of a worker that carry a reply (libraries may print other lines)
@@ -155,7 +166,8 @@ class SwarmfoldWorker(Worker):
         super().__init__(args)
         self.spec = bench_spec(args.peers)
         identity = load_or_create_identity(Path(args.workdir) / "identity.key")
-        self.swarm = Swarm(self.spec, identity, initial_peers=args.initial, host_maddrs=[LOOPBACK])
+        self.swarm = Swarm(self.spec, identity, initial_peers=args.initial, host_maddrs=[args.host_maddr],
+                           announce_maddrs=[args.announce_maddr] if args.announce_maddr else None)
         self.swarm.start()
         self.aggregate: torch.Tensor | None = None
         reply({"maddrs": self.swarm.maddrs, "peer_id": self.swarm.peer_id, "token_cap": self.spec.token_cap})
@@ -204,7 +216,8 @@ class HivemindWorker(Worker):
         import hivemind
 
         super().__init__(args)
-        self.dht = hivemind.DHT(start=True, initial_peers=args.initial or None, host_maddrs=[LOOPBACK])
+        self.dht = hivemind.DHT(start=True, initial_peers=args.initial or None, host_maddrs=[args.host_maddr],
+                                announce_maddrs=[args.announce_maddr] if args.announce_maddr else None)
         self.averager = timed_averager_class()(
             [torch.zeros(args.numel)], self.dht, start=False, prefix="bench_allreduce",
             target_group_size=args.peers, min_group_size=args.peers, allreduce_timeout=120.0,
@@ -255,12 +268,15 @@ def worker_main(args: argparse.Namespace) -> int:
 class Peer:
     """A worker process seen from the coordinator."""
 
-    def __init__(self, system: str, index: int, args: argparse.Namespace, root: Path, initial: list[str]):
+    def __init__(self, system: str, index: int, args: argparse.Namespace, root: Path, initial: list[str],
+                 port: dict[str, str] | None):
         self.system, self.index = system, index
         workdir = root / f"{system}-{index}"
         workdir.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", system, "--index", str(index),
                "--numel", str(args.numel), "--peers", str(args.peers), "--workdir", str(workdir)]
+        if port is not None:  # behind the emulated link: listen on the real port, announce the emulator's
+            cmd += ["--host-maddr", port["host_maddr"], "--announce-maddr", port["announce_maddr"]]
         if args.verbose:
             cmd.append("--verbose")
         if initial:
@@ -340,10 +356,14 @@ def tail(path: Path, lines: int = 30) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else "(no log)"
 
 
-def start_system(system: str, args: argparse.Namespace, root: Path) -> list[Peer]:
-    first = Peer(system, 0, args, root, [])
+def start_system(system: str, args: argparse.Namespace, root: Path, ports: list[dict[str, str]] | None
+                 ) -> list[Peer]:
+    def port(i: int) -> dict[str, str] | None:
+        return None if ports is None else ports[i]
+
+    first = Peer(system, 0, args, root, [], port(0))
     hello = first.get(120, "its addresses")
-    peers = [first] + [Peer(system, i, args, root, hello["maddrs"][:1]) for i in range(1, args.peers)]
+    peers = [first] + [Peer(system, i, args, root, hello["maddrs"][:1], port(i)) for i in range(1, args.peers)]
     for p in peers[1:]:
         p.get(120, "its addresses")
     return peers
@@ -469,7 +489,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax.set_xticks(range(len(metrics)), [label for _, label in metrics])
     ax.set_ylabel("MB/s = 40 MB / slowest peer's seconds")
     ratio = summ.get("ratio_after_matchmaking")
-    ax.set_title(f"all-reduce of {numel * 4 / 1e6:.0f} MB among {report['peers']} peers on loopback"
+    where = f"over {report['link']['spec']}" if report.get("link") else "on loopback"
+    ax.set_title(f"all-reduce of {numel * 4 / 1e6:.0f} MB among {report['peers']} peers {where}"
                  + (f"\nswarmfold / hivemind: {ratio:.2f}x after matchmaking, {summ['ratio_whole_call']:.2f}x "
                     "whole call" if ratio else ""), fontsize=10)
     ax.legend(fontsize=8)
@@ -497,6 +518,22 @@ def plot(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def link_report(link: str, stats: dict[str, Any], systems: list[str], peers: int) -> dict[str, Any]:
+    """The emulated link's settings and what crossed it, per system (its nodes are the systems' peers in order)."""
+    nodes = list(stats.get("nodes", {}).values())
+    per_system = {}
+    for k, system in enumerate(systems):
+        mine = nodes[k * peers:(k + 1) * peers]
+        per_system[system] = {"bytes_up": sum(n["bytes_up"] for n in mine),
+                              "connections_in": sum(n["connections_in"] for n in mine),
+                              "segments_lost": sum(n["segments_lost_up"] for n in mine)}
+    return {"spec": link, "model": stats.get("describe"), "per_system": per_system,
+            "connections": stats.get("connections"), "unattributed_connections": stats.get("unattributed_connections"),
+            "emulator_cpu_seconds": stats.get("emulator_cpu_seconds"),
+            "note": "each peer listens on a real port and announces only the emulator's port for it; "
+                    "bytes_up counts every byte a system's peers sent through the emulated links"}
+
+
 def coordinator_main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     log = logging.getLogger("bench_allreduce")
@@ -510,10 +547,16 @@ def coordinator_main(args: argparse.Namespace) -> int:
     rows: dict[str, list[dict[str, Any]]] = {s: [] for s in systems}
     warmup: dict[str, dict[str, Any]] = {}
     t_start = time.time()
+    link: EmulatedLink | None = None
+    link_stats: dict[str, Any] = {}
     try:
-        for system in systems:
+        if args.link:
+            link = EmulatedLink(args.link, args.peers * len(systems), root)
+            log.info("every peer behind an emulated link: %s", args.link)
+        for k, system in enumerate(systems):
             log.info("starting %d %s peers", args.peers, system)
-            peers[system] = start_system(system, args, root)
+            peers[system] = start_system(system, args, root,
+                                         None if link is None else link.ports[k * args.peers:(k + 1) * args.peers])
         round_idx = 0
         for repeat in range(-1, args.repeats):  # -1: the warm-up
             weights = weights_for(max(repeat, 0), args.peers, cap)
@@ -546,6 +589,8 @@ def coordinator_main(args: argparse.Namespace) -> int:
         for ps in peers.values():
             for p in ps:
                 p.stop()
+        if link is not None:
+            link_stats = link.stop()
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
 
@@ -562,6 +607,7 @@ def coordinator_main(args: argparse.Namespace) -> int:
                                   "min_matchmaking_time": 5.0, "request_timeout": 3.0,
                                   "part_size_bytes": 2**19, "compression": "none"},
                      "torch_threads_per_peer": 1, "order": "ABBA interleaved, one warm-up repeat each"},
+        "link": link_report(args.link, link_stats, systems, args.peers) if args.link else None,
         "summary": summarize(rows, args.numel),
         "warmup": warmup,
         "runs": rows,
@@ -601,11 +647,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep", action="store_true", help="keep the workers' directory (logs) in /tmp")
     p.add_argument("--verbose", action="store_true", help="workers log at INFO (default WARNING)")
     p.add_argument("--out", default="results/bench_allreduce.json")
+    p.add_argument("--link", default="", help="put every peer behind an emulated link, e.g. rtt=50ms,rate=100mbit "
+                   "or rate=20mbit (keys: see swarmfold.devtools.linkemu); default: plain loopback")
     # worker mode (started by the coordinator)
     p.add_argument("--worker", choices=SYSTEMS, help=argparse.SUPPRESS)
     p.add_argument("--index", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--workdir", default="", help=argparse.SUPPRESS)
     p.add_argument("--initial", nargs="*", default=[], help=argparse.SUPPRESS)
+    p.add_argument("--host-maddr", default=LOOPBACK, help=argparse.SUPPRESS)
+    p.add_argument("--announce-maddr", default="", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -614,6 +664,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.peers < 2:
         print("bench_allreduce: --peers must be at least 2", file=sys.stderr)
         return 2
+    if args.link and not args.worker:
+        from swarmfold.devtools.linkemu import LinkSpec
+
+        try:
+            LinkSpec.parse(args.link)
+        except ValueError as e:
+            print(f"bench_allreduce: {e}", file=sys.stderr)
+            return 2
     return worker_main(args) if args.worker else coordinator_main(args)
 
 

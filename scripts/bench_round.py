@@ -5,6 +5,15 @@ Run (about 6 minutes on 2 cores; writes the JSON and a stacked-bar PNG next to i
     nice -n 10 .venv/bin/python scripts/bench_round.py                      # 2 peers, tiny preset, H = 100, 6 rounds
     nice -n 10 .venv/bin/python scripts/bench_round.py --peers 3 --rounds 4 --out /tmp/round.json
     nice -n 10 .venv/bin/python scripts/bench_round.py --smoke --out /tmp/round.json   # seconds: H = 3, small batches
+    nice -n 10 .venv/bin/python scripts/bench_round.py --link rtt=50ms,rate=100mbit --rounds 4 \
+        --out results/bench_round_wan_50ms_100mbit.json     # the same swarm on loopback, then over an emulated WAN
+
+With `--link`, the run has two arms, one after the other with the same spec, shards and
+seeds: plain loopback (the baseline), then every peer behind its own emulated access link
+(swarmfold.devtools.linkemu: one-way latency rtt/2, per-peer up/down token buckets, optional
+loss; each peer announces the emulator's port for it, so every byte between peers crosses
+the link). The report's `arms` holds both, and `link_vs_loopback` the ratios of their
+steady-state medians.
 
 It starts N real peers (`swarmfold run`, separate processes, each with its own hivemind
 DHT node and libp2p daemon) on 127.0.0.1 with the tiny preset and H = 100 inner steps,
@@ -40,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _swarm_procs import kill_all, log_tail, start_peer, wait_ready  # noqa: E402
+from _swarm_procs import EmulatedLink, kill_all, log_tail, start_peer, wait_ready  # noqa: E402
 
 PHASES = ("train", "matchmaking", "allreduce", "commit")
 TARGET = 0.95
@@ -68,8 +77,8 @@ def bench_spec(*, peers: int, inner_steps: int, smoke: bool, min_group_size: int
 
 
 
-def run_swarm(root: Path, spec: Any, *, peers: int, rounds: int, shard_bytes: int, timeout: float
-              ) -> tuple[list[Path], list[int], float]:
+def run_swarm(root: Path, spec: Any, *, peers: int, rounds: int, shard_bytes: int, timeout: float,
+              link: str = "", link_stats: dict[str, Any] | None = None) -> tuple[list[Path], list[int], float]:
     from swarmfold.peer.corpus import write_stdlib_shards
     from swarmfold.spec import to_toml
 
@@ -78,12 +87,19 @@ def run_swarm(root: Path, spec: Any, *, peers: int, rounds: int, shard_bytes: in
     spec_path.write_text(to_toml(spec))
     workdirs = [root / f"peer-{i}" for i in range(peers)]
     procs: list[subprocess.Popen] = []
+    emu = EmulatedLink(link, peers, root) if link else None
+
+    def addrs(i: int) -> dict[str, Any]:
+        if emu is None:
+            return {}
+        return {"host": emu.ports[i]["host_maddr"], "announce": emu.ports[i]["announce_maddr"]}
+
     t0 = time.monotonic()
     try:
-        procs.append(start_peer(workdirs[0], spec_path, shards[0], rounds, [], keep=1000))
+        procs.append(start_peer(workdirs[0], spec_path, shards[0], rounds, [], keep=1000, **addrs(0)))
         first = wait_ready(workdirs[0], procs[0], 300)["maddrs"][:1]
         for i in range(1, peers):
-            procs.append(start_peer(workdirs[i], spec_path, shards[i], rounds, first, keep=1000))
+            procs.append(start_peer(workdirs[i], spec_path, shards[i], rounds, first, keep=1000, **addrs(i)))
         codes = []
         for w, p in zip(workdirs, procs, strict=True):
             try:
@@ -93,6 +109,10 @@ def run_swarm(root: Path, spec: Any, *, peers: int, rounds: int, shard_bytes: in
         return workdirs, codes, time.monotonic() - t0
     finally:
         kill_all(procs)
+        if emu is not None:
+            stats = emu.stop()
+            if link_stats is not None:
+                link_stats.update(stats)
 
 
 # ---- reading the checkpoints ---------------------------------------------------------------------
@@ -190,7 +210,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
     bottom_ax.set_xlabel("round r, peer p (shaded: round 0, includes joining; not in the steady state)")
     s = report["steady_state"]
     setup = report["setup"]
-    top.set_title(f"{setup['peers']} peers on loopback, tiny preset, H = {setup['inner_steps']}\n"
+    top.set_title(f"{setup['peers']} peers {setup.get('where', 'on loopback')}, tiny preset, "
+                  f"H = {setup['inner_steps']}\n"
                   f"steady-state utilization (train / wall) {100 * s.get('utilization', float('nan')):.1f}% "
                   f"(target {100 * TARGET:.0f}%)", fontsize=10)
     top.legend(fontsize=8, loc="lower right")
@@ -198,6 +219,45 @@ def plot(report: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def run_arm(root: Path, spec: Any, args: argparse.Namespace, link: str) -> dict[str, Any] | None:
+    """One swarm run (on loopback, or behind `link`) and what its checkpoints say; None if a peer failed."""
+    stats: dict[str, Any] = {}
+    workdirs, codes, seconds = run_swarm(root, spec, peers=args.peers, rounds=args.rounds,
+                                         shard_bytes=150_000 if args.smoke else 1_000_000, timeout=args.timeout,
+                                         link=link, link_stats=stats)
+    if any(codes):
+        print(f"bench_round: peers exited with {codes}; logs:\n" + "\n".join(log_tail(w) for w in workdirs),
+              file=sys.stderr)
+        return None
+    rows = [row for i, w in enumerate(workdirs) for row in round_rows(i, read_checkpoints(w))]
+    rows.sort(key=lambda r: (r["round"], r["peer"]))
+    out: dict[str, Any] = {
+        "steady_state": summarize([r for r in rows if r["round"] >= 1]),
+        "first_round": summarize([r for r in rows if r["round"] == 0]),
+        "agreement": agreement(rows, args.peers),
+        "rounds": rows,
+        "seconds": round(seconds, 1),
+    }
+    if link:
+        nodes = stats.get("nodes", {})
+        out["link"] = {"spec": link, "model": stats.get("describe"), "connections": stats.get("connections"),
+                       "unattributed_connections": stats.get("unattributed_connections"),
+                       "bytes_up_per_peer": {k: v["bytes_up"] for k, v in nodes.items()},
+                       "segments_lost": sum(v["segments_lost_up"] for v in nodes.values()),
+                       "emulator_cpu_seconds": stats.get("emulator_cpu_seconds")}
+    return out
+
+
+def compare_arms(base: dict[str, Any], link: dict[str, Any]) -> dict[str, Any]:
+    """link / loopback for each steady-state median (seconds per round) and the utilization."""
+    b, w = base.get("steady_state", {}), link.get("steady_state", {})
+    if not b or not w:
+        return {}
+    out = {k: (w["median_seconds"][k] / v if v > 0 else None) for k, v in b["median_seconds"].items()}
+    out["utilization"] = w["utilization"] / b["utilization"] if b["utilization"] else None
+    return {"ratio_of_medians": out, "note": "link / loopback, the same spec, shards and seeds in the same run"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -210,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds before the run is abandoned")
     p.add_argument("--keep", action="store_true", help="keep the peers' workdirs (printed at the end)")
     p.add_argument("--out", type=Path, default=Path("results/bench_round.json"))
+    p.add_argument("--link", default="", help="also run the swarm behind an emulated link, e.g. rtt=50ms,rate=100mbit "
+                   "(keys: see swarmfold.devtools.linkemu), after a loopback arm in the same run")
     args = p.parse_args(argv)
     if args.smoke:
         args.inner_steps = 3 if args.inner_steps == 100 else args.inner_steps
@@ -218,28 +280,38 @@ def main(argv: list[str] | None = None) -> int:
         print("bench_round: needs --peers >= 2 and --rounds >= 1", file=sys.stderr)
         return 2
 
+    if args.link:
+        from swarmfold.devtools.linkemu import LinkSpec
+
+        try:
+            LinkSpec.parse(args.link)
+        except ValueError as e:
+            print(f"bench_round: {e}", file=sys.stderr)
+            return 2
     root = Path(tempfile.mkdtemp(prefix="bench-round-"))
     os.environ.setdefault("SWARMFOLD_CACHE", str(root / "cache"))
     spec = bench_spec(peers=args.peers, inner_steps=args.inner_steps, smoke=args.smoke, min_group_size=args.min_group_size)
     print(f"bench_round: {args.peers} peers, {args.rounds} rounds of H = {args.inner_steps}"
           f"{' (smoke)' if args.smoke else ''} in {root}", flush=True)
+    arms: dict[str, dict[str, Any]] = {}
     try:
-        workdirs, codes, seconds = run_swarm(root, spec, peers=args.peers, rounds=args.rounds,
-                                             shard_bytes=150_000 if args.smoke else 1_000_000, timeout=args.timeout)
-        if any(codes):
-            print(f"bench_round: peers exited with {codes}; logs:\n" + "\n".join(log_tail(w) for w in workdirs),
-                  file=sys.stderr)
-            return 1
-        rows = [row for i, w in enumerate(workdirs) for row in round_rows(i, read_checkpoints(w))]
+        for arm, link in ([("loopback", ""), ("link", args.link)] if args.link else [("loopback", "")]):
+            print(f"bench_round: arm {arm}" + (f" ({link})" if link else ""), flush=True)
+            result = run_arm(root / arm, spec, args, link)
+            if result is None:
+                return 1
+            arms[arm] = result
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
-    rows.sort(key=lambda r: (r["round"], r["peer"]))
-    steady = [r for r in rows if r["round"] >= 1]
+    main_arm = arms["link" if args.link else "loopback"]
     report: dict[str, Any] = {
         "benchmark": "round",
         "setup": {"peers": args.peers, "rounds": args.rounds, "inner_steps": args.inner_steps, "preset": "tiny",
-                  "smoke": args.smoke, "threads_per_peer": 1, "transport": "127.0.0.1, one process per peer",
+                  "smoke": args.smoke, "threads_per_peer": 1,
+                  "transport": ("127.0.0.1, one process per peer, each behind an emulated link: " + args.link
+                                if args.link else "127.0.0.1, one process per peer"),
+                  "where": f"over {args.link}" if args.link else "on loopback",
                   "averaging": spec.to_dict()["averaging"], "batch_size": spec.inner.batch_size,
                   "seq_len": spec.data.seq_len},
         "definitions": {
@@ -249,13 +321,14 @@ def main(argv: list[str] | None = None) -> int:
             "checkpoint_write": "ctime of the checkpoint folder (renamed into place) minus its written_at",
             "utilization": "train / wall; steady state = rounds >= 1 (round 0 includes joining)"},
         "target_utilization": TARGET,
-        "steady_state": summarize(steady),
-        "first_round": summarize([r for r in rows if r["round"] == 0]),
-        "agreement": agreement(rows, args.peers),
-        "rounds": rows,
+        **main_arm,
         "environment": {"python": platform.python_version(), "cores": os.cpu_count(),
-                        "load_average_at_end": list(os.getloadavg()), "seconds": round(seconds, 1)},
+                        "load_average_at_end": list(os.getloadavg()),
+                        "seconds": round(sum(a["seconds"] for a in arms.values()), 1)},
     }
+    if args.link:
+        report["arms"] = arms
+        report["link_vs_loopback"] = compare_arms(arms["loopback"], arms["link"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_name(f".{args.out.name}.tmp")
     tmp.write_text(json.dumps(report, indent=1))
