@@ -2,6 +2,7 @@
 #
 #   make demo     set up .venv, then run a 3-peer swarm on the embedded default corpus (stdlib shards)
 #   make test     set up .venv (and Chromium, as root), then run the whole test suite
+#   make test-fast  the inner loop: every test not marked slow (no multi-peer, multi-process runs)
 #   make lint     ruff and mypy
 #   make browser  install Debian's chromium if it is missing (the dashboard tests need it)
 #   make bench    the inner-loop benchmark (writes results/bench_inner_loop.json)
@@ -23,7 +24,7 @@ DEMO_ARGS ?=
 # `make test` installs Chromium first only where it can: as root with apt-get.
 BROWSER_DEP := $(shell [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && echo browser)
 
-.PHONY: setup demo test lint browser bench clean-demo
+.PHONY: setup demo test test-fast lint browser bench clean-demo
 
 setup: $(STAMP)
 
@@ -46,6 +47,9 @@ clean-demo:
 
 test: $(STAMP) $(BROWSER_DEP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: $(STAMP)  # both run, so one report shows every problem
 	@status=0; \

@@ -335,6 +335,7 @@ def test_watcher_idle_only_pauses_when_busy_and_resumes_after_idle_period() -> N
     assert not controls.paused
 
 
+@pytest.mark.slow
 def test_other_load_sees_a_busy_process() -> None:
     """The real measurement: two spinning processes on this machine register as others' load.
 
@@ -345,16 +346,18 @@ def test_other_load_sees_a_busy_process() -> None:
     assert meter.read() is None
     ncpu = os.cpu_count() or 1
     spinners = [idle] + [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(min(ncpu, 2))]
-    try:
-        time.sleep(2.0)
-        meter.read()
-        time.sleep(2.0)
-        load = meter.read()
+    want = 0.3 * min(ncpu, 2) / ncpu
+    load: float | None = None
+    try:  # each read measures the interval since the previous one: poll until the spinners show
+        deadline = time.monotonic() + 60
+        while (load is None or load < want) and time.monotonic() < deadline:
+            time.sleep(1.0)  # the measuring interval, not a synchronisation
+            load = meter.read()
     finally:
         for p in spinners:
             p.kill()
             p.wait()
-    assert load is not None and load >= 0.3 * min(ncpu, 2) / ncpu
+    assert load is not None and load >= want
 
 
 # ---- lock and logs ---------------------------------------------------------------------
@@ -384,22 +387,35 @@ def test_logs_tail_and_follow_across_rotation(tmp_path: Path) -> None:
     assert tail_lines(log, 3) == ["line 97", "line 98", "line 99"]
     got: list[str] = []
     stop = threading.Event()
+    positioned = threading.Event()
+    checks = 0
+
+    def stopped() -> bool:
+        # follow() asks before each pass; the second time, it has opened the file and sought its end
+        nonlocal checks
+        checks += 1
+        if checks >= 2:
+            positioned.set()
+        return stop.is_set()
 
     def reader() -> None:
-        for line in follow(log, poll=0.05, stop=stop.is_set):
+        for line in follow(log, poll=0.05, stop=stopped):
             got.append(line)
+
+    def wait_for(line: str) -> None:
+        deadline = time.monotonic() + 30
+        while line not in got and time.monotonic() < deadline:
+            time.sleep(0.02)
 
     t = threading.Thread(target=reader)
     t.start()
-    time.sleep(0.3)
+    assert positioned.wait(30), "follow() never opened the log"
     with open(log, "a") as f:
         f.write("after 1\n")
-    time.sleep(0.3)
+    wait_for("after 1")
     os.replace(log, tmp_path / "swarmfold.log.1")  # what RotatingFileHandler does
     log.write_text("rotated 1\n")
-    deadline = time.monotonic() + 5
-    while "rotated 1" not in got and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for("rotated 1")
     stop.set()
     t.join(5)
     assert got == ["after 1", "rotated 1"]
@@ -456,11 +472,16 @@ def test_forked_children_do_not_inherit_the_signal_handlers(tmp_path: Path) -> N
     from swarmfold.daemon.service import signal_handlers
 
     with signal_handlers(status=PeerStatus(), controls=Controls(), settings=Settings(), workdir=tmp_path):
+        ready_r, ready_w = os.pipe()
         pid = os.fork()
-        if pid == 0:  # the child: wait to be signalled
+        if pid == 0:  # the child: fork's after-child hooks have run; say so, then wait to be signalled
+            os.close(ready_r)
+            os.write(ready_w, b"1")
             time.sleep(30)
             os._exit(0)
-        time.sleep(0.3)
+        os.close(ready_w)
+        assert os.read(ready_r, 1) == b"1"  # the child is past fork(), with whatever handlers it kept
+        os.close(ready_r)
         os.kill(pid, signal.SIGTERM)
         _, st = os.waitpid(pid, 0)
     assert os.WIFSIGNALED(st) and os.WTERMSIG(st) == signal.SIGTERM

@@ -178,6 +178,7 @@ def test_hostile_names_and_sizes_are_refused() -> None:
 
 # ---- real DHTs ------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_fetched_copy_has_the_same_manifest_hash_and_bytes(net: Net, tmp_path: Path) -> None:
     data = _make_data(tmp_path / "public", seed=1)
     shard = _shard(data, net.spec)
@@ -211,6 +212,7 @@ def test_a_fetched_copy_has_the_same_manifest_hash_and_bytes(net: Net, tmp_path:
     assert _shard(dest, net.spec).manifest_hash == h
 
 
+@pytest.mark.slow
 def test_a_provider_serving_wrong_bytes_is_refused_by_name(net: Net, tmp_path: Path) -> None:
     data = _make_data(tmp_path / "public", seed=2)
     m, paths = _manifest(_shard(data, net.spec))
@@ -232,6 +234,7 @@ def test_a_provider_serving_wrong_bytes_is_refused_by_name(net: Net, tmp_path: P
     assert all(_sha(dest / p.relative_to(data)) == sha for sha, p in paths.items())
 
 
+@pytest.mark.slow
 def test_a_stalled_provider_is_left_and_the_next_resumes_at_the_offset(net: Net, tmp_path: Path) -> None:
     data = _make_data(tmp_path / "public", seed=3)
     m, paths = _manifest(_shard(data, net.spec))
@@ -249,6 +252,7 @@ def test_a_stalled_provider_is_left_and_the_next_resumes_at_the_offset(net: Net,
     assert _shard(dest, net.spec).manifest_hash == h
 
 
+@pytest.mark.slow
 def test_an_oversized_answer_is_refused_and_nothing_half_written_stays(net: Net, tmp_path: Path) -> None:
     data = _make_data(tmp_path / "public", seed=4)
     m, paths = _manifest(_shard(data, net.spec))
@@ -261,6 +265,7 @@ def test_an_oversized_answer_is_refused_and_nothing_half_written_stays(net: Net,
     assert _leftovers(dest) == [], "no temporary file stays after a failed fetch"
 
 
+@pytest.mark.slow
 def test_a_lying_or_unsafe_manifest_is_refused_and_nothing_is_written(net: Net, tmp_path: Path) -> None:
     data = _make_data(tmp_path / "public", seed=5)
     m, paths = _manifest(_shard(data, net.spec))
@@ -281,6 +286,7 @@ def test_a_lying_or_unsafe_manifest_is_refused_and_nothing_is_written(net: Net, 
     assert not dest.exists() and not (tmp_path / "box" / "escaped.txt").exists()
 
 
+@pytest.mark.slow
 def test_no_provider_is_a_clear_error(net: Net, tmp_path: Path) -> None:
     with pytest.raises(PublicDataFetchError, match="no peer announced it") as err:
         fetch_public_data(net.client, "ab" * 32, tmp_path / "none", wait=1)
@@ -318,6 +324,7 @@ def test_a_peer_without_data_fetches_the_public_shard_and_trains_in_the_swarm(
     assert got[0] == got[1] and set(got[0]) >= set(range(rounds + 1)), got
 
 
+@pytest.mark.slow
 def test_without_data_a_swarm_that_does_not_verify_says_what_to_pass(tmp_path: Path) -> None:
     parser = argparse.ArgumentParser()
     add_peer_arguments(parser)

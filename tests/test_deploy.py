@@ -185,6 +185,7 @@ def test_dockerfile_non_root_unbuffered_with_healthcheck(compose: dict[str, Any]
     assert ".venv" in ignored and ".git" in ignored and "swarmfold" not in ignored
 
 
+@pytest.mark.slow
 def test_healthcheck_command_asks_the_api(tmp_path: Path) -> None:
     """`swarmfold status --check` (the HEALTHCHECK) exits 0 only while the peer's API answers."""
     check = [sys.executable, "-m", "swarmfold", "status", "--workdir", str(tmp_path), "--check"]

@@ -31,6 +31,7 @@ def _orders_in_child(hash_seed: str) -> list:
     return json.loads(run.stdout)
 
 
+@pytest.mark.slow
 def test_same_inputs_same_order_in_two_processes() -> None:
     first, second = _orders_in_child("1"), _orders_in_child("2")
     assert first == second

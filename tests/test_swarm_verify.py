@@ -114,6 +114,7 @@ def test_deny_records_need_a_quorum_and_expire(tmp_path: Path) -> None:
 
 # ---- real DHTs -------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_deny_record_travels_through_the_dht(tmp_path: Path, shards: list[Path]) -> None:
     """Peer a publishes a deny record; peer b (another DHT node) reads it and leaves the peer out."""
     from swarmfold.averaging.verification import SpanVerdict

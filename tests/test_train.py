@@ -65,6 +65,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, shards: list[Path]) -> Runs:
     return Runs(root, spec, shards[0])
 
 
+@pytest.mark.slow
 def test_same_spec_data_threads_give_identical_model_bits(runs: Runs) -> None:
     for name in TENSOR_FILES:
         assert sha256(ckpt(runs.a, ROUNDS) / name) == sha256(ckpt(runs.b, ROUNDS) / name), name
@@ -72,6 +73,7 @@ def test_same_spec_data_threads_give_identical_model_bits(runs: Runs) -> None:
     assert final[0] == final[1]
 
 
+@pytest.mark.slow
 def test_continuing_in_the_same_workdir_equals_straight_through(runs: Runs) -> None:
     assert f"resuming at round {FIRST}" in runs.resumed.stdout
     for name in TENSOR_FILES:
@@ -83,6 +85,7 @@ def test_continuing_in_the_same_workdir_equals_straight_through(runs: Runs) -> N
         assert meta_a[key] == meta_c[key], key
 
 
+@pytest.mark.slow
 def test_rounds_print_a_falling_loss_and_record_threads(runs: Runs) -> None:
     losses = [float(x) for x in re.findall(r"round +\d+ +loss ([\d.]+)", runs.out_a)]
     assert len(losses) == ROUNDS
