@@ -62,8 +62,9 @@ def log_tail(workdir: Path, lines: int = 40) -> str:
     return "\n".join(out) or "(no log)"
 
 
-def wait_status(workdir: Path, what: str, pred: Callable[[dict[str, Any]], bool], timeout: float = 180.0
-                ) -> dict[str, Any]:
+def wait_status(workdir: Path, what: str, pred: Callable[[dict[str, Any]], bool], timeout: float = 180.0,
+                also: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Poll `workdir`'s status until `pred` holds; on a timeout, fail with its log and those of `also`."""
     deadline = time.monotonic() + timeout
     last: dict[str, Any] | None = None
     while time.monotonic() < deadline:
@@ -74,7 +75,8 @@ def wait_status(workdir: Path, what: str, pred: Callable[[dict[str, Any]], bool]
                 return snap
         time.sleep(0.5)
     brief = {k: (last or {}).get(k) for k in ("state", "reason", "round", "rounds", "peers_seen", "loss")}
-    raise AssertionError(f"{workdir}: timed out waiting for {what}; last status {brief}\n{log_tail(workdir)}")
+    logs = "\n".join(log_tail(w) for w in (workdir, *also))
+    raise AssertionError(f"{workdir}: timed out waiting for {what}; last status {brief}\n{logs}")
 
 
 def finished_rounds(snap: dict[str, Any]) -> int:

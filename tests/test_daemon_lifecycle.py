@@ -128,7 +128,7 @@ def test_kill9_then_start_resumes_from_newest_valid_checkpoint_and_rejoins(
         return (s["rounds"].get("committed", 0) >= 1 and s["summary"]["peers_alive"] == 2
                 and agree["at_round"] == 2 and agree["agree"] == 2)
 
-    snap = wait_status(b, "a committed round with the other peer, on the same model", rejoined)
+    snap = wait_status(b, "a committed round with the other peer, on the same model", rejoined, also=(a,))
     assert snap["round"] > valid_round
     restarted = (b / "logs" / "swarmfold.log").read_text().rsplit("swarmfold peer starting in", 1)[1]
     assert "SIGTERM" not in restarted  # the orphan ended on SIGTERM, without running the peer's handler

@@ -38,3 +38,23 @@ def test_same_round_only_a_strictly_larger_group_replaces_ours() -> None:
 def test_never_back_a_round_and_ignore_syncing_peers() -> None:
     assert choose([rec("a", 2, "A"), rec("b", 2, "A")], 3, "Z") is None
     assert choose([rec("a", 9, "A", state="syncing")], 3, "Z") is None
+
+
+def test_same_round_a_local_state_gives_way_one_against_one_by_hash() -> None:
+    # both trained alone (a restart, a late sync): exactly one of the two adopts the other's model
+    theirs_first = choose_sync_target({"a": rec("a", 4, "A", provenance="local")}, me="me", my_round=4,
+                                      my_hash="Z", my_provenance="local")
+    assert theirs_first is not None and (theirs_first.round, theirs_first.model_sha256) == (4, "A")
+    assert choose_sync_target({"z": rec("z", 4, "Z", provenance="local")}, me="me", my_round=4, my_hash="A",
+                              my_provenance="local") is None
+    # a local state gives way to a group's at its round; a group's state does not give way to a local one
+    t = choose_sync_target({"z": rec("z", 4, "Z")}, me="me", my_round=4, my_hash="A", my_provenance="local")
+    assert t is not None and t.model_sha256 == "Z"
+    assert choose_sync_target({"a": rec("a", 4, "A", provenance="local")}, me="me", my_round=4, my_hash="Z",
+                              my_provenance="group") is None
+    # three peers at one round, each with its own model: all converge on the first hash
+    recs = {p: rec(p, 4, p.upper(), provenance="local") for p in ("a", "b", "c")}
+    for me in recs:
+        others = {p: r for p, r in recs.items() if p != me}
+        t = choose_sync_target(others, me=me, my_round=4, my_hash=me.upper(), my_provenance="local")
+        assert (t is None) == (me == "a") and (t is None or t.model_sha256 == "A")

@@ -84,6 +84,14 @@ class RoundTimeouts:
         return 2 * self.state_sync
 
     @property
+    def swarm_view(self) -> float:
+        """How long a peer that joins through others waits to see their records before its first
+        catch-up: one DHT operation's bound (network.dht_timeout). The records are already in the
+        DHT (each peer publishes its record before it trains); a DHT that cannot return them in one
+        operation's time is not settling but unreachable, and the peer starts from its own state."""
+        return self.dht
+
+    @property
     def dht_call(self) -> float:
         """A blocking call from another thread that does one DHT operation on the network loop."""
         return self.dht + HANDOFF_MARGIN

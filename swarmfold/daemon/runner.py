@@ -47,15 +47,23 @@ class SyncTarget:
     sources: list[PeerRecord]
 
 
-def choose_sync_target(records: dict[str, PeerRecord], *, me: str, my_round: int, my_hash: str
-                       ) -> SyncTarget | None:
+def choose_sync_target(records: dict[str, PeerRecord], *, me: str, my_round: int, my_hash: str,
+                       my_provenance: str = "group") -> SyncTarget | None:
     """The state this peer should adopt before training, or None to keep its own.
 
     Candidates are the states that came out of a group commit (or a sync to one); a peer
     that trained alone or rolled back publishes its round with a local model, which is
     never copied while group states exist. The swarm's state is the (round, model hash)
-    held by the most peers (ties: the later round). A peer behind it downloads it; at the
-    same round, only a strictly larger group replaces its own model. Never back a round.
+    held by the most peers (ties: the later round, then the smaller hash). A peer behind it
+    downloads it. Never back a round. At the same round:
+
+    - a peer whose own state is a group's (`my_provenance` "group") keeps it unless a strictly
+      larger group holds another: a rolled-back peer's stale model never replaces a commit;
+    - a peer whose own state is local (it trained alone or rolled back) adopts a group's
+      state, or a local one held by more peers, or, one against one, the one whose hash
+      sorts first. Without that tie-break, two peers left at one round with models of their
+      own (a restart, a late sync) would never average again: matchmaking groups only equal
+      base models, and each would wait for the other to move.
     """
     groups: dict[tuple[int, str, str], list[PeerRecord]] = {}
     for rec in records.values():
@@ -71,8 +79,13 @@ def choose_sync_target(records: dict[str, PeerRecord], *, me: str, my_round: int
         return None
     if rnd == my_round:
         mine = 1 + sum(len(v) for k, v in groups.items() if k[0] == my_round and k[1] == my_hash)
-        if len(sources) <= mine:
-            return None
+        if my_provenance == "group":
+            if len(sources) <= mine:
+                return None
+        else:
+            theirs_shared = any(r.metrics.get("provenance", "group") == "group" for r in sources)
+            if not (len(sources) > mine or (len(sources) == mine and (theirs_shared or model < my_hash))):
+                return None
     return SyncTarget(round=rnd, model_sha256=model, sources=sorted(sources, key=lambda r: r.peer_id))
 
 
@@ -156,12 +169,13 @@ class PeerRunner:
         self.status.update(round=peer.round, model_sha256=peer.theta_sha256)
         return peer
 
-    def _await_swarm_view(self, joining: bool, timeout: float = 15.0) -> None:
-        """A peer that joins through others waits (bounded) until it sees their records, so that
-        its first catch-up knows where the swarm is instead of training a stale round."""
+    def _await_swarm_view(self, joining: bool) -> None:
+        """A peer that joins through others waits until it sees their records (RoundTimeouts.swarm_view
+        at most), so that its first catch-up knows where the swarm is instead of training a stale round."""
         assert self.swarm is not None and self.peer is not None
         if not joining:
             return
+        timeout = self.swarm.timeouts.swarm_view
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and not self.controls.stop.is_set():
             try:
@@ -171,7 +185,7 @@ class PeerRunner:
                 logger.debug("records not readable yet: %s", e)
             except Exception:  # not a DHT hiccup: a bug worth seeing
                 logger.warning("reading the swarm's records failed unexpectedly", exc_info=True)
-            time.sleep(0.5)
+            self.controls.stop.wait(self.swarm.timeouts.poll)
         logger.info("[%s] no other peer's record visible after %.0fs; starting from our own state",
                     self.peer.peer_id[-8:], timeout)
 
@@ -257,7 +271,7 @@ class PeerRunner:
             return
         self.status.set_swarm({pid: _record_view(r) for pid, r in records.items()})
         target = choose_sync_target(records, me=self.peer.peer_id, my_round=self.peer.round,
-                                    my_hash=self.peer.theta_sha256)
+                                    my_hash=self.peer.theta_sha256, my_provenance=self._provenance())
         if target is None:
             return
         self.status.set_state("syncing", f"downloading round {target.round} from the swarm")
