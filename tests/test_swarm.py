@@ -253,9 +253,11 @@ def test_a_late_peer_joins_the_peers_already_waiting(tmp_path: Path, shards: lis
 
 
 def test_state_download_is_checked_against_the_published_hash(tmp_path: Path) -> None:
-    """A state whose bytes do not match the hash in the record is refused (two real DHT nodes)."""
+    """A state whose bytes do not match the hash in the record is refused (two real DHT nodes), and a
+    download's progress callback sees its bytes arrive."""
     import torch
 
+    from swarmfold.averaging import wire
     from swarmfold.averaging.protocol import StateSyncError
     from swarmfold.averaging.records import PeerRecord
 
@@ -272,6 +274,19 @@ def test_state_download_is_checked_against_the_published_hash(tmp_path: Path) ->
             b.download_state([lie], numel=2048)
         with pytest.raises(StateSyncError, match="elements"):
             b.download_state([rec], numel=4096)
+        # progress: a state of several wire pieces reports monotone byte counts that end at the reply's size
+        big = 3 * wire.PROGRESS_PIECE // 4 + 5  # float32: theta and one outer tensor of 3 wire pieces and a bit each
+        theta = torch.arange(big, dtype=torch.float32)
+        outer_in = {"momentum": -theta}
+        model_sha, outer_sha = a.serve_state(8, theta, outer_in)
+        rec = PeerRecord(**{**rec.__dict__, "round": 8, "model_sha256": model_sha, "outer_sha256": outer_sha})
+        seen: list[tuple[int, int]] = []
+        rnd, got, outer, _ = b.download_state([rec], numel=big, on_progress=lambda d, t: seen.append((d, t)))
+        assert rnd == 8 and torch.equal(got, theta) and torch.equal(outer["momentum"], outer_in["momentum"])
+        done = [d for d, _ in seen]
+        total = seen[-1][1]
+        assert len(seen) >= 4 and done == sorted(done) and done[-1] == total and {t for _, t in seen} == {total}
+        assert total > 2 * big * 4  # the whole reply: both tensors and the framing
 
 
 def test_a_flood_of_votes_and_parts_for_made_up_groups_does_not_stop_honest_commits(

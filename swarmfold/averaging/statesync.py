@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,20 +83,26 @@ class StateSync:
         finally:
             wire.close(writer)
 
-    async def download(self, sources: list[PeerRecord], numel: int) -> SyncedState:
-        """θ_r and outer state from the first source that serves what its record published."""
+    async def download(self, sources: list[PeerRecord], numel: int,
+                       on_progress: Callable[[int, int], None] | None = None) -> SyncedState:
+        """θ_r and outer state from the first source that serves what its record published.
+
+        `on_progress(bytes received, reply bytes)` is called as the reply arrives (progress display);
+        each source tried starts again from zero."""
         errors = []
         for src in sources:
             try:
-                return await self._download_from(src, numel)
+                return await self._download_from(src, numel, on_progress)
             except (AveragingError, StateSyncError, wire.WireError) as e:
                 errors.append(f"{src.peer_id[-8:]}: {e}")
         raise StateSyncError("no peer served the published state: " + "; ".join(errors))
 
-    async def _download_from(self, src: PeerRecord, numel: int) -> SyncedState:
+    async def _download_from(self, src: PeerRecord, numel: int,
+                             on_progress: Callable[[int, int], None] | None = None) -> SyncedState:
         limit = numel * 4 * 3 + SMALL_MESSAGE
         raw, _, _ = await self.net.request(src.peer_id, STATE, StateRequest(spec_hash=self.spec.spec_hash).to_wire(),
-                                           timeout=self.tt.state_sync, max_reply=limit, maddrs=src.maddrs)
+                                           timeout=self.tt.state_sync, max_reply=limit, maddrs=src.maddrs,
+                                           on_progress=on_progress)
         try:
             if raw.get("kind") == StateRefusal.KIND:
                 raise StateSyncError(StateRefusal.from_wire(raw).reason)

@@ -192,10 +192,13 @@ class Swarm:
         """Make θ_r and the outer state available to joining peers; returns (model, outer) hashes."""
         return self.statesync.serve(round_idx, theta, outer)
 
-    def download_state(self, sources: list[PeerRecord], *, numel: int
+    def download_state(self, sources: list[PeerRecord], *, numel: int,
+                       on_progress: Callable[[int, int], None] | None = None
                        ) -> tuple[int, torch.Tensor, dict[str, torch.Tensor], str]:
-        """θ_r and outer state from the first source that serves what the records published."""
-        s = self.transport.call(self.statesync.download(sources, numel), timeout=self.timeouts.state_sync_total)
+        """θ_r and outer state from the first source that serves what the records published;
+        `on_progress(bytes, total)` follows the download (called on the network loop)."""
+        s = self.transport.call(self.statesync.download(sources, numel, on_progress),
+                                timeout=self.timeouts.state_sync_total)
         return s.round, s.theta, s.outer, s.source
 
     # ---- extension points (tests/peers/ subclass these) --------------------------------------------

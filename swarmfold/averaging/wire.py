@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
@@ -17,6 +18,7 @@ import msgpack
 from swarmfold.averaging.hivemind_adapter import widen_reader
 
 HEADER_LEN = 8
+PROGRESS_PIECE = 1 << 20  # a recv with on_progress reads and reports a large message this many bytes at a time
 
 
 class WireError(Exception):
@@ -32,7 +34,7 @@ def pack(msg: dict[str, Any]) -> bytes:
     return len(body).to_bytes(HEADER_LEN, "big") + body
 
 
-def unpack(body: bytes, max_bytes: int) -> dict[str, Any]:
+def unpack(body: bytes | bytearray, max_bytes: int) -> dict[str, Any]:
     try:
         msg = msgpack.unpackb(body, raw=False, strict_map_key=True, max_bin_len=max_bytes,
                               max_str_len=1 << 20, max_array_len=1 << 16, max_map_len=1 << 12,
@@ -67,8 +69,12 @@ async def send_chunk(writer: asyncio.StreamWriter, index: int, data: bytes | mem
     return HEADER_LEN + len(head) + len(data)
 
 
-async def recv(reader: asyncio.StreamReader, max_bytes: int) -> tuple[dict[str, Any], int]:
-    """Read one framed message of at most `max_bytes`; returns (message, bytes read)."""
+async def recv(reader: asyncio.StreamReader, max_bytes: int,
+               on_progress: Callable[[int, int], None] | None = None) -> tuple[dict[str, Any], int]:
+    """Read one framed message of at most `max_bytes`; returns (message, bytes read).
+
+    With `on_progress`, the body is read PROGRESS_PIECE bytes at a time and `on_progress(bytes read,
+    frame bytes)` is called once the header is in and after each piece, ending at the frame's size."""
     try:
         header = await reader.readexactly(HEADER_LEN)
     except asyncio.IncompleteReadError as e:
@@ -76,8 +82,19 @@ async def recv(reader: asyncio.StreamReader, max_bytes: int) -> tuple[dict[str, 
     length = int.from_bytes(header, "big")
     if length > max_bytes:
         raise MessageTooLarge(f"message of {length} bytes exceeds the limit of {max_bytes} bytes")
+    body: bytes | bytearray
     try:
-        body = await reader.readexactly(length)
+        if on_progress is None:
+            body = await reader.readexactly(length)
+        else:
+            on_progress(HEADER_LEN, HEADER_LEN + length)
+            body = bytearray(length)
+            done = 0
+            while done < length:
+                piece = await reader.readexactly(min(PROGRESS_PIECE, length - done))
+                body[done:done + len(piece)] = piece
+                done += len(piece)
+                on_progress(HEADER_LEN + done, HEADER_LEN + length)
     except asyncio.IncompleteReadError as e:
         raise WireError("the peer closed the stream mid-message") from e
     return unpack(body, max_bytes), HEADER_LEN + length

@@ -34,6 +34,7 @@ from swarmfold.peer.data import DataError
 from swarmfold.peer.device import describe, resolve_device
 from swarmfold.peer.local import LocalPeer, RoundReport, TrainingInterrupted
 from swarmfold.peer.trainer import set_threads
+from swarmfold.progress import Progress
 from swarmfold.spec import Spec, load_spec
 
 logger = logging.getLogger(__name__)
@@ -276,7 +277,9 @@ class PeerRunner:
             return
         self.status.set_state("syncing", f"downloading round {target.round} from the swarm")
         try:
-            rnd, theta, outer, source = self.swarm.download_state(target.sources, numel=self.peer.theta.numel())
+            with Progress(f"downloading the state of round {target.round}", unit="B", log=logger) as bar:
+                rnd, theta, outer, source = self.swarm.download_state(target.sources, numel=self.peer.theta.numel(),
+                                                                      on_progress=bar.callback())
         except StateSyncError as e:
             logger.warning("[%s] state sync failed: %s; training from our own state", self.peer.peer_id[-8:], e)
             return
