@@ -261,15 +261,18 @@ class LocalPeer:
     def save(self) -> Path:
         if self.workdir is None:
             raise ValueError("this peer has no workdir to save checkpoints in")
+        # No full copies: the files are written from views of θ_r, the residual and the outer
+        # state, and from AdamW's own moments (on the CPU; from a GPU they come over once).
         names = [n for n, _ in self.model.named_parameters()]
-        model_tensors = dict(zip(names, _split(self.theta, self.model), strict=True))
+        model_tensors = dict(zip(names, _split(self.theta, self.model, copy=False), strict=True))
         local: dict[str, torch.Tensor] | None = None
         if self.carrying:
             local = {"local_params": flat_params(self.model)}
             if self.residual is not None:
-                local["ef_residual"] = self.residual.clone()
+                local["ef_residual"] = self.residual
+        outer = {} if self.outer.buf is None else {"momentum": self.outer.buf}
         path = save_checkpoint(self.workdir, round_idx=self.round, model=model_tensors,
-                               inner=self.trainer.state_tensors(), outer=self.outer.state_dict(), local=local,
+                               inner=self.trainer.state_tensors(copy=False), outer=outer, local=local,
                                meta=self.meta(), keep=self.keep_checkpoints)
         self.last_checkpoint_time = time.time()
         return path
@@ -332,10 +335,12 @@ class LocalPeer:
                               precision=self.spec.inner.precision)
 
 
-def _split(flat: torch.Tensor, model: torch.nn.Module) -> list[torch.Tensor]:
+def _split(flat: torch.Tensor, model: torch.nn.Module, *, copy: bool = True) -> list[torch.Tensor]:
+    """`flat` cut into the parameters' shapes: copies, or views of `flat` (copy=False)."""
     out, offset = [], 0
     for p in model.parameters():
-        out.append(flat[offset : offset + p.numel()].view_as(p).clone())
+        view = flat[offset : offset + p.numel()].view_as(p)
+        out.append(view.clone() if copy else view)
         offset += p.numel()
     return out
 

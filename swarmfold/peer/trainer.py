@@ -177,8 +177,9 @@ class InnerTrainer:
         return stats
 
     # ---- state as flat named tensors (for safetensors; no pickle) -----------------------
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        """AdamW's state as CPU float32 tensors (copies), named by parameter."""
+    def state_tensors(self, *, copy: bool = True) -> dict[str, torch.Tensor]:
+        """AdamW's state as CPU float32 tensors, named by parameter: copies, or (copy=False, for a
+        checkpoint written at once) the moments themselves where they already live on the CPU."""
         out: dict[str, torch.Tensor] = {}
         names = {id(p): n for n, p in self.model.named_parameters()}
         for p in self._params:
@@ -186,8 +187,8 @@ class InnerTrainer:
             if not st:
                 continue
             n = names[id(p)]
-            out[f"{n}.exp_avg"] = st["exp_avg"].detach().to("cpu", copy=True)
-            out[f"{n}.exp_avg_sq"] = st["exp_avg_sq"].detach().to("cpu", copy=True)
+            out[f"{n}.exp_avg"] = st["exp_avg"].detach().to("cpu", copy=copy)
+            out[f"{n}.exp_avg_sq"] = st["exp_avg_sq"].detach().to("cpu", copy=copy)
             out[f"{n}.step"] = torch.as_tensor(st["step"], dtype=torch.float32, device="cpu").reshape(1).clone()
         return out
 
