@@ -90,7 +90,13 @@ def bench_genesis(spec: Any) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from swarmfold.peer.model import build_config, build_model, flat_params, genesis_init, tensor_sha256
+    from swarmfold.peer.model import (
+        build_config,
+        build_model,
+        flat_params,
+        genesis_init,
+        tensor_sha256,
+    )
 
     build_model(spec.replace(model={"hidden_size": 64, "intermediate_size": 128, "num_layers": 1, "num_heads": 2,
                                     "num_kv_heads": 2}), 257, 256)  # warm-up: transformers' lazy imports
