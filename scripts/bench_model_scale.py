@@ -59,7 +59,8 @@ def bench_spec(smoke: bool) -> Any:
         name=f"bench-model-scale-{name}", data={"seq_len": 64},
         inner={"batch_size": 2, "micro_batch_size": 1, "warmup_steps": 1}, round={"inner_steps": 2},
         averaging={"min_group_size": 2, "matchmaking_timeout": 60.0, "allreduce_timeout": 300.0,
-                   "commit_timeout": 60.0, "record_ttl": 300.0, "state_sync_timeout": 600.0})
+                   "commit_timeout": 60.0, "record_ttl": 300.0},
+        network={"state_sync_timeout": 600.0})
 
 
 def vm_kib(field: str, pid: int | str = "self") -> int:
