@@ -287,6 +287,11 @@ def test_state_download_is_checked_against_the_published_hash(tmp_path: Path) ->
         total = seen[-1][1]
         assert len(seen) >= 4 and done == sorted(done) and done[-1] == total and {t for _, t in seen} == {total}
         assert total > 2 * big * 4  # the whole reply: both tensors and the framing
+        # served by reference, not copied (at 125M parameters a copy is 500 MB more on every peer):
+        # a state changed in place after serve no longer matches its published hash, and is refused
+        theta.add_(1.0)
+        with pytest.raises(StateSyncError, match="do not match the model hash"):
+            b.download_state([rec], numel=big)
 
 
 def test_a_flood_of_votes_and_parts_for_made_up_groups_does_not_stop_honest_commits(

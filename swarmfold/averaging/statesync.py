@@ -26,11 +26,18 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ServedState:
+    """What `serve` was given, held by reference (no copy of the model): θ_r and the outer state."""
+
     round: int
-    theta: bytes
-    outer: dict[str, bytes]
+    theta: torch.Tensor
+    outer: dict[str, torch.Tensor]
     model_sha256: str
     outer_sha256: str
+
+
+def _raw(t: torch.Tensor) -> memoryview:
+    """The float32 bytes of a contiguous CPU tensor, as a view (msgpack packs it as `bin`)."""
+    return t.numpy().data.cast("B")
 
 
 @dataclass(frozen=True)
@@ -52,11 +59,19 @@ class StateSync:
         self._served: ServedState | None = None
 
     def serve(self, round_idx: int, theta: torch.Tensor, outer: dict[str, torch.Tensor]) -> tuple[str, str]:
-        """Make θ_r and the outer state available to joining peers; returns (model, outer) hashes."""
-        theta_bytes = theta.contiguous().numpy().tobytes()
-        served = ServedState(round=round_idx, theta=theta_bytes,
-                             outer={k: v.contiguous().numpy().tobytes() for k, v in outer.items()},
-                             model_sha256=hashlib.sha256(theta_bytes).hexdigest(),
+        """Make θ_r and the outer state available to joining peers; returns (model, outer) hashes.
+
+        The tensors are held, not copied: at 125M parameters a copy is 500 MB kept for the whole
+        round on every peer. So the caller must not change them in place afterwards. LocalPeer
+        never does: each round's θ_r is a new tensor (the outer step returns one) and its outer
+        state_dict() is a copy. Were one changed, a joiner would notice: it checks what it
+        downloads against the hashes computed here, and tries another peer."""
+        theta = theta.detach().contiguous()
+        outer = {k: v.detach().contiguous() for k, v in outer.items()}
+        if theta.device.type != "cpu" or any(v.device.type != "cpu" for v in outer.values()):
+            raise ValueError("state sync serves CPU tensors: θ_r and the outer state live on the CPU")
+        served = ServedState(round=round_idx, theta=theta, outer=outer,
+                             model_sha256=hashlib.sha256(_raw(theta)).hexdigest(),
                              outer_sha256=outer_state_sha256(outer))
         self._served = served
         return served.model_sha256, served.outer_sha256
@@ -76,8 +91,10 @@ class StateSync:
                 await wire.send(writer, StateRefusal(reason="no state to serve yet").to_wire())
             else:
                 await wire.send(writer, StateReply(round=served.round, model_sha256=served.model_sha256,
-                                                   outer_sha256=served.outer_sha256, theta=served.theta,
-                                                   outer=served.outer).to_wire())
+                                                   outer_sha256=served.outer_sha256,
+                                                   theta=_raw(served.theta),  # type: ignore[arg-type]
+                                                   outer={k: _raw(v) for k, v in served.outer.items()}  # type: ignore[misc]
+                                                   ).to_wire())
         except (wire.WireError, ConnectionError) as e:
             logger.info("state request from %s failed: %s", info.peer_id, e)
         finally:

@@ -47,11 +47,13 @@ def unpack(body: bytes | bytearray, max_bytes: int) -> dict[str, Any]:
 
 
 async def send(writer: asyncio.StreamWriter, msg: dict[str, Any]) -> int:
-    """Send one framed message; returns the bytes written."""
-    data = pack(msg)
-    writer.write(data)
+    """Send one framed message; returns the bytes written. The length and the body are written
+    apart, so a large message (a state-sync reply) is not copied once more into one frame."""
+    body = msgpack.packb(msg, use_bin_type=True)
+    writer.write(len(body).to_bytes(HEADER_LEN, "big"))
+    writer.write(body)
     await writer.drain()
-    return len(data)
+    return HEADER_LEN + len(body)
 
 
 # {"kind": "chunk", "k": <k>, "data": <bin 32>}: the msgpack map of a chunk frame, up to its data
