@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import json
 import os
 import random
 import shutil
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from conftest import fast_spec, write_spec
 from swarm_helpers import (
@@ -50,8 +52,9 @@ from swarmfold.daemon.options import (
     options_from_args,
     options_to_argv,
 )
+from swarmfold.daemon.publicdata import shard_manifest
 from swarmfold.manifest import manifest_hash
-from swarmfold.peer.data import Shard
+from swarmfold.peer.data import DataOptions, Shard
 from swarmfold.peer.tokenizer import ByteTokenizer
 from swarmfold.spec import Spec
 
@@ -212,6 +215,47 @@ def test_a_fetched_copy_has_the_same_manifest_hash_and_bytes(net: Net, tmp_path:
     assert _shard(dest, net.spec).manifest_hash == h
 
 
+def _jsonl_with_field(src: Path, dest: Path, field: str) -> Path:
+    """The files under `src` as documents of a JSONL file whose text is in `field`; every line also has a
+    decoy "text" field, so that reading the default field gives other tokens."""
+    files = sorted(p for p in src.rglob("*") if p.is_file()) if src.is_dir() else [src]
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with dest.open("w", encoding="utf-8") as f:
+        for p in files:
+            f.write(json.dumps({"text": f"decoy {p.name} " * 30, field: p.read_text(encoding="utf-8")}) + "\n")
+    return dest
+
+
+def test_the_manifest_carries_a_non_default_text_field_so_a_fetcher_reads_the_same_tokens(
+        net: Net, tmp_path: Path) -> None:
+    """A public shard in JSONL with its text in "content": the served manifest hashes like the shard
+    (the text field is part of the hash), and the fetcher learns the field from it and gets the same tokens."""
+    data = _make_data(tmp_path / "src", seed=5)
+    jsonl = _jsonl_with_field(data, tmp_path / "public" / "docs.jsonl", "content")
+    opts = DataOptions(text_field="content")
+    shard = Shard([jsonl.parent], TOK, seq_len=net.spec.data.seq_len, val_fraction=net.spec.data.val_fraction,
+                  options=opts)
+    plain = Shard([jsonl.parent], TOK, seq_len=net.spec.data.seq_len, val_fraction=net.spec.data.val_fraction)
+    assert shard.manifest_hash != plain.manifest_hash and not np.array_equal(shard.tokens, plain.tokens)
+    m = shard_manifest(shard)
+    assert m.text_field == "content" and m.hash == shard.manifest_hash
+    assert Manifest.from_dict(m.to_dict()) == m, "the text field survives the wire"
+    assert "text_field" not in shard_manifest(plain).to_dict(), "a default text field leaves the wire as it was"
+    with pytest.raises(ValueError, match="text_field"):
+        Manifest.from_dict({**m.to_dict(), "text_field": 7})
+    h = net.honest_server.serve(m, {e.sha256: e.path for e in shard.manifest})
+    assert h == shard.manifest_hash
+
+    dest = tmp_path / "fetched"
+    report = fetch_public_data(net.client, h, dest, tokenizer_ident=TOK.ident, wait=20)
+    assert report.text_field == "content" and report.downloaded == ["docs.jsonl"]
+    again = fetch_public_data(net.client, h, dest, tokenizer_ident=TOK.ident, wait=0)
+    assert again.text_field == "content" and not again.downloaded, "a complete local copy names its field too"
+    fetched = Shard([dest], TOK, seq_len=net.spec.data.seq_len, val_fraction=net.spec.data.val_fraction,
+                    options=DataOptions(text_field=report.text_field))
+    assert fetched.manifest_hash == h and np.array_equal(fetched.tokens, shard.tokens)
+
+
 @pytest.mark.slow
 def test_a_provider_serving_wrong_bytes_is_refused_by_name(net: Net, tmp_path: Path) -> None:
     data = _make_data(tmp_path / "public", seed=2)
@@ -301,15 +345,20 @@ def test_no_provider_is_a_clear_error(net: Net, tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_a_peer_without_data_fetches_the_public_shard_and_trains_in_the_swarm(
         tmp_path: Path, shards: list[Path], procs: list[subprocess.Popen]) -> None:
+    """The public shard is JSONL with its text in "content" (the holder passes --text-field content): the
+    fetcher, given neither --data nor --text-field, reads the field its manifest names."""
     probe = fast_spec()
-    public = _shard(shards[0], probe).manifest_hash
+    jsonl = _jsonl_with_field(shards[0], tmp_path / "public-src" / "docs.jsonl", "content")
+    field_opts = DataOptions(text_field="content")
+    public = Shard([jsonl.parent], TOK, seq_len=probe.data.seq_len, val_fraction=probe.data.val_fraction,
+                   options=field_opts).manifest_hash
     spec = fast_spec(averaging={"matchmaking_timeout": 5.0, "join_timeout": 4.0, "allreduce_timeout": 8.0,
                                 "commit_timeout": 4.0, "state_sync_timeout": 30.0, "min_group_size": 2},
                      verify={"fraction": 1.0, "public_data": public})
     spec_path = write_spec(spec, tmp_path / "spec.toml")
     holder, fetcher = tmp_path / "holder", tmp_path / "fetcher"
     rounds = 2
-    start_peer(procs, holder, spec_path, shards[0], rounds=rounds)
+    start_peer(procs, holder, spec_path, jsonl.parent, rounds=rounds, extra=["--text-field", "content"])
     first = wait_ready(holder)["maddrs"][:1]
     start_peer(procs, fetcher, spec_path, None, rounds=rounds, initial=first)
     for p, w in zip(reversed(procs), (fetcher, holder), strict=True):  # the fetcher first: the holder waits for it
@@ -317,7 +366,8 @@ def test_a_peer_without_data_fetches_the_public_shard_and_trains_in_the_swarm(
     log = (fetcher / "peer.log").read_text()
     assert "fetched public data" in log, log_tail(fetcher)
     fetched = fetcher / "public" / public
-    assert _shard(fetched, probe).manifest_hash == public
+    assert Shard([fetched], TOK, seq_len=probe.data.seq_len, val_fraction=probe.data.val_fraction,
+                 options=field_opts).manifest_hash == public
     assert "serving public data" in (holder / "peer.log").read_text()
     assert "replayed bits match" in log, "the fetcher replays the holder's round bit for bit on the fetched data"
     got = [model_hashes(w) for w in (holder, fetcher)]

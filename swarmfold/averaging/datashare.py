@@ -67,7 +67,13 @@ from swarmfold.averaging.transport import DHT_ERRORS
 from swarmfold.errors import UserError
 from swarmfold.fsutil import fsync_dir, write_atomic
 from swarmfold.hashing import file_sha256
-from swarmfold.manifest import SKIP_DIRS, folder_files, layout_key, manifest_hash
+from swarmfold.manifest import (
+    DEFAULT_TEXT_FIELD,
+    SKIP_DIRS,
+    folder_files,
+    layout_key,
+    manifest_hash,
+)
 
 if TYPE_CHECKING:
     from swarmfold.averaging.swarm import Swarm
@@ -119,21 +125,26 @@ class ManifestFile:
 
 @dataclass(frozen=True)
 class Manifest:
-    """A shard's files in shard order and its tokenizer: what its manifest hash covers (plus sizes)."""
+    """A shard's files in shard order, its tokenizer and its text field (the JSONL field / Parquet
+    and Arrow column that holds the text): what its manifest hash covers (plus sizes). The text
+    field travels with the manifest so that a peer that fetches the data reads the same documents
+    (and gets the same manifest hash) as the peers that serve it."""
 
     files: tuple[ManifestFile, ...]
     tokenizer: str
+    text_field: str = DEFAULT_TEXT_FIELD
 
     @property
     def hash(self) -> str:
-        return manifest_hash(((f.name, f.sha256) for f in self.files), self.tokenizer)
+        return manifest_hash(((f.name, f.sha256) for f in self.files), self.tokenizer, self.text_field)
 
     @property
     def total_bytes(self) -> int:
         return sum(f.size for f in self.files)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"files": [[f.name, f.sha256, f.size] for f in self.files], "tokenizer": self.tokenizer}
+        extra = {} if self.text_field == DEFAULT_TEXT_FIELD else {"text_field": self.text_field}
+        return {"files": [[f.name, f.sha256, f.size] for f in self.files], "tokenizer": self.tokenizer, **extra}
 
     @classmethod
     def from_dict(cls, msg: Any) -> Manifest:
@@ -143,6 +154,9 @@ class Manifest:
         files, tok = msg.get("files"), msg.get("tokenizer")
         if not isinstance(files, list) or not isinstance(tok, str) or len(tok) > MAX_TOKENIZER_CHARS:
             raise ValueError("the manifest needs a list 'files' and a short string 'tokenizer'")
+        text_field = msg.get("text_field", DEFAULT_TEXT_FIELD)
+        if not isinstance(text_field, str) or not 0 < len(text_field) <= MAX_TOKENIZER_CHARS:
+            raise ValueError("the manifest's 'text_field' must be a short, non-empty string")
         if not 0 < len(files) <= MAX_FILES:
             raise ValueError(f"the manifest lists {len(files)} files; between 1 and {MAX_FILES} are allowed")
         out = []
@@ -151,7 +165,7 @@ class Manifest:
                     or not isinstance(item[1], str) or not isinstance(item[2], int) or isinstance(item[2], bool)):
                 raise ValueError(f"malformed manifest entry {str(item)[:80]!r}; expected [name, sha256, size]")
             out.append(ManifestFile(item[0], item[1], item[2]))
-        return cls(tuple(out), tok)
+        return cls(tuple(out), tok, text_field)
 
 
 def name_problem(name: str) -> str | None:
@@ -380,6 +394,7 @@ class FetchReport:
     dest: Path
     files: int
     total_bytes: int
+    text_field: str = DEFAULT_TEXT_FIELD  # the manifest's: read the fetched files with it
     downloaded: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # already present with the right sha256
     bytes_downloaded: int = 0
@@ -485,7 +500,7 @@ class _Fetcher:
             return None
         self._check_tokenizer(m, "the copy in " + str(self.dest))
         return FetchReport(manifest_hash=self.wanted, dest=self.dest, files=len(m.files), total_bytes=m.total_bytes,
-                           skipped=[f.name for f in m.files])
+                           text_field=m.text_field, skipped=[f.name for f in m.files])
 
     def _complete(self, m: Manifest) -> bool:
         return (all(self._has(f) for f in m.files)
@@ -594,7 +609,7 @@ class _Fetcher:
         if problem is not None:
             raise _Refused(f"unacceptable manifest: {problem}")
         self._check_tokenizer(m, provider.peer_id)
-        self.report.files, self.report.total_bytes = len(m.files), m.total_bytes
+        self.report.files, self.report.total_bytes, self.report.text_field = len(m.files), m.total_bytes, m.text_field
         todo = {f.name for f in m.files if not self._has(f)}
         self._check_disk([f for f in m.files if f.name in todo])
         for f in m.files:

@@ -33,19 +33,27 @@ def public_data_dir(workdir: Path, manifest_hash: str) -> Path:
     return Path(workdir) / "public" / manifest_hash
 
 
-def fetch_public_shard(swarm: Swarm, spec: Spec, workdir: Path) -> Path:
-    """The folder holding the spec's public data, fetched from the swarm's peers unless already complete."""
+def fetch_public_shard(swarm: Swarm, spec: Spec, workdir: Path) -> tuple[Path, str]:
+    """The folder holding the spec's public data, fetched from the swarm's peers unless already complete,
+    and the text field its manifest names (read the files with it to get the public manifest hash)."""
     dest = public_data_dir(workdir, spec.verify.public_data)
     logger.info("no --data: this swarm trains on its public data %s…; getting it from peers into %s",
                 spec.verify.public_data[:12], dest)
     with Progress(f"fetching the public data {spec.verify.public_data[:12]}…", unit="B", log=logger) as bar:
-        fetch_public_data(swarm, spec.verify.public_data, dest, tokenizer_ident=load_tokenizer(spec.tokenizer).ident,
-                          timeout=spec.network.fetch_timeout, wait=spec.network.fetch_wait,
-                          on_progress=bar.callback())
-    return dest
+        report = fetch_public_data(swarm, spec.verify.public_data, dest,
+                                   tokenizer_ident=load_tokenizer(spec.tokenizer).ident,
+                                   timeout=spec.network.fetch_timeout, wait=spec.network.fetch_wait,
+                                   on_progress=bar.callback())
+    return dest, report.text_field
+
+
+def shard_manifest(shard: Shard) -> Manifest:
+    """The manifest that peers fetch `shard` by: it hashes to `shard.manifest_hash`."""
+    return Manifest(tuple(ManifestFile(e.name, e.sha256, e.size) for e in shard.manifest), shard.tokenizer.ident,
+                    shard.options.text_field)
 
 
 def serve_shard(swarm: Swarm, shard: Shard) -> DataServer:
     """Serve `shard` (a started swarm's peer's data) to peers that fetch it by its manifest hash."""
-    manifest = Manifest(tuple(ManifestFile(e.name, e.sha256, e.size) for e in shard.manifest), shard.tokenizer.ident)
+    manifest = shard_manifest(shard)
     return serve_public_data(swarm, manifest, {e.sha256: e.path for e in shard.manifest})

@@ -14,7 +14,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -143,7 +143,11 @@ class PeerRunner:
         self.swarm.check_spec(list(o.initial_peers) + list(spec.network.bootstrap_peers))
         if peer is None:  # a verifying swarm's peer without --data: fetch the public shard from peers
             self.status.set_state("syncing", "fetching the public data from peers")
-            peer = self._make_peer(spec, [str(fetch_public_shard(self.swarm, spec, o.workdir))], identity.peer_id)
+            public_dir, text_field = fetch_public_shard(self.swarm, spec, o.workdir)
+            if text_field != o.text_field:  # the public data names its text field; a --text-field cannot change it
+                logger.info("reading the public data's %r field (its manifest's), not --text-field %r",
+                            text_field, o.text_field)
+            peer = self._make_peer(spec, [str(public_dir)], identity.peer_id, text_field=text_field)
             self.swarm.verifier = make_swarm_verifier(peer)
         if verifying and not o.client_mode:  # every peer of a verifying swarm holds the public shard: serve it
             self._data_server = serve_shard(self.swarm, peer.shard)
@@ -155,12 +159,15 @@ class PeerRunner:
         if self.on_ready:
             self.on_ready(list(self.swarm.maddrs))
 
-    def _make_peer(self, spec: Spec, data: list[str], peer_id: str) -> LocalPeer:
+    def _make_peer(self, spec: Spec, data: list[str], peer_id: str, *, text_field: str | None = None) -> LocalPeer:
         o = self.options
+        data_options = o.data_options()
+        if text_field is not None:
+            data_options = replace(data_options, text_field=text_field)
         self.peer = peer = LocalPeer(spec, data, peer_id=peer_id, threads=o.threads, workdir=o.workdir,
                                      keep_checkpoints=o.keep_checkpoints, device=o.device,
                                      activation_checkpointing=o.activation_checkpointing,
-                                     data_options=o.data_options())
+                                     data_options=data_options)
         self.status.update(device=describe(peer.device), precision=spec.inner.precision)
         logger.info("%s", peer.shard.summary())
         self.status.update(data=peer.shard.summary())
