@@ -29,9 +29,15 @@ class MessageTooLarge(WireError):
     pass
 
 
-def pack(msg: dict[str, Any]) -> bytes:
+def _frame(msg: dict[str, Any]) -> tuple[bytes, bytes]:
+    """A message's frame as (length header, msgpack body)."""
     body = msgpack.packb(msg, use_bin_type=True)
-    return len(body).to_bytes(HEADER_LEN, "big") + body
+    return len(body).to_bytes(HEADER_LEN, "big"), body
+
+
+def pack(msg: dict[str, Any]) -> bytes:
+    header, body = _frame(msg)
+    return header + body
 
 
 def unpack(body: bytes | bytearray, max_bytes: int) -> dict[str, Any]:
@@ -49,11 +55,11 @@ def unpack(body: bytes | bytearray, max_bytes: int) -> dict[str, Any]:
 async def send(writer: asyncio.StreamWriter, msg: dict[str, Any]) -> int:
     """Send one framed message; returns the bytes written. The length and the body are written
     apart, so a large message (a state-sync reply) is not copied once more into one frame."""
-    body = msgpack.packb(msg, use_bin_type=True)
-    writer.write(len(body).to_bytes(HEADER_LEN, "big"))
+    header, body = _frame(msg)
+    writer.write(header)
     writer.write(body)
     await writer.drain()
-    return HEADER_LEN + len(body)
+    return len(header) + len(body)
 
 
 # {"kind": "chunk", "k": <k>, "data": <bin 32>}: the msgpack map of a chunk frame, up to its data
