@@ -50,7 +50,7 @@ from typing import Any
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _swarm_procs import kill_all, log_tail, start_peer  # noqa: E402
+from _swarm_procs import kill_all, log_tail, start_peer, wait_ready  # noqa: E402
 
 logger = logging.getLogger("soak")
 POLL = 2.0  # seconds between polls of checkpoints and processes
@@ -63,6 +63,7 @@ class Peer:
     workdir: Path
     port: int
     stable: bool
+    peer_id: str = ""  # from its identity.key, created before the first start so the others can dial it
     proc: subprocess.Popen | None = None
     started_at: float = 0.0
     committed_since_start: bool = False
@@ -72,6 +73,11 @@ class Peer:
     @property
     def host(self) -> str:
         return f"/ip4/127.0.0.1/tcp/{self.port}"
+
+    @property
+    def maddr(self) -> str:
+        """Its full address (libp2p needs the /p2p/<id> part to dial): the same across restarts."""
+        return f"{self.host}/p2p/{self.peer_id}"
 
 
 def soak_spec(peers: int) -> Any:
@@ -108,6 +114,7 @@ def tree_rss(pid: int) -> int | None:
 
 class Soak:
     def __init__(self, args: argparse.Namespace, root: Path):
+        from swarmfold.averaging.identity import load_or_create_identity
         from swarmfold.peer.corpus import write_stdlib_shards
         from swarmfold.spec import to_toml
 
@@ -117,6 +124,8 @@ class Soak:
         self.spec_path = root / "spec.toml"
         self.spec_path.write_text(to_toml(soak_spec(args.peers)))
         self.peers = [Peer(i, root / f"peer-{i}", free_port(), i < args.stable) for i in range(args.peers)]
+        for peer in self.peers:  # the identity the peer will load from its workdir, restart after restart
+            peer.peer_id = load_or_create_identity(peer.workdir / "identity.key").peer_id
         self.t0 = time.monotonic()
         self.checkpoints: list[dict[str, Any]] = []  # one row per checkpoint seen
         self.events: list[dict[str, Any]] = []  # kills, restarts, comebacks, unexpected exits
@@ -131,8 +140,11 @@ class Soak:
         logger.info("%6.1fs %-13s peer %d %s", row["t"], kind, peer.index,
                     " ".join(f"{k}={v}" for k, v in extra.items()))
 
-    def launch(self, peer: Peer) -> None:
-        initial = [p.host for p in self.peers if p is not peer]  # fixed ports: valid across restarts
+    def launch(self, peer: Peer, *, first: bool = False) -> None:
+        # fixed ports and ids: valid across restarts. The very first peer has nobody to dial yet (a
+        # peer whose initial peers are all down refuses to start); after it, at least the stable
+        # peers are always up
+        initial = [] if first else [p.maddr for p in self.peers if p is not peer]
         peer.proc = start_peer(peer.workdir, self.spec_path, self.shards[peer.index], 1_000_000, initial,
                                keep=20, host=peer.host)
         peer.started_at, peer.committed_since_start = self.now(), False
@@ -205,7 +217,10 @@ class Soak:
         duration = self.args.minutes * 60
         settle = min(self.args.settle, duration / 2)
         lo, hi = self.args.gap
-        for peer in self.peers:
+        self.launch(self.peers[0], first=True)
+        assert self.peers[0].proc is not None
+        wait_ready(self.peers[0].workdir, self.peers[0].proc, timeout=120)
+        for peer in self.peers[1:]:
             self.launch(peer)
         self.event("started", self.peers[0], peers=len(self.peers), stable=self.args.stable)
         next_kill = self.rng.uniform(lo, hi)
