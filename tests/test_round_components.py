@@ -36,12 +36,12 @@ from swarmfold.averaging.messages import (
     Propose,
     ReduceError,
     SpanResult,
-    StateReply,
+    StateHeader,
     StateRequest,
     Vote,
     parse_matchmaking,
 )
-from swarmfold.averaging.protocol import Phase, Rejected
+from swarmfold.averaging.protocol import VOTE, Phase, Rejected
 from swarmfold.averaging.timeouts import RoundTimeouts
 from swarmfold.spec import SpecError, spec_from_dict
 
@@ -102,8 +102,8 @@ EXAMPLES = [
     SpanResult(group_id="g", span=1, included=("a", "b"), complete=True, rejected={"c": "nonfinite: x"},
                weights={"a": 1.0, "b": 2.0}),
     ReduceError(reason="unknown group"), Vote(group_id="g", ok=True, digest="d"),
-    StateRequest(spec_hash="s"), StateReply(round=2, model_sha256="m", outer_sha256="o", theta=b"\0" * 8,
-                                            outer={"m": b"\0" * 8}),
+    StateRequest(spec_hash="s"), StateHeader(round=2, model_sha256="m", outer_sha256="o", numel=2,
+                                             outer_names=("momentum",), chunk_bytes=8),
 ]
 
 
@@ -189,7 +189,7 @@ def _commits(members: list[str]) -> tuple[dict[str, Commit], Membership]:
         m = Membership()
         m.register(_group(members))
         out[p] = Commit(FakeNet(p, handlers), m, t, on_enter=lambda phase, r: None)
-        handlers[p] = {"swarmfold/3/vote": out[p].on_vote}
+        handlers[p] = {VOTE: out[p].on_vote}
     return out, m
 
 
@@ -203,9 +203,9 @@ def test_votes_from_outside_the_group_are_refused_and_tables_stay_bounded() -> N
 
     async def go() -> list[dict[str, Any]]:
         x = commits["x"]  # not a member: every vote it sends is refused
-        answers = [(await x.net.request("a", "swarmfold/3/vote", Vote(group_id=gid, ok=False, digest="z").to_wire(),
+        answers = [(await x.net.request("a", VOTE, Vote(group_id=gid, ok=False, digest="z").to_wire(),
                                         timeout=1))[0] for gid in ["g" * 32] + [f"{i:032d}" for i in range(50)]]
-        answers.append((await x.net.request("a", "swarmfold/3/vote", {"kind": "vote", "group_id": 1},
+        answers.append((await x.net.request("a", VOTE, {"kind": "vote", "group_id": 1},
                                             timeout=1))[0])
         return answers
 

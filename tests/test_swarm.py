@@ -258,7 +258,7 @@ def test_state_download_is_checked_against_the_published_hash(tmp_path: Path) ->
     download's progress callback sees its bytes arrive."""
     import torch
 
-    from swarmfold.averaging import wire
+    from swarmfold.averaging import statesync
     from swarmfold.averaging.protocol import StateSyncError
     from swarmfold.averaging.records import PeerRecord
 
@@ -275,8 +275,9 @@ def test_state_download_is_checked_against_the_published_hash(tmp_path: Path) ->
             b.download_state([lie], numel=2048)
         with pytest.raises(StateSyncError, match="elements"):
             b.download_state([rec], numel=4096)
-        # progress: a state of several wire pieces reports monotone byte counts that end at the reply's size
-        big = 3 * wire.PROGRESS_PIECE // 4 + 5  # float32: theta and one outer tensor of 3 wire pieces and a bit each
+        # progress: a state of several chunk frames reports monotone byte counts, once for the header and
+        # once per chunk, that end at the answer's size
+        big = statesync.STATE_CHUNK_BYTES // 4 + 5  # float32: theta and one outer tensor of 2 chunks each
         theta = torch.arange(big, dtype=torch.float32)
         outer_in = {"momentum": -theta}
         model_sha, outer_sha = a.serve_state(8, theta, outer_in)
@@ -286,7 +287,7 @@ def test_state_download_is_checked_against_the_published_hash(tmp_path: Path) ->
         assert rnd == 8 and torch.equal(got, theta) and torch.equal(outer["momentum"], outer_in["momentum"])
         done = [d for d, _ in seen]
         total = seen[-1][1]
-        assert len(seen) >= 4 and done == sorted(done) and done[-1] == total and {t for _, t in seen} == {total}
+        assert len(seen) == 1 + 4 and done == sorted(done) and done[-1] == total and {t for _, t in seen} == {total}
         assert total > 2 * big * 4  # the whole reply: both tensors and the framing
         # served by reference, not copied (at 125M parameters a copy is 500 MB more on every peer):
         # a state changed in place after serve no longer matches its published hash, and is refused

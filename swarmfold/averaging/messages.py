@@ -243,12 +243,15 @@ class StateRefusal(Message):
 
 
 @dataclass(frozen=True)
-class StateReply(Message):
-    """θ_r and the outer state (float32 bytes), with the hashes the server published."""
+class StateHeader(Message):
+    """The head of a state-sync answer. θ_r and then each outer tensor (in `outer_names` order, which
+    is sorted) follow as float32 bytes in chunk frames of `chunk_bytes` (statesync.state_chunks), each
+    tensor `numel` elements; the hashes are the ones the server published in its record."""
 
     KIND: ClassVar[str] = "state"
     round: int
     model_sha256: str
     outer_sha256: str
-    theta: bytes
-    outer: dict[str, bytes]
+    numel: int
+    outer_names: tuple[str, ...]
+    chunk_bytes: int

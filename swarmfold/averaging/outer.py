@@ -34,7 +34,8 @@ class OuterOptimizer:
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {} if self.buf is None else {"momentum": self.buf.clone()}
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+    def load_state_dict(self, state: dict[str, torch.Tensor], *, copy: bool = True) -> None:
+        """Take the outer state; `copy=False` adopts the given tensors (a freshly downloaded state)."""
         if self.buf is None:
             if state:
                 raise ValueError("outer state has a momentum buffer but the spec's outer optimizer has no momentum")
@@ -42,7 +43,7 @@ class OuterOptimizer:
         buf = state.get("momentum")
         if buf is None or buf.shape != self.buf.shape or buf.dtype != torch.float32:
             raise ValueError("outer state: momentum buffer is missing or has the wrong shape/dtype for this spec")
-        self.buf = buf.clone()
+        self.buf = buf.clone() if copy else buf
 
 
 def outer_state_sha256(state: dict[str, torch.Tensor]) -> str:
@@ -52,5 +53,5 @@ def outer_state_sha256(state: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     for name in sorted(state):
         h.update(name.encode() + b"\0")
-        h.update(state[name].contiguous().to(torch.float32).numpy().tobytes())
+        h.update(state[name].detach().contiguous().to(torch.float32).numpy().data.cast("B"))  # a view, no copy
     return h.hexdigest()

@@ -22,7 +22,8 @@ from swarmfold.averaging.wire import WireError, field
 if TYPE_CHECKING:
     from swarmfold.averaging.messages import PartHeader
 
-PROTOCOL = "swarmfold/3"  # 2: spans stream in chunks; 3: typed messages (averaging/messages.py)
+PROTOCOL = "swarmfold/4"  # 2: spans stream in chunks; 3: typed messages (averaging/messages.py);
+# 4: state sync streams in chunks (averaging/statesync.py)
 HELLO, PROPOSE, REDUCE, VOTE, STATE = (f"{PROTOCOL}/{name}" for name in ("hello", "propose", "reduce", "vote", "state"))
 DATA = f"{PROTOCOL}/data"  # the public data's manifest and files (averaging/datashare.py)
 

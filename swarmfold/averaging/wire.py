@@ -67,10 +67,19 @@ _CHUNK_HEAD = b"\x83" + msgpack.packb("kind") + msgpack.packb("chunk") + msgpack
 _CHUNK_DATA = msgpack.packb("data") + b"\xc6"
 
 
+def _chunk_head(index: int, size: int) -> bytes:
+    return _CHUNK_HEAD + msgpack.packb(index) + _CHUNK_DATA + size.to_bytes(4, "big")
+
+
+def chunk_frame_size(index: int, size: int) -> int:
+    """The bytes on the wire of chunk frame `index` carrying `size` bytes of data (as send_chunk returns)."""
+    return HEADER_LEN + len(_chunk_head(index, size)) + size
+
+
 async def send_chunk(writer: asyncio.StreamWriter, index: int, data: bytes | memoryview) -> int:
     """Send the message {"kind": "chunk", "k": index, "data": data} without copying `data` into a frame
     (tensor chunks are most of the bytes of a round); `recv` reads it like any other message."""
-    head = _CHUNK_HEAD + msgpack.packb(index) + _CHUNK_DATA + len(data).to_bytes(4, "big")
+    head = _chunk_head(index, len(data))
     writer.write((len(head) + len(data)).to_bytes(HEADER_LEN, "big") + head)
     writer.write(data)
     await writer.drain()

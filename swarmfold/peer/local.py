@@ -218,12 +218,15 @@ class LocalPeer:
     def load_shared_state(self, round_idx: int, theta: torch.Tensor, outer_state: dict[str, torch.Tensor],
                           source: str = "") -> None:
         """Adopt θ_r and outer state downloaded from peer `source` (late join / catch-up). The next
-        checkpoint then says so: its provenance is the sync, and its last round is no round of ours."""
+        checkpoint then says so: its provenance is the sync, and its last round is no round of ours.
+
+        The tensors are taken over, not copied (a download allocates them for us): the caller must not
+        use them afterwards."""
         if theta.shape != self.theta.shape or theta.dtype != torch.float32:
             raise ValueError(f"downloaded weights have shape {tuple(theta.shape)}/{theta.dtype}, "
                              f"this spec's model needs ({self.theta.numel()},)/float32")
-        self.outer.load_state_dict(outer_state)
-        self.theta = theta.clone()
+        self.outer.load_state_dict(outer_state, copy=False)
+        self.theta = theta
         set_flat_params(self.model, self.theta)
         self.theta_sha256 = tensor_sha256(self.theta)
         self.round = round_idx
