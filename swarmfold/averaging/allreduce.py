@@ -441,7 +441,7 @@ class AllReduce:
         finally:
             if streaming is not None and not streaming.done():
                 streaming.cancel()
-            wire.close(writer)
+            await wire.finish(reader, writer, self.tt.span_exchange)
 
     async def _accept(self, sender: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
                       ) -> tuple[Reducer | None, int]:

@@ -153,4 +153,4 @@ class Commit:
         except (wire.WireError, ConnectionError) as e:
             logger.info("bad vote from %s: %s", sender[-8:], e)
         finally:
-            wire.close(writer)
+            await wire.finish(reader, writer, self.tt.commit)

@@ -353,7 +353,7 @@ class DataServer:
         except (wire.WireError, ConnectionError, OSError) as e:
             logger.debug("data request from %s failed: %s", info.peer_id, e)
         finally:
-            wire.close(writer)
+            await wire.finish(reader, writer, self.swarm.spec.network.fetch_timeout)
 
     async def _send_file(self, served: _Served, sha: str, offset: int, writer: asyncio.StreamWriter) -> None:
         path, size = served.paths.get(sha), served.sizes.get(sha)

@@ -363,7 +363,7 @@ class Matchmaker:
         except (wire.WireError, ConnectionError) as e:
             logger.info("bad proposal from %s: %s", sender[-8:], e)
         finally:
-            wire.close(writer)
+            await wire.finish(reader, writer, self.tt.join)
 
     def consider(self, sender: str, m: Propose | Final | Cancel) -> tuple[bool, str]:
         """Accept or decline a leader's message (synchronously, so that a final list accepted here is

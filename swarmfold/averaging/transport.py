@@ -203,7 +203,7 @@ class Transport:
         except (wire.WireError, Rejected, ConnectionError) as e:
             logger.info("bad hello from %s: %s", info.peer_id, e)
         finally:
-            wire.close(writer)
+            await wire.finish(reader, writer, self.timeouts.join)
 
     async def check_spec(self, peers: list[str]) -> None:
         """Ask each initial peer for its spec hash; SpecMismatch if one differs."""

@@ -237,6 +237,8 @@ class _Direction:
         self.room = asyncio.Event()
         self.room.set()
         self.eof = False
+        self.moved = 0  # bytes delivered to the receiver
+        self.ended = ""  # how the sender's side ended: "eof" or the error
 
     def _pieces(self, data: bytes) -> list[tuple[bytes, bool]]:
         """`data` cut before every lost segment: (piece, starts with a lost segment)."""
@@ -277,10 +279,11 @@ class _Direction:
                 await self.room.wait()
                 data = await reader.read(READ_CHUNK)
                 if not data:
+                    self.ended = "eof"
                     break
                 self.schedule(data)
-        except (ConnectionError, OSError):
-            pass
+        except (ConnectionError, OSError) as e:
+            self.ended = f"{type(e).__name__}: {e}"
         finally:
             self.eof = True
             self.have_data.set()
@@ -305,13 +308,16 @@ class _Direction:
                 blob = b"".join(out)
                 writer.write(blob)
                 await writer.drain()
+                self.moved += len(blob)
                 self.in_flight -= len(blob)
                 if self.in_flight < self.emu.spec.window:
                     self.room.set()
             if writer.can_write_eof():
                 writer.write_eof()
-        except (ConnectionError, OSError):
-            pass
+        except (ConnectionError, OSError) as e:
+            if self.queue:  # the receiver went away with bytes still to deliver
+                logger.info("%s -> %s: %d bytes undelivered (%s: %s)", self.src.name, self.dst.name,
+                            sum(len(b) for _, b in self.queue), type(e).__name__, e)
 
 
 class LinkEmulator:
@@ -427,6 +433,9 @@ class LinkEmulator:
                                      back.read_side(s_reader), back.write_side(c_writer))
             finally:
                 s_writer.close()
+                logger.info("connection %d %s -> %s closed after %.1f s: %d bytes forward (%s), %d back (%s)",
+                            seq, caller.name, callee.name, time.monotonic() - opened, fwd.moved,
+                            fwd.ended or "open", back.moved, back.ended or "open")
         finally:
             c_writer.close()
 
