@@ -157,15 +157,16 @@ def close(writer: asyncio.StreamWriter) -> None:
 
 async def finish(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, timeout: float) -> None:
     """End a stream on which we answered: wait until the caller has closed its end (it does once it has
-    read our last message), at most `timeout` seconds, then close ours.
+    read our last message), at most `timeout` seconds, reading and discarding whatever it still sends,
+    then close ours.
 
-    Closing first loses the end of our answer. hivemind's libp2p daemon pipes each stream between its
-    unix socket and the libp2p stream in two goroutines (go-libp2p-daemon's doStreamPipe); when we
-    close, one sees EOF and closes the stream, which makes the other's pending read fail, and that
-    one then *resets* the stream. A reset discards whatever the caller's daemon has received but not
-    yet handed on, so a slow reader (a busy peer, a slow link) lost the tail of a result stream
-    ("the peer closed the stream mid-message") or a whole short answer ("the peer closed the stream").
-    Once the caller has closed, nothing is in flight towards it any more, and a reset costs nothing.
+    Closing first can lose the end of our answer. hivemind's libp2p daemon copies each stream between
+    its unix socket and the libp2p stream (go-libp2p-daemon's doStreamPipe) and *resets* the stream
+    when a copy fails. Closing our socket while the caller's bytes are still unread in it (a part we
+    stopped reading, a refused upload) makes the daemon's read fail with ECONNRESET; more rarely,
+    its two copies race on yamux's CloseRead/CloseWrite. A reset discards what the caller's daemon
+    has received but not yet handed on, so the caller sees "the peer closed the stream mid-message"
+    or a connection reset. Once the caller has closed, nothing is in flight towards it any more.
     docs/swarm.md ("Streams cut off mid-message") has the evidence."""
     async def until_eof() -> None:
         while await reader.read(1 << 16):  # the caller sends nothing more; discard anything it does
