@@ -125,8 +125,8 @@ class StateSync:
                 await asyncio.wait_for(self._stream(writer, served), self.tt.state_sync)
         except (wire.WireError, ConnectionError, TimeoutError) as e:
             logger.info("state request from %s failed: %s", info.peer_id, e)
-        finally:
-            wire.close(writer)
+        finally:  # not close(): that could reset the stream under the answer's last chunks (wire.finish)
+            await wire.finish(reader, writer, self.tt.state_sync)
 
     async def _stream(self, writer: asyncio.StreamWriter, served: ServedState) -> None:
         """The header, then θ_r and the outer tensors in chunk frames sent from views of them."""
