@@ -99,6 +99,22 @@ class InnerSpec:
         "accumulated into one step (0 = the whole batch at once). Changes the float rounding, so hashed",
         default=0,
     )
+    lr_schedule: str = _doc(
+        "learning rate after the warm-up: 'constant' (no decay: a swarm without an end), 'cosine' (from lr "
+        "down to min_lr_ratio * lr at step decay_steps) or 'wsd' (warm-up, stable at lr, then a linear decay "
+        "over the last wsd_decay_fraction of decay_steps); the decays stay at the floor after decay_steps",
+        default="constant",
+    )
+    decay_steps: int = _doc(
+        "the run's length in inner steps of this peer, over which 'cosine' and 'wsd' decay (warm-up "
+        "included); unused by 'constant'", default=0,
+    )
+    min_lr_ratio: float = _doc("floor of 'cosine' and 'wsd' as a fraction of lr (0 decays to zero)", default=0.1)
+    wsd_decay_fraction: float = _doc("fraction of decay_steps that 'wsd' spends decaying (the rest is stable)",
+                                     default=0.2)
+
+
+LR_SCHEDULES = ("constant", "cosine", "wsd")
 
 
 @dataclass(kw_only=True)
@@ -231,6 +247,9 @@ class Spec:
             d["tokenizer"].pop("sha256")
         if d["inner"]["micro_batch_size"] == 0:
             d["inner"].pop("micro_batch_size")  # the whole batch at once: hashed as before micro-batches
+        if d["inner"]["lr_schedule"] == "constant":  # no decay: hashed as before schedules existed
+            for key in ("lr_schedule", "decay_steps", "min_lr_ratio", "wsd_decay_fraction"):
+                d["inner"].pop(key)
         d["spec_version"] = SPEC_VERSION
         return d
 
@@ -502,6 +521,24 @@ def validate(s: Spec) -> list[str]:
              "choose a divisor, e.g. " + ", ".join(str(k) for k in range(1, i.batch_size + 1)
                                                    if i.batch_size % k == 0)[:60])
 
+    need(i.lr_schedule in LR_SCHEDULES,
+         f"inner.lr_schedule: {i.lr_schedule!r} is unknown; use 'constant', 'cosine' or 'wsd'")
+    if i.lr_schedule in ("cosine", "wsd"):
+        need(i.decay_steps > i.warmup_steps,
+             f"inner.decay_steps ({i.decay_steps}) must exceed inner.warmup_steps ({i.warmup_steps}) with "
+             f"lr_schedule = {i.lr_schedule!r}: set it to the run's length in inner steps of one peer "
+             "(rounds * round.inner_steps)")
+        need(0 <= i.min_lr_ratio <= 1, f"inner.min_lr_ratio: must be in [0, 1], got {i.min_lr_ratio}; 0.1 is typical")
+    if i.lr_schedule == "wsd":
+        need(0 < i.wsd_decay_fraction <= 1,
+             f"inner.wsd_decay_fraction: must be in (0, 1], got {i.wsd_decay_fraction}; 0.2 is typical")
+        if i.decay_steps > i.warmup_steps and 0 < i.wsd_decay_fraction <= 1:
+            start = wsd_decay_start(i.decay_steps, i.wsd_decay_fraction)
+            need(start >= i.warmup_steps,
+                 f"inner.wsd_decay_fraction ({i.wsd_decay_fraction}) starts the decay at step {start}, inside "
+                 f"the warm-up ({i.warmup_steps} steps); lower it or raise inner.decay_steps")
+    need(i.decay_steps >= 0, f"inner.decay_steps: must be >= 0, got {i.decay_steps}")
+
     r = s.round
     need(r.inner_steps > 0, f"round.inner_steps: must be positive, got {r.inner_steps}; 25 suits the presets")
     need(r.max_tokens_per_round >= 0, f"round.max_tokens_per_round: must be >= 0, got {r.max_tokens_per_round}")
@@ -554,6 +591,11 @@ def validate(s: Spec) -> list[str]:
         need(addr.startswith("/") and "/p2p/" in addr,
              f"network.bootstrap_peers: {addr!r} is not a full multiaddr; expected /ip4/HOST/tcp/PORT/p2p/PEER_ID")
     return e
+
+
+def wsd_decay_start(decay_steps: int, fraction: float) -> int:
+    """The inner step where a 'wsd' schedule leaves its stable phase."""
+    return decay_steps - max(1, round(fraction * decay_steps))
 
 
 def _validate_shape(m: ModelSpec, need: Any) -> None:

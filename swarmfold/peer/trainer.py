@@ -1,4 +1,5 @@
-"""The inner loop: AdamW with linear warm-up and global-norm gradient clipping.
+"""The inner loop: AdamW with linear warm-up (then a constant, cosine or WSD lr: `lr_at`) and
+global-norm gradient clipping.
 
 One inner step is: forward, float32 cross-entropy on the shifted window, backward,
 clip, AdamW. It runs on the model's device (peer/device.py): the batch is copied there
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from swarmfold.peer.device import to_device
-from swarmfold.spec import InnerSpec
+from swarmfold.spec import InnerSpec, wsd_decay_start
 
 logger = logging.getLogger(__name__)
 
@@ -89,10 +90,33 @@ def make_optimizer(model: torch.nn.Module, inner: InnerSpec) -> torch.optim.Adam
 
 
 def lr_at(inner: InnerSpec, step: int) -> float:
-    """Linear warm-up over `warmup_steps`, then constant (rounds never end, so no decay)."""
+    """The inner learning rate at inner step `step` (0-based, counted over the peer's whole run).
+
+    The one schedule of every path that trains (run, simulate, contribute, verify and the
+    benchmarks' reference arms): linear warm-up over `warmup_steps`, then
+    - 'constant': `lr` for ever (rounds never end, so no decay; the default);
+    - 'cosine': from `lr` at the end of the warm-up down to `min_lr_ratio * lr` at `decay_steps`;
+    - 'wsd': `lr` until the last `wsd_decay_fraction` of `decay_steps`, then linearly down to
+      `min_lr_ratio * lr` at `decay_steps`.
+    Past `decay_steps` the decaying schedules stay at the floor.
+    """
     if inner.warmup_steps and step < inner.warmup_steps:
         return inner.lr * (step + 1) / inner.warmup_steps
-    return inner.lr
+    kind = inner.lr_schedule
+    if kind == "constant":
+        return inner.lr
+    floor = inner.min_lr_ratio
+    if kind == "cosine":
+        span = inner.decay_steps - inner.warmup_steps
+        p = min(1.0, (step - inner.warmup_steps) / span)
+        return inner.lr * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * p)))
+    if kind == "wsd":
+        start = wsd_decay_start(inner.decay_steps, inner.wsd_decay_fraction)
+        if step < start:
+            return inner.lr
+        p = min(1.0, (step - start) / (inner.decay_steps - start))
+        return inner.lr * (1.0 - (1.0 - floor) * p)
+    raise ValueError(f"inner.lr_schedule {kind!r} is unknown; use 'constant', 'cosine' or 'wsd'")
 
 
 @dataclass

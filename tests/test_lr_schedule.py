@@ -1,0 +1,110 @@
+"""The inner learning-rate schedule (`inner.lr_schedule`): values, validation, hashing, and the
+simulate path stepping through the one `lr_at`."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+from conftest import fast_spec
+
+from swarmfold.peer import trainer as trainer_mod
+from swarmfold.peer.simulate import simulate
+from swarmfold.peer.trainer import lr_at
+from swarmfold.spec import PRESETS, SpecError, preset, spec_from_dict
+
+# the presets' swarm ids before lr schedules existed: 'constant' must hash exactly as before
+PRESET_HASHES = {
+    "tiny": "0d6d56bcc023a84f90305b00095c21f97c35ef41f9ac6a6c6d648e7396bdb8af",
+    "small": "a81bc6ed6a91ce1d6e6d50d72288ab8ffdd5d4e49ad764114ec464aa5e0a620a",
+    "base": "2dbb834800647f6237317755348f99bf9756fa733e77e0a0509394e8258b8ce9",
+    "1b": "3e1b16f3bee6f9fede5f634b4f4b326f22398c15910a9c70d65615a17264a6de",
+}
+
+
+def inner(**kw: object):  # noqa: ANN201
+    return preset("tiny").replace(inner={"lr": 1.0, "warmup_steps": 10, **kw}).inner
+
+
+def test_constant_is_the_default_and_keeps_the_preset_hashes() -> None:
+    for name in PRESETS:
+        spec = preset(name)
+        assert spec.inner.lr_schedule == "constant"
+        assert spec.spec_hash == PRESET_HASHES[name]
+        assert "lr_schedule" not in spec.hashed_dict()["inner"]
+    i = inner()
+    assert [lr_at(i, s) for s in (0, 4, 9, 10, 10_000)] == [0.1, 0.5, 1.0, 1.0, 1.0]
+
+
+def test_schedules_are_hashed() -> None:
+    base = preset("tiny")
+    cos = base.replace(inner={"lr_schedule": "cosine", "decay_steps": 300})
+    assert cos.spec_hash != base.spec_hash
+    assert cos.replace(inner={"decay_steps": 600}).spec_hash != cos.spec_hash
+    assert cos.replace(inner={"min_lr_ratio": 0.0}).spec_hash != cos.spec_hash
+    wsd = base.replace(inner={"lr_schedule": "wsd", "decay_steps": 300})
+    assert wsd.spec_hash not in (base.spec_hash, cos.spec_hash)
+    assert wsd.replace(inner={"wsd_decay_fraction": 0.5}).spec_hash != wsd.spec_hash
+    assert spec_from_dict(wsd.to_dict()).spec_hash == wsd.spec_hash
+
+
+def test_cosine_values() -> None:
+    i = inner(lr_schedule="cosine", decay_steps=110, min_lr_ratio=0.1)
+    assert lr_at(i, 0) == pytest.approx(0.1)  # the warm-up is the same for every schedule
+    assert lr_at(i, 9) == pytest.approx(1.0)
+    assert lr_at(i, 10) == pytest.approx(1.0)
+    assert lr_at(i, 60) == pytest.approx(0.55)  # half way: the middle of lr and the floor
+    assert lr_at(i, 110) == pytest.approx(0.1)
+    assert lr_at(i, 10_000) == pytest.approx(0.1)  # the floor after the run's length
+    values = [lr_at(i, s) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(values, values[1:], strict=False))
+    assert lr_at(i, 35) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4)))
+
+
+def test_wsd_values() -> None:
+    i = inner(lr_schedule="wsd", decay_steps=100, min_lr_ratio=0.0, wsd_decay_fraction=0.2)
+    assert lr_at(i, 5) == pytest.approx(0.6)
+    assert [lr_at(i, s) for s in (10, 50, 79, 80)] == [1.0, 1.0, 1.0, 1.0]
+    assert lr_at(i, 90) == pytest.approx(0.5)
+    assert lr_at(i, 100) == pytest.approx(0.0)
+    assert lr_at(i, 500) == pytest.approx(0.0)
+    floor = inner(lr_schedule="wsd", decay_steps=100, min_lr_ratio=0.25)
+    assert lr_at(floor, 100) == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize(("fields", "words"), [
+    ({"lr_schedule": "linear"}, "inner.lr_schedule: 'linear' is unknown"),
+    ({"lr_schedule": "cosine"}, "inner.decay_steps (0) must exceed inner.warmup_steps (20)"),
+    ({"lr_schedule": "cosine", "decay_steps": 20}, "inner.decay_steps (20) must exceed"),
+    ({"lr_schedule": "cosine", "decay_steps": 300, "min_lr_ratio": 1.5}, "inner.min_lr_ratio: must be in [0, 1]"),
+    ({"lr_schedule": "wsd", "decay_steps": 300, "wsd_decay_fraction": 0.0}, "inner.wsd_decay_fraction: must be in"),
+    ({"lr_schedule": "wsd", "decay_steps": 100, "wsd_decay_fraction": 0.9}, "inside the warm-up (20 steps)"),
+    ({"decay_steps": -1}, "inner.decay_steps: must be >= 0"),
+])
+def test_validation_errors(fields: dict[str, object], words: str) -> None:
+    d = preset("tiny").to_dict()
+    d["inner"].update(fields)
+    with pytest.raises(SpecError) as exc:
+        spec_from_dict(d)
+    assert any(words in e for e in exc.value.errors), exc.value.errors
+
+
+def test_simulate_steps_through_lr_at(shards: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every inner step of a simulated swarm takes its lr from `lr_at` at the peer's step count."""
+    spec = fast_spec(inner={"lr_schedule": "cosine", "decay_steps": 10, "warmup_steps": 2, "min_lr_ratio": 0.0})
+    calls: list[tuple[int, float]] = []
+    real = trainer_mod.lr_at
+
+    def recording(i, step):  # noqa: ANN001, ANN202
+        value = real(i, step)
+        calls.append((step, value))
+        return value
+
+    monkeypatch.setattr(trainer_mod, "lr_at", recording)
+    peers, _ = simulate(spec, [[shards[0]], [shards[1]]], rounds=2, threads=1, save_checkpoints=False)
+    assert sorted(s for s, _ in calls) == sorted(list(range(10)) * 2)
+    assert [p.trainer.step_count for p in peers] == [10, 10]
+    # the optimizer ran at the last value: the cosine's end, not the peak
+    assert peers[0].trainer.optimizer.param_groups[0]["lr"] == pytest.approx(real(spec.inner, 9))
+    assert real(spec.inner, 9) < 0.05 * spec.inner.lr
