@@ -30,7 +30,7 @@ import torch
 
 from swarmfold.averaging.aggregate import Contribution, aggregate
 from swarmfold.averaging.base import allreduce_fp32_bytes_per_step
-from swarmfold.peer.corpus import write_stdlib_shards
+from swarmfold.peer.corpus import FAMILIES, write_family_shards, write_stdlib_shards
 from swarmfold.peer.data import Shard
 from swarmfold.peer.local import LocalPeer, RoundReport, evaluate_model
 from swarmfold.peer.model import build_model, flat_params, set_flat_params
@@ -112,6 +112,22 @@ def prepare_shards(out: Path, k: int, max_bytes: int) -> list[Path]:
     paths = write_stdlib_shards(k, out, max_bytes_per_shard=max_bytes)
     marker.touch()
     return paths
+
+
+def prepare_family_shards(out: Path, max_bytes: int) -> list[Path]:
+    """The non-IID stress: one shard per language family or domain (reused when already written)."""
+    existing = [out / f"family-{f}" for f in FAMILIES]
+    marker = out / f".done-{max_bytes}"
+    if marker.exists() and all(p.is_dir() for p in existing):
+        return existing
+    paths = write_family_shards(out, max_bytes_per_shard=max_bytes)
+    marker.touch()
+    return paths
+
+
+def model_numel(setup: Setup) -> int:
+    tok = load_tokenizer(setup.spec.tokenizer)
+    return sum(p.numel() for p in build_model(setup.spec, tok.vocab_size, tok.eos_id).parameters())
 
 
 def configure(threads: int) -> None:
@@ -328,7 +344,7 @@ def swarm_config_spec(base: Spec, config: dict[str, Any]) -> Spec:
     """The spec of one frontier/quality swarm arm: H, outer optimizer and compression replaced."""
     h = config["schedule"][0] if config.get("schedule") else config["h"]
     return base.replace(round={"inner_steps": h}, outer=dict(config["outer"]),
-                        averaging={"compression": config["compression"]})
+                        averaging={"compression": config["compression"]}, inner=dict(config.get("inner", {})))
 
 
 def run_config_worker(params: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
@@ -348,6 +364,7 @@ def run_arm_worker(params: dict[str, Any], arm: dict[str, Any]) -> list[ArmResul
     """Entry point of a worker process for the quality benchmark: one arm (or isolated + merge)."""
     configure(params["threads"])
     setup = setup_from_params(params)
+    setup.spec = setup.spec.replace(inner=dict(arm.get("inner", {})))  # this arm's lr and lr schedule
     kind = arm["kind"]
     if kind in ("data_parallel", "sequential"):
         return [timed(lambda: run_central(setup, h=arm["h"], sequential=kind == "sequential"))]

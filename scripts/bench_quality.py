@@ -4,10 +4,25 @@ Run:
     nice -n 10 .venv/bin/python scripts/bench_quality.py --quick --jobs 2   # ~4 min on 2 (shared) cores
     nice -n 10 .venv/bin/python scripts/bench_quality.py --jobs 5           # full: seq_len 128, batch 16,
                                                                             # 300 steps per peer (~20 min)
+    nice -n 10 .venv/bin/python scripts/bench_quality.py --long --jobs 2    # 48 rounds (1200 steps per peer)
+    nice -n 10 .venv/bin/python scripts/bench_quality.py --quick --non-iid  # one language/domain per peer
 --quick uses seq_len 64, batch 8 and 200 steps per peer; the full mode has the issue's
-reference scale (the preset's seq_len 128 and batch 16, 300 steps per peer); --steps
-runs longer. The swarm's H, outer optimizer and compression are the preset's defaults in
-both modes.
+reference scale (the preset's seq_len 128 and batch 16, 300 steps per peer); --steps or
+--rounds (rounds of H steps) runs longer, and --long is 48 rounds. The swarm's H, outer
+optimizer and compression are the preset's defaults in every mode.
+
+--non-iid gives each peer one language family or domain (Python source, C headers,
+English prose, numeric test vectors: `swarmfold.peer.corpus.write_family_shards`) in
+place of stdlib modules, so that the peers' data differ much more.
+
+The inner learning rate can differ per arm: --swarm-lr sets it for the arms that train
+with batch B (the swarm arms, the isolated peers and the sequential central worker),
+--dp-lr for the data-parallel arm (batch K·B); each defaults to the preset's lr.
+--lr-schedule (constant, cosine, wsd) sets `inner.lr_schedule` for every arm, decaying
+over the run's length (the steps per peer; K× that for the sequential worker, which
+takes K× the steps). --arms runs a subset (scripts/sweep_quality.py uses it); the checks
+that need a missing arm are left out. --curve-every sets how often the curves are
+evaluated (in inner steps per peer; the swarm arms at the end of the round it falls in).
 
 K = 4 peers on non-overlapping stdlib shards (split by module). Every arm gets the same
 token budget, the same genesis model and the same inner hyperparameters, and trains on
@@ -29,7 +44,8 @@ Swarm arms run `swarmfold.peer.simulate.simulate`: the live swarm's round code, 
 in-process. Validation loss is measured on the first --eval-windows held-out windows of
 every shard (a fixed subset, the same for every arm).
 
-Writes results/quality[_quick].json and a PNG of validation loss against tokens.
+Writes results/quality[_noniid][_long|_quick].json, a Markdown table beside it and a PNG
+of validation loss against tokens.
 """
 
 from __future__ import annotations
@@ -48,9 +64,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _bench_common as bc  # noqa: E402
 
-from swarmfold.spec import Spec, preset  # noqa: E402
+from swarmfold.spec import LR_SCHEDULES, Spec, preset  # noqa: E402
 
 PLAIN = {"kind": "sgd", "lr": 1.0, "momentum": 0.0}
+ARM_NAMES = ("data_parallel", "sequential", "isolated", "one_shot_merge", "swarm_default", "swarm_plain",
+             "swarm_int8", "swarm_uncompressed")
 
 
 def make_setup(args: argparse.Namespace) -> bc.Setup:
@@ -59,18 +77,41 @@ def make_setup(args: argparse.Namespace) -> bc.Setup:
                                       round={"inner_steps": 2},
                                       model={"hidden_size": 32, "intermediate_size": 64, "num_layers": 1,
                                              "num_heads": 2, "num_kv_heads": 2})
-        return bc.Setup(spec=spec, shard_paths=bc.prepare_shards(args.data, 4, 60_000), steps=4, eval_windows=8,
-                        eval_every=2)
+        steps = args.rounds * 2 if args.rounds else 4
+        return bc.Setup(spec=spec, shard_paths=_shards(args, 60_000), steps=steps, eval_windows=8,
+                        eval_every=args.curve_every or 2)
     spec = preset(args.preset)
     seq_len = args.seq_len or (64 if args.quick else spec.data.seq_len)
     batch = args.batch_size or (8 if args.quick else spec.inner.batch_size)
     spec = spec.replace(data={"seq_len": seq_len}, inner={"batch_size": batch})
-    steps = args.steps or (200 if args.quick else 300)
     h = spec.round.inner_steps
+    rounds = args.rounds or (48 if args.long else 0)
+    steps = rounds * h if rounds else (args.steps or (200 if args.quick else 300))
     if steps % h:
         raise SystemExit(f"--steps {steps} must be a multiple of the preset's round.inner_steps ({h})")
-    return bc.Setup(spec=spec, shard_paths=bc.prepare_shards(args.data, 4, 3_000_000), steps=steps,
-                    eval_windows=args.eval_windows, eval_every=h)
+    return bc.Setup(spec=spec, shard_paths=_shards(args, 1_500_000 if args.non_iid else 3_000_000), steps=steps,
+                    eval_windows=args.eval_windows, eval_every=args.curve_every or h)
+
+
+def _shards(args: argparse.Namespace, max_bytes: int) -> list[Path]:
+    if args.non_iid:
+        return bc.prepare_family_shards(args.data.with_name(args.data.name + "-families"), max_bytes)
+    return bc.prepare_shards(args.data, 4, max_bytes)
+
+
+def arm_inner(args: argparse.Namespace, spec: Spec, steps: int, k: int) -> dict[str, dict[str, Any]]:
+    """The `inner` overrides of each kind of arm: its lr and the schedule over its run's length."""
+    sched: dict[str, Any] = {"lr_schedule": args.lr_schedule}
+    if args.lr_schedule != "constant":
+        sched.update(min_lr_ratio=args.min_lr_ratio, wsd_decay_fraction=args.wsd_decay_fraction)
+    swarm_lr = args.swarm_lr or spec.inner.lr
+    dp_lr = args.dp_lr or spec.inner.lr
+
+    def with_len(lr: float, n: int) -> dict[str, Any]:
+        return {"lr": lr, **sched, **({"decay_steps": n} if args.lr_schedule != "constant" else {})}
+
+    return {"data_parallel": with_len(dp_lr, steps), "sequential": with_len(swarm_lr, k * steps),
+            "isolated": with_len(swarm_lr, steps), "swarm": with_len(swarm_lr, steps)}
 
 
 def swarm_arms(spec: Spec) -> list[dict[str, Any]]:
@@ -116,25 +157,30 @@ def run_arms(params: dict[str, Any], arms: list[dict[str, Any]], jobs: int) -> d
 
 
 def checks(res: dict[str, bc.ArmResult], aliases: dict[str, str]) -> dict[str, Any]:
-    def get(name: str) -> bc.ArmResult:
-        return res[aliases.get(name, name)]
+    """The targets, each computed where the arms it needs ran (--arms may leave some out)."""
+    def get(name: str) -> bc.ArmResult | None:
+        return res.get(aliases.get(name, name))
 
-    dp, iso, swarm = res["data_parallel"], res["isolated"], get("swarm_default")
-    matrix: dict[str, dict[str, float]] = iso.extra["matrix_peer_by_shard"]
-    best_alone = {s: min(m[s] for m in matrix.values()) for s in swarm.val_loss}
+    dp, iso, swarm = res.get("data_parallel"), res.get("isolated"), get("swarm_default")
+    out: dict[str, Any] = {}
+    if swarm is not None and iso is not None:
+        matrix: dict[str, dict[str, float]] = iso.extra["matrix_peer_by_shard"]
+        best_alone = {s: min(m[s] for m in matrix.values()) for s in swarm.val_loss}
+        out["swarm_beats_every_isolated_peer_on_every_shard"] = all(swarm.val_loss[s] < best_alone[s]
+                                                                    for s in best_alone)
+        out["margin_to_best_isolated_peer_per_shard"] = {s: best_alone[s] - swarm.val_loss[s] for s in best_alone}
+    if swarm is not None and dp is not None:
+        out["swarm_default_over_data_parallel_loss"] = swarm.mean / dp.mean
+        out["swarm_default_bytes_reduction_vs_allreduce"] = dp.bytes_per_peer / swarm.bytes_per_peer
+        out["target_1.02x_data_parallel_at_100x_fewer_bytes"] = (swarm.mean <= 1.02 * dp.mean
+                                                                and dp.bytes_per_peer >= 100 * swarm.bytes_per_peer)
     int8, unc = get("swarm_int8"), get("swarm_uncompressed")
-    return {
-        "swarm_beats_every_isolated_peer_on_every_shard": all(swarm.val_loss[s] < best_alone[s] for s in best_alone),
-        "margin_to_best_isolated_peer_per_shard": {s: best_alone[s] - swarm.val_loss[s] for s in best_alone},
-        "swarm_default_over_data_parallel_loss": swarm.mean / dp.mean,
-        "swarm_default_bytes_reduction_vs_allreduce": dp.bytes_per_peer / swarm.bytes_per_peer,
-        "target_1.02x_data_parallel_at_100x_fewer_bytes": (swarm.mean <= 1.02 * dp.mean
-                                                           and dp.bytes_per_peer >= 100 * swarm.bytes_per_peer),
-        "int8_loss_cost_vs_uncompressed": int8.mean / unc.mean - 1.0,
-        "int8_bytes_reduction_vs_uncompressed": unc.bytes_per_peer / int8.bytes_per_peer,
-        "target_int8_within_1pct": int8.mean <= 1.01 * unc.mean,
-        "swarm_hashes_agree_every_round": all(r.extra.get("hashes_agree_every_round", True) for r in res.values()),
-    }
+    if int8 is not None and unc is not None:
+        out["int8_loss_cost_vs_uncompressed"] = int8.mean / unc.mean - 1.0
+        out["int8_bytes_reduction_vs_uncompressed"] = unc.bytes_per_peer / int8.bytes_per_peer
+        out["target_int8_within_1pct"] = int8.mean <= 1.01 * unc.mean
+    out["swarm_hashes_agree_every_round"] = all(r.extra.get("hashes_agree_every_round", True) for r in res.values())
+    return out
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -158,7 +204,22 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="seq_len 64, batch 8, 200 steps per peer (~5 min)")
     ap.add_argument("--smoke", action="store_true", help="a seconds-long run for the tests")
     ap.add_argument("--preset", default="tiny", choices=["tiny", "small"])
+    ap.add_argument("--long", action="store_true", help="48 rounds of H steps (does the gap close, narrow or stay?)")
+    ap.add_argument("--non-iid", action="store_true",
+                    help="one language family or domain per peer (Python, C, English prose, numeric vectors)")
     ap.add_argument("--steps", type=int, default=0, help="inner steps per peer (quick 200, full 300)")
+    ap.add_argument("--rounds", type=int, default=0, help="rounds of H inner steps per peer (overrides --steps)")
+    ap.add_argument("--swarm-lr", type=float, default=0.0,
+                    help="inner lr of the batch-B arms: swarm, isolated, sequential (default: the preset's)")
+    ap.add_argument("--dp-lr", type=float, default=0.0,
+                    help="inner lr of the data-parallel arm, batch K*B (default: the preset's)")
+    ap.add_argument("--lr-schedule", default="constant", choices=list(LR_SCHEDULES),
+                    help="inner.lr_schedule of every arm, decaying over the run's length")
+    ap.add_argument("--min-lr-ratio", type=float, default=0.1, help="floor of cosine and wsd, as a fraction of lr")
+    ap.add_argument("--wsd-decay-fraction", type=float, default=0.2, help="fraction of the run wsd spends decaying")
+    ap.add_argument("--curve-every", type=int, default=0, help="evaluate the curves every N inner steps (default H)")
+    ap.add_argument("--arms", default="", help="comma-separated subset of arms to run (default: all); "
+                    "names: " + ", ".join(ARM_NAMES))
     ap.add_argument("--seq-len", type=int, default=0, help="override data.seq_len (quick 64, full: the preset's)")
     ap.add_argument("--batch-size", type=int, default=0, help="override inner.batch_size (quick 8, full: the preset's)")
     ap.add_argument("--eval-windows", type=int, default=128, help="validation windows per shard (fixed subset)")
@@ -166,23 +227,44 @@ def main() -> int:
     ap.add_argument("--data", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "swarmfold-bench-shards")
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default results/quality[_quick].json)")
     args = ap.parse_args()
-    out: Path = args.out or Path("results") / ("quality_quick.json" if args.quick else "quality.json")
+    mode = "smoke" if args.smoke else "quick" if args.quick else "long" if args.long else "full"
+    default_name = "quality" + ("_noniid" if args.non_iid else "") + {"quick": "_quick", "long": "_long"}.get(mode, "")
+    out: Path = args.out or Path("results") / f"{default_name}.json"
+    wanted = {a.strip() for a in args.arms.split(",") if a.strip()}
+    if wanted - set(ARM_NAMES):
+        raise SystemExit(f"--arms: unknown {sorted(wanted - set(ARM_NAMES))}; choose from {', '.join(ARM_NAMES)}")
     bc.configure(1)
     t0 = time.time()
     setup = make_setup(args)
     setup.load()
     h = setup.spec.round.inner_steps
+    inner = arm_inner(args, setup.spec, setup.steps, setup.k)
     arms = [{"name": "data_parallel", "kind": "data_parallel", "h": h},
             {"name": "sequential", "kind": "sequential", "h": h},
             {"name": "isolated", "kind": "isolated", "h": h}] + swarm_arms(setup.spec)
+    if wanted:  # a subset; an alias whose original is left out runs under its own name
+        keep = {a["name"] for a in arms if a["name"] in wanted}
+        if "one_shot_merge" in wanted:
+            keep.add("isolated")
+        by_name = {a["name"]: a for a in arms}
+        arms = [a if "same_as" not in a or a["same_as"] in keep else {**by_name[a["same_as"]], "name": a["name"]}
+                for a in arms if a["name"] in keep]
+    for a in arms:
+        if "same_as" not in a:
+            a["inner"] = inner[a["kind"]]
+    for overrides in inner.values():  # the flags' values, validated (SpecError) before any run
+        setup.spec.replace(inner=overrides)
     res = run_arms(bc.setup_params(setup), arms, args.jobs)
     start = bc.genesis_loss(setup)
     aliases = {a["name"]: a["same_as"] for a in arms if "same_as" in a}
-    dp_bytes = res["data_parallel"].bytes_per_peer
+    dp_bytes = (res["data_parallel"].bytes_per_peer if "data_parallel" in res
+                else setup.steps * bc.allreduce_fp32_bytes_per_step(bc.model_numel(setup), setup.k))
     order = ["data_parallel", "sequential", "isolated", "one_shot_merge", "swarm_default", "swarm_plain",
              "swarm_int8", "swarm_uncompressed"]
     report: dict[str, Any] = {
-        "setup": {"mode": "smoke" if args.smoke else "quick" if args.quick else "full", "peers": setup.k,
+        "setup": {"mode": mode, "peers": setup.k, "non_iid": args.non_iid, "rounds": setup.steps // h,
+                  "inner_per_arm": inner, "swarm_lr": inner["swarm"]["lr"], "dp_lr": inner["data_parallel"]["lr"],
+                  "lr_schedule": args.lr_schedule,
                   "inner_steps_per_peer": setup.steps, "tokens_total": setup.steps * setup.k
                   * setup.tokens_per_peer_step(), "eval_windows_per_shard": setup.eval_windows,
                   "shards": [str(p) for p in setup.shard_paths], "spec": setup.spec.to_dict(),
@@ -192,11 +274,18 @@ def main() -> int:
                  if n in res or n in aliases},
         "checks": checks(res, aliases),
     }
+    if "data_parallel" in res:  # every arm against the quality reference (the sweep reads these)
+        for arm in report["arms"].values():
+            if "mean_val_loss" in arm:
+                arm["over_data_parallel"] = arm["mean_val_loss"] / res["data_parallel"].mean
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
     out.with_suffix(".md").write_text(markdown(report))
-    title = (f"{report['setup']['mode']}: K=4 peers, {setup.steps} inner steps each, batch "
+    title = (f"{mode}{' non-IID' if args.non_iid else ''}: K=4 peers, {setup.steps} inner steps each, batch "
              f"{setup.spec.inner.batch_size}x{setup.spec.data.seq_len}, same tokens for every arm")
+    if args.swarm_lr or args.dp_lr or args.lr_schedule != "constant":
+        title += (f"\ninner lr swarm {inner['swarm']['lr']:g}, data-parallel {inner['data_parallel']['lr']:g}, "
+                  f"schedule {args.lr_schedule}")
     bc.plot_curves([res[n] for n in order if n in res], out.with_suffix(".png"), title, start)
     for n in order:
         if n in res:

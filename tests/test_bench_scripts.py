@@ -91,3 +91,26 @@ def test_bench_scale_smoke(tmp_path: Path) -> None:
     assert res["every_group_committed_the_same_hash"] is True
     assert res["pss_peak_mib_per_peer"]["mean"] > res["model_and_optimizer_state_mib"] > 0
     assert res["allreduce_seconds_median"] is not None and res["allreduce_seconds_median"] > 0
+
+
+@pytest.mark.slow
+def test_bench_quality_options_smoke(tmp_path: Path) -> None:
+    """--non-iid, --rounds, per-arm lr, a decaying schedule, --curve-every and an --arms subset."""
+    out = tmp_path / "q.json"
+    cmd = [sys.executable, str(REPO / "scripts" / "bench_quality.py"), "--smoke", "--out", str(out), "--data",
+           str(tmp_path / "data"), "--non-iid", "--rounds", "3", "--swarm-lr", "4e-3", "--dp-lr", "3e-3",
+           "--lr-schedule", "wsd", "--curve-every", "1", "--arms", "data_parallel,swarm_default"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    report = json.loads(out.read_text())
+    assert set(report["arms"]) == {"data_parallel", "swarm_default"}
+    setup = report["setup"]
+    assert setup["non_iid"] and setup["rounds"] == 3 and setup["inner_steps_per_peer"] == 6
+    assert setup["inner_per_arm"]["swarm"] == {"lr": 4e-3, "lr_schedule": "wsd", "decay_steps": 6,
+                                               "min_lr_ratio": 0.1, "wsd_decay_fraction": 0.2}
+    assert setup["inner_per_arm"]["data_parallel"]["lr"] == 3e-3
+    dp, swarm = report["arms"]["data_parallel"], report["arms"]["swarm_default"]
+    assert set(dp["val_loss"]) == {"family-python", "family-c", "family-prose", "family-numeric"}
+    assert len(dp["curve"]) == 6 and len(swarm["curve"]) == 3  # every step; every round's end
+    assert report["checks"]["swarm_default_over_data_parallel_loss"] == swarm["over_data_parallel"]
+    assert dp["over_data_parallel"] == 1.0

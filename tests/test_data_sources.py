@@ -237,3 +237,16 @@ def test_data_prepare_prints_the_skips_and_the_summary(tmp_path: Path, cache: Pa
     assert {s["name"]: s["reason"] for s in doc["skipped"]} == EXPECTED_SKIPS
     assert main(["data", "prepare", "--data", str(folder), "--strict"]) == 2
     assert "big.txt: over the size cap" in capsys.readouterr().err
+
+
+def test_family_shards_differ_by_language(tmp_path: Path) -> None:
+    """The non-IID stress: four disjoint shards, one per language family or domain."""
+    from swarmfold.peer.corpus import FAMILIES, write_family_shards
+
+    paths = write_family_shards(tmp_path, max_bytes_per_shard=60_000)
+    assert [p.name for p in paths] == [f"family-{f}" for f in FAMILIES]
+    texts = {p.name: "".join(f.read_text() for f in sorted(p.rglob("*")) if f.is_file()) for p in paths}
+    assert all(50_000 <= len(t.encode()) <= 60_000 for t in texts.values())
+    assert "def " in texts["family-python"] and "#define" in texts["family-c"]
+    assert sum(c.isdigit() for c in texts["family-numeric"]) > 5 * sum(c.isdigit() for c in texts["family-prose"])
+    assert write_family_shards(tmp_path, max_bytes_per_shard=60_000) == paths  # rewritten the same way
