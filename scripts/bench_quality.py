@@ -9,7 +9,8 @@ Run:
 --quick uses seq_len 64, batch 8 and 200 steps per peer; the full mode has the issue's
 reference scale (the preset's seq_len 128 and batch 16, 300 steps per peer); --steps or
 --rounds (rounds of H steps) runs longer, and --long is 48 rounds. The swarm's H, outer
-optimizer and compression are the preset's defaults in every mode.
+optimizer and compression are the preset's defaults in every mode (--h and --outer-*
+override them).
 
 --non-iid gives each peer one language family or domain (Python source, C headers,
 English prose, numeric test vectors: `swarmfold.peer.corpus.write_family_shards`) in
@@ -77,13 +78,15 @@ def make_setup(args: argparse.Namespace) -> bc.Setup:
                                       round={"inner_steps": 2},
                                       model={"hidden_size": 32, "intermediate_size": 64, "num_layers": 1,
                                              "num_heads": 2, "num_kv_heads": 2})
-        steps = args.rounds * 2 if args.rounds else 4
+        spec = _round_and_outer(args, spec)
+        h = spec.round.inner_steps
+        steps = args.rounds * h if args.rounds else (args.steps or 2 * h)
         return bc.Setup(spec=spec, shard_paths=_shards(args, 60_000), steps=steps, eval_windows=8,
                         eval_every=args.curve_every or 2)
     spec = preset(args.preset)
     seq_len = args.seq_len or (64 if args.quick else spec.data.seq_len)
     batch = args.batch_size or (8 if args.quick else spec.inner.batch_size)
-    spec = spec.replace(data={"seq_len": seq_len}, inner={"batch_size": batch})
+    spec = _round_and_outer(args, spec.replace(data={"seq_len": seq_len}, inner={"batch_size": batch}))
     h = spec.round.inner_steps
     rounds = args.rounds or (48 if args.long else 0)
     steps = rounds * h if rounds else (args.steps or (200 if args.quick else 300))
@@ -91,6 +94,13 @@ def make_setup(args: argparse.Namespace) -> bc.Setup:
         raise SystemExit(f"--steps {steps} must be a multiple of the preset's round.inner_steps ({h})")
     return bc.Setup(spec=spec, shard_paths=_shards(args, 1_500_000 if args.non_iid else 3_000_000), steps=steps,
                     eval_windows=args.eval_windows, eval_every=args.curve_every or h)
+
+
+def _round_and_outer(args: argparse.Namespace, spec: Spec) -> Spec:
+    """--h and --outer-* replace the preset's H and outer optimizer (for the sweeps)."""
+    outer = {k: v for k, v in (("kind", args.outer_kind), ("lr", args.outer_lr), ("momentum", args.outer_momentum))
+             if v is not None}
+    return spec.replace(round={"inner_steps": args.h or spec.round.inner_steps}, outer=outer)
 
 
 def _shards(args: argparse.Namespace, max_bytes: int) -> list[Path]:
@@ -217,6 +227,10 @@ def main() -> int:
                     help="inner.lr_schedule of every arm, decaying over the run's length")
     ap.add_argument("--min-lr-ratio", type=float, default=0.1, help="floor of cosine and wsd, as a fraction of lr")
     ap.add_argument("--wsd-decay-fraction", type=float, default=0.2, help="fraction of the run wsd spends decaying")
+    ap.add_argument("--h", type=int, default=0, help="override round.inner_steps (default: the preset's)")
+    ap.add_argument("--outer-kind", default=None, choices=["sgd", "nesterov"], help="override outer.kind")
+    ap.add_argument("--outer-lr", type=float, default=None, help="override outer.lr")
+    ap.add_argument("--outer-momentum", type=float, default=None, help="override outer.momentum")
     ap.add_argument("--curve-every", type=int, default=0, help="evaluate the curves every N inner steps (default H)")
     ap.add_argument("--arms", default="", help="comma-separated subset of arms to run (default: all); "
                     "names: " + ", ".join(ARM_NAMES))

@@ -114,3 +114,26 @@ def test_bench_quality_options_smoke(tmp_path: Path) -> None:
     assert len(dp["curve"]) == 6 and len(swarm["curve"]) == 3  # every step; every round's end
     assert report["checks"]["swarm_default_over_data_parallel_loss"] == swarm["over_data_parallel"]
     assert dp["over_data_parallel"] == 1.0
+
+
+@pytest.mark.slow
+def test_sweep_quality_smoke_resumes(tmp_path: Path) -> None:
+    """Two inner lrs for both arms, then a third: the finished cells are kept, not trained again."""
+    out = tmp_path / "sweep.json"
+
+    def sweep(lrs: str) -> dict:
+        cmd = [sys.executable, str(REPO / "scripts" / "sweep_quality.py"), "--grid", "inner-lr", "--lrs", lrs,
+               "--out", str(out), "--", "--smoke", "--data", str(tmp_path / "data")]
+        proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+        return json.loads(out.read_text())
+
+    first = sweep("1e-3,4e-3")
+    assert set(first["cells"]) == {"data_parallel lr=0.001 constant", "swarm lr=0.001 constant",
+                                   "data_parallel lr=0.004 constant", "swarm lr=0.004 constant"}
+    second = sweep("1e-3,4e-3,8e-3")
+    assert len(second["cells"]) == 6
+    assert all(second["cells"][k] == v for k, v in first["cells"].items())  # kept as they were
+    pairs = second["summary"]["pairs"]
+    assert len(pairs) == 3 and all(p["swarm_over_data_parallel"] > 0 for p in pairs)
+    assert out.with_suffix(".md").read_text().count("\n| swarm lr=") == 3
