@@ -80,7 +80,9 @@ def make_setup(args: argparse.Namespace) -> bc.Setup:
                                              "num_heads": 2, "num_kv_heads": 2})
         spec = _round_and_outer(args, spec)
         h = spec.round.inner_steps
-        steps = args.rounds * h if args.rounds else (args.steps or 2 * h)
+        steps = args.rounds * h if args.rounds else (args.steps or 4)
+        if steps % h:
+            raise SystemExit(f"--steps {steps} must be a multiple of H ({h})")
         return bc.Setup(spec=spec, shard_paths=_shards(args, 60_000), steps=steps, eval_windows=8,
                         eval_every=args.curve_every or 2)
     spec = preset(args.preset)

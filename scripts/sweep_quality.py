@@ -8,7 +8,9 @@ Run:
 
 Every cell is one `scripts/bench_quality.py` run of one arm: the data-parallel equivalent
 (batch K·B) or the swarm with the preset's defaults (batch B per peer), at one inner lr,
-one lr schedule and (for the swarm) one H and outer lr. Arguments after `--` go to every
+one lr schedule and (for the swarm) one H and outer lr. For the outer grid give the run's
+length with --steps (a multiple of every H), not --rounds, so every cell trains on the same
+tokens (each pair records `same_token_budget`). Arguments after `--` go to every
 bench_quality run unchanged (the scale: --quick, --steps, --rounds, --non-iid, --seq-len...).
 At most --jobs (1 or 2) cells run at once, each a process with one thread.
 
@@ -122,7 +124,8 @@ def summarise(args: argparse.Namespace, done: dict[str, dict[str, Any]]) -> dict
             rows.append({"swarm": s["key"], "data_parallel": pair["key"], "swarm_loss": s["mean_val_loss"],
                          "data_parallel_loss": pair["mean_val_loss"],
                          "swarm_over_data_parallel": s["mean_val_loss"] / pair["mean_val_loss"],
-                         "swarm_over_best_data_parallel": s["mean_val_loss"] / best_dp["mean_val_loss"]})
+                         "swarm_over_best_data_parallel": s["mean_val_loss"] / best_dp["mean_val_loss"],
+                         "same_token_budget": s["steps_per_peer"] == pair["steps_per_peer"]})
     out["pairs"] = rows
     return out
 
