@@ -108,3 +108,31 @@ def test_simulate_steps_through_lr_at(shards: list[Path], monkeypatch: pytest.Mo
     # the optimizer ran at the last value: the cosine's end, not the peak
     assert peers[0].trainer.optimizer.param_groups[0]["lr"] == pytest.approx(real(spec.inner, 9))
     assert real(spec.inner, 9) < 0.05 * spec.inner.lr
+
+
+def test_contribute_and_verify_replay_a_decaying_schedule(shards: list[Path], tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A contribution under 'wsd' steps through `lr_at` and replays bit for bit."""
+    from swarmfold.averaging.base import SoloAverager
+    from swarmfold.averaging.identity import load_or_create_identity
+    from swarmfold.peer.checkpoint import resolve_checkpoint
+    from swarmfold.peer.contribute import contribute, threads_set
+    from swarmfold.peer.local import LocalPeer
+    from swarmfold.peer.verify import verify_file
+
+    spec = fast_spec(inner={"lr_schedule": "wsd", "decay_steps": 10, "warmup_steps": 2,
+                            "wsd_decay_fraction": 0.5, "min_lr_ratio": 0.0})
+    with threads_set(1):
+        peer = LocalPeer(spec, [shards[2]], peer_id="local", threads=1, workdir=tmp_path / "base")
+        peer.run_round(SoloAverager())
+        peer.save()
+        base = resolve_checkpoint(tmp_path / "base")
+        ident = load_or_create_identity(tmp_path / "id.key")
+        steps: list[int] = []
+        real = trainer_mod.lr_at
+        monkeypatch.setattr(trainer_mod, "lr_at", lambda i, s: steps.append(s) or real(i, s))
+        made = contribute(ckpt=base, data=[shards[0]], identity=ident, out=tmp_path / "c.safetensors", threads=1)
+        assert steps == [0, 1, 2, 3, 4]  # a fresh inner state (someone else's base): the schedule from step 0
+        report = verify_file(made.delta_path, ckpt=base, data=[shards[0]])
+    assert report.passed and report.mode == "bitwise", report.reason
+    assert steps[5:] == [0, 1, 2, 3, 4]  # the replay went through the same function
