@@ -249,8 +249,9 @@ def models_per_group(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "groups_with_more_than_one_model": bad,
             "checkpoints_seen": len(rows),
             "checkpoints_not_from_their_round": synced,
-            "note": "checkpoints whose last_round is not the round just before them (written by state sync "
-                    "after a restart, which keeps the older last_round: issue 13 item 8) are left out"}
+            "note": "checkpoints whose last_round is not the round just before them are left out: those "
+                    "written right after a state sync (a restart or a catch-up), whose last_round is the sync "
+                    "(status 'synced'), not a round the peer committed"}
 
 
 def rss_growth(peer: Peer, first_commit_t: float | None, duration: float) -> dict[str, Any]:
