@@ -12,8 +12,11 @@ The phase modules only see the `Net` protocol below: `open`, `request`, `dht_cal
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
@@ -30,6 +33,31 @@ from swarmfold.averaging.timeouts import RoundTimeouts
 from swarmfold.spec import Spec
 
 logger = logging.getLogger(__name__)
+
+PARENT_POLL = 1.0  # seconds between a DHT process's checks that the peer's main process is still there
+
+
+class OrphanSafeDHT(hivemind.DHT):
+    """hivemind's DHT process, which ends itself and its libp2p daemon once the peer's main process
+    is gone. Without this, a SIGKILL of the main process alone (a user's kill -9, the OOM killer)
+    leaves both running, with the peer's identity, port and connections, and a restart of that
+    identity is then unreachable from the survivors a large part of the time: docs/swarm.md,
+    "A restarted peer and the survivors"."""
+
+    def run(self) -> None:  # in the forked DHT process
+        threading.Thread(target=_end_with_parent, args=(os.getppid(),), name="swarmfold-parent-watch",
+                         daemon=True).start()
+        super().run()
+
+
+def _end_with_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(PARENT_POLL)
+    import psutil
+    for child in psutil.Process().children(recursive=True):  # the libp2p daemon
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+    os._exit(1)
 
 T = TypeVar("T")
 SMALL_MESSAGE = 1 << 20  # proposals, votes, hello: never need more
@@ -84,7 +112,7 @@ class Transport:
     def start(self, handlers: dict[str, Handler]) -> None:
         """Join the DHT (JoinError on unreachable initial peers) and serve `handlers` (protocol -> handler)."""
         try:
-            self.dht = hivemind.DHT(
+            self.dht = OrphanSafeDHT(
                 start=True, initial_peers=self.initial_peers or None, host_maddrs=self.host_maddrs,
                 announce_maddrs=self.announce_maddrs or None, identity_path=str(self.identity.path),
                 client_mode=self.client_mode, use_relay=self.use_relay, use_auto_relay=self.use_auto_relay,
