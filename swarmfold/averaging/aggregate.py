@@ -31,21 +31,37 @@ def canonical_order(contributions: Mapping[str, Contribution]) -> list[str]:
     return sorted(contributions)
 
 
-def weighted_mean(contributions: Mapping[str, Contribution]) -> torch.Tensor:
-    """sum_p w_p * x_p / sum_p w_p, accumulated in float64 in sorted-id order, returned as float32."""
+def weighted_sum(contributions: Mapping[str, Contribution]) -> tuple[torch.Tensor, float]:
+    """(sum_p w_p * x_p, sum_p w_p) in float64, both accumulated in sorted-id order.
+
+    The sum starts from zeros and adds each contribution with `Tensor.add_(x, alpha=w)` (one
+    fused multiply-add per element on builds with FMA); the weight is a Python float sum.
+    `weighted_mean` divides the two; the tree (tree.py) combines them across groups first.
+    """
     if not contributions:
-        raise ValueError("weighted_mean: no contributions to aggregate")
+        raise ValueError("weighted_sum: no contributions to aggregate")
     order = canonical_order(contributions)
     total = 0.0
     for pid in order:
         total += float(contributions[pid].weight)
-    if not total > 0:
-        raise ValueError(f"weighted_mean: total weight must be positive, got {total}")
     first = contributions[order[0]].tensor
     acc = torch.zeros(first.shape, dtype=torch.float64)
     for pid in order:
         c = contributions[pid]
         acc.add_(c.tensor.to(torch.float64), alpha=float(c.weight))
+    return acc, total
+
+
+def weighted_mean(contributions: Mapping[str, Contribution]) -> torch.Tensor:
+    """sum_p w_p * x_p / sum_p w_p, accumulated in float64 in sorted-id order, returned as float32."""
+    if not contributions:
+        raise ValueError("weighted_mean: no contributions to aggregate")
+    total = 0.0
+    for pid in canonical_order(contributions):
+        total += float(contributions[pid].weight)
+    if not total > 0:
+        raise ValueError(f"weighted_mean: total weight must be positive, got {total}")
+    acc, _ = weighted_sum(contributions)
     acc.div_(total)
     return acc.to(torch.float32)
 

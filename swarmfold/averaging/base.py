@@ -62,14 +62,18 @@ def group_id_for(swarm_id: str, round_idx: int, attempt: int, members: list[str]
     return hashlib.sha256(blob).hexdigest()[:32]
 
 
+def balanced_cuts(n: int, group_size: int) -> list[tuple[int, int]]:
+    """Cut [0, n) into ceil(n/G) contiguous near-equal ranges (sizes differ by at most one)."""
+    if n <= 0:
+        return []
+    k = math.ceil(n / group_size)
+    return [(i * n // k, (i + 1) * n // k) for i in range(k)]
+
+
 def partition_groups(peer_ids: list[str], group_size: int) -> list[list[str]]:
     """Deterministic grouping of ready peers: sort, then cut into ceil(n/G) near-equal groups."""
     ids = sorted(set(peer_ids))
-    n = len(ids)
-    if n == 0:
-        return []
-    k = math.ceil(n / group_size)
-    return [ids[i * n // k : (i + 1) * n // k] for i in range(k)]
+    return [ids[lo:hi] for lo, hi in balanced_cuts(len(ids), group_size)]
 
 
 def butterfly_bytes(numel: int, n: int, index: int, compression: str) -> int:

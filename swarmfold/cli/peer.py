@@ -116,6 +116,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rounds", required=True, type=int)
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--peer-ids", nargs="+", default=None, help="seed-schedule ids, one per shard")
+    p.add_argument("--tree", action="store_true",
+                   help="with more peers than group_size, join the groups by the averaging tree into one model "
+                        "per round (a design reference: the live swarm does not do this yet)")
     _add_threads(p)
     p.set_defaults(handler=cmd_simulate)
 
@@ -270,7 +273,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     set_threads(args.threads)
     peers, _ = simulate(spec, [[d] for d in args.data], rounds=args.rounds, threads=args.threads,
-                        out=args.out, peer_ids=args.peer_ids, device=args.device)
+                        out=args.out, peer_ids=args.peer_ids, device=args.device, tree=args.tree)
     for p in peers:
         print(f"{p.peer_id}: round {p.round}, validation loss {p.evaluate(max_windows=256):.4f}, "
               f"model sha256 {p.theta_sha256[:16]}")

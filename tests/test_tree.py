@@ -1,0 +1,200 @@
+"""The averaging tree (averaging/tree.py): pure, in-process, no network."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from swarmfold.averaging import codec
+from swarmfold.averaging.aggregate import Contribution, weighted_mean
+from swarmfold.averaging.base import AverageRequest, butterfly_bytes
+from swarmfold.averaging.inprocess import reduce_in_process
+from swarmfold.averaging.tree import (
+    build_tree,
+    peer_costs,
+    plan,
+    reduce_tree_in_process,
+    run_tree,
+    tree_mean,
+)
+from swarmfold.peer.simulate import simulate
+from tests.conftest import fast_spec
+
+NUMEL = 4096 + 1000  # five blocks, the last one partial
+
+
+def _deltas(n: int, seed: int = 0, numel: int = NUMEL) -> dict[str, tuple[torch.Tensor, float]]:
+    g = torch.Generator().manual_seed(seed)
+    ids = [f"peer-{i:04d}" for i in range(n)]
+    return {pid: (torch.randn(numel, generator=g) * 1e-3, float(1000 + 37 * ((i * 7919) % 13)))
+            for i, pid in enumerate(ids)}
+
+
+def _requests(deltas: dict[str, tuple[torch.Tensor, float]]) -> dict[str, AverageRequest]:
+    return {p: AverageRequest(round=3, delta=d, weight=w, model_sha256="x") for p, (d, w) in deltas.items()}
+
+
+def _contribs(deltas: dict[str, tuple[torch.Tensor, float]]) -> dict[str, Contribution]:
+    return {p: Contribution(d, w) for p, (d, w) in deltas.items()}
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8])
+def test_one_group_is_todays_weighted_mean_bit_for_bit(n: int) -> None:
+    deltas = _deltas(n, seed=n)
+    for g in (n, 8, 100):
+        tree = build_tree(list(deltas), g, swarm_id="s", round_idx=3)
+        assert tree.depth == 1
+        assert torch.equal(tree_mean(tree, _contribs(deltas)), weighted_mean(_contribs(deltas)))
+    for compression in ("none", "int8"):
+        ours = reduce_tree_in_process(_requests(deltas), swarm_id="s", compression=compression, group_size=8)
+        today = reduce_in_process(_requests(deltas), swarm_id="s", compression=compression, rule="mean",
+                                  trim_fraction=0.0)
+        for p in deltas:
+            assert torch.equal(ours[p].aggregate, today[p].aggregate)  # type: ignore[arg-type]
+            assert ours[p].bytes_sent == today[p].bytes_sent
+        if n > 1:  # the span-by-span run is today's butterfly too: same bits, same bytes
+            tree = build_tree(list(deltas), 8, swarm_id="s", round_idx=3)
+            run = run_tree(tree, deltas, compression)
+            costs = peer_costs(tree, run.messages)
+            for i, p in enumerate(sorted(deltas)):
+                assert torch.equal(run.aggregate[p], today[p].aggregate)  # type: ignore[arg-type]
+                assert costs[p].bytes_sent == butterfly_bytes(NUMEL, n, i, compression)
+
+
+def _reference_5_2(deltas: dict[str, tuple[torch.Tensor, float]]) -> torch.Tensor:
+    """N = 5, G = 2 written out by hand from the documented order: groups [a] [b c] [d e];
+    level 2: {g0} {g1 g2}; level 3 (root): {n0 n1}. Float64 sums, one division, one cast."""
+    a, b, c, d, e = sorted(deltas)
+
+    def group(*ps: str) -> tuple[torch.Tensor, float]:
+        s = torch.zeros(NUMEL, dtype=torch.float64)
+        w = 0.0
+        for p in ps:
+            s.add_(deltas[p][0].to(torch.float64), alpha=deltas[p][1])
+            w += deltas[p][1]
+        return s, w
+
+    (s0, w0), (s1, w1), (s2, w2) = group(a), group(b, c), group(d, e)
+    n0, v0 = s0, w0  # a node with one child passes it through
+    n1, v1 = s1 + s2, w1 + w2
+    return ((n0 + n1) / (v0 + v1)).to(torch.float32)
+
+
+def test_five_peers_in_groups_of_two_equal_the_written_out_order() -> None:
+    deltas = _deltas(5, seed=11)
+    tree = build_tree(list(deltas), 2, swarm_id="s", round_idx=3)
+    ids = sorted(deltas)
+    assert tree.groups == ((ids[0],), (ids[1], ids[2]), (ids[3], ids[4]))
+    assert tree.upper == (((0,), (1, 2)), ((0, 1),))
+    expected = _reference_5_2(deltas)
+    assert torch.equal(tree_mean(tree, _contribs(deltas)), expected)
+    # not the flat sorted sum over all five: the tree's order is the definition
+    out = reduce_tree_in_process(_requests(deltas), swarm_id="s", compression="none", group_size=2)
+    assert {r.status for r in out.values()} == {"committed"}
+    for r in out.values():
+        assert torch.equal(r.aggregate, expected)  # type: ignore[arg-type]
+        assert r.members == ids and r.included == ids
+    assert len({r.group_id for r in out.values()}) == 1  # one round id for the whole tree
+    # span by span, as the peers would run it: the same bits on every peer
+    run = run_tree(tree, deltas, "none")
+    for p in ids:
+        assert torch.equal(run.aggregate[p], expected)
+
+
+@pytest.mark.parametrize(("n", "g", "compression"), [(5, 2, "int8"), (20, 3, "none"), (20, 3, "int8"),
+                                                     (70, 4, "fp16")])
+def test_span_cutting_and_input_order_do_not_change_the_bits(n: int, g: int, compression: str) -> None:
+    deltas = _deltas(n, seed=n * g)
+    whole = reduce_tree_in_process(_requests(deltas), swarm_id="s", compression=compression, group_size=g)
+    agg = whole[min(deltas)].aggregate
+    assert agg is not None
+    tree = build_tree(list(deltas), g, swarm_id="s", round_idx=3)
+    run = run_tree(tree, deltas, compression)
+    for p in deltas:
+        assert torch.equal(whole[p].aggregate, agg)  # type: ignore[arg-type]
+        assert torch.equal(run.aggregate[p], agg)
+    # arbitrary cuts of the canonical sum (no codec): elementwise, so pieces give the same bits
+    c = _contribs(deltas)
+    full = tree_mean(tree, c)
+    cuts = [0, 1, 777, 2048, 4095, NUMEL]
+    pieces = torch.cat([tree_mean(tree, c, lo, hi) for lo, hi in zip(cuts, cuts[1:], strict=False)])
+    assert torch.equal(pieces, full)
+    # the order the peers are given in does not matter
+    order = list(deltas)
+    random.Random(n).shuffle(order)
+    shuffled = {p: deltas[p] for p in order}
+    again = reduce_tree_in_process(_requests(shuffled), swarm_id="s", compression=compression, group_size=g)
+    assert torch.equal(again[order[0]].aggregate, agg)  # type: ignore[arg-type]
+    assert build_tree(order, g, swarm_id="s", round_idx=3) == tree
+    # the planned messages are the ones the run sent
+    key = lambda m: (m.span, m.level, m.direction, m.sender, m.receiver)  # noqa: E731
+    assert sorted(plan(tree, NUMEL, compression), key=key) == sorted(run.messages, key=key)
+
+
+@pytest.mark.parametrize("n", [9, 64, 65, 500, 1024])
+def test_fan_out_is_bounded_by_the_group_size_not_n(n: int) -> None:
+    g = 8
+    tree = build_tree([f"p{i:05d}" for i in range(n)], g, swarm_id="s", round_idx=0)
+    costs = peer_costs(tree, plan(tree, 64 * 1024, "none"))
+    assert max(c.fan_out for c in costs.values()) <= 2 * g
+    assert max(c.fan_in for c in costs.values()) <= 2 * g
+    # bytes: its Δ once, the aggregate of its span to its group and to at most G - 1 children,
+    # and at most two float64 partials up: bounded by the vector size and G, not by N
+    numel = 64 * 1024
+    span = max(hi - lo for lo, hi in tree.spans(numel))
+    bound = 4 * numel + 2 * (g - 1) * 4 * span + 2 * (8 * span + 8)
+    assert max(c.bytes_sent for c in costs.values()) <= bound
+    assert max(c.messages_sent for c in costs.values()) <= 2 * g + 2 * len(tree.spans(numel))
+
+
+def test_a_failed_group_is_excluded_and_the_rest_commit_one_model() -> None:
+    deltas = _deltas(7, seed=5)
+    ids = sorted(deltas)
+    tree = build_tree(ids, 3, swarm_id="s", round_idx=3)
+    assert tree.groups == (tuple(ids[0:2]), tuple(ids[2:4]), tuple(ids[4:7]))
+    dead = ids[3]  # a member of group 1 dies
+    out = reduce_tree_in_process(_requests(deltas), swarm_id="s", compression="none", group_size=3, dead=[dead])
+    assert dead not in out
+    assert out[ids[2]].status == "rolled_back" and out[ids[2]].aggregate is None
+    survivors = ids[0:2] + ids[4:7]
+    assert {out[p].status for p in survivors} == {"committed"}
+
+    def group(ps: list[str]) -> tuple[torch.Tensor, float]:
+        s = torch.zeros(NUMEL, dtype=torch.float64)
+        w = 0.0
+        for p in ps:
+            s.add_(deltas[p][0].to(torch.float64), alpha=deltas[p][1])
+            w += deltas[p][1]
+        return s, w
+
+    (s0, w0), (s2, w2) = group(ids[0:2]), group(ids[4:7])
+    expected = ((s0 + s2) / (w0 + w2)).to(torch.float32)
+    for p in survivors:
+        assert torch.equal(out[p].aggregate, expected)  # type: ignore[arg-type]
+        assert out[p].included == survivors
+    assert out[ids[0]].group_id == tree.without([1]).round_id != tree.round_id
+    # every group failing leaves nothing to commit: everyone alive rolls back
+    everyone = reduce_tree_in_process(_requests(deltas), swarm_id="s", compression="none", group_size=3,
+                                      dead=[ids[0], ids[2], ids[4]])
+    assert {r.status for r in everyone.values()} == {"rolled_back"}
+
+
+def test_simulate_tree_gives_one_model_and_changes_nothing_for_small_swarms(shards: list) -> None:
+    spec = fast_spec(averaging={"group_size": 2}, round={"inner_steps": 1})
+    peers, result = simulate(spec, [[s] for s in shards[:3]], rounds=1, threads=1, save_checkpoints=False, tree=True)
+    assert len({v["model_sha256"] for v in result.per_round[0].values()}) == 1  # one model, N > G
+    _, plain = simulate(spec, [[s] for s in shards[:3]], rounds=1, threads=1, save_checkpoints=False)
+    assert len({v["model_sha256"] for v in plain.per_round[0].values()}) == 2  # today: two groups, two models
+    # N <= G takes today's path (reduce_in_process) even with tree=True; the reduction itself is
+    # checked bit for bit in test_one_group_is_todays_weighted_mean_bit_for_bit
+    with pytest.raises(ValueError, match="weighted mean only"):
+        simulate(fast_spec(averaging={"aggregation": "median"}), [[s] for s in shards[:2]], rounds=1, threads=1,
+                 save_checkpoints=False, tree=True)
+
+
+def test_codec_spans_of_the_smallest_group_are_shared() -> None:
+    tree = build_tree([f"p{i}" for i in range(17)], 8, swarm_id="s", round_idx=0)
+    assert [len(g) for g in tree.groups] == [5, 6, 6]
+    assert tree.spans(NUMEL) == codec.spans(NUMEL, 5)
