@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +23,7 @@ from swarmfold.averaging.tree import (
     tree_mean,
 )
 from swarmfold.peer.simulate import simulate
-from tests.conftest import fast_spec
+from tests.conftest import REPO, fast_spec
 
 NUMEL = 4096 + 1000  # five blocks, the last one partial
 
@@ -198,3 +201,16 @@ def test_codec_spans_of_the_smallest_group_are_shared() -> None:
     tree = build_tree([f"p{i}" for i in range(17)], 8, swarm_id="s", round_idx=0)
     assert [len(g) for g in tree.groups] == [5, 6, 6]
     assert tree.spans(NUMEL) == codec.spans(NUMEL, 5)
+
+
+def test_bench_tree_counts_and_checks_in_process(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("bench_tree", REPO / "scripts" / "bench_tree.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "tree.json"
+    assert bench.main(["--sizes", "8", "20", "--group-size", "4", "--out", str(out), "--no-plot"]) == 0
+    rows = {r["n"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows[8]["tree"]["models"] == 1 and rows[8]["today"]["models"] == 2
+    assert rows[20]["today"]["fraction_reaching_model"] == 4 / 20
+    assert rows[20]["tree"]["bit_identical_to_reference"] and rows[20]["tree"]["messages_match_cost_model"]
