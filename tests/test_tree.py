@@ -16,12 +16,14 @@ from swarmfold.averaging.base import AverageRequest, butterfly_bytes
 from swarmfold.averaging.inprocess import reduce_in_process
 from swarmfold.averaging.tree import (
     build_tree,
+    cost_model,
     peer_costs,
     plan,
     reduce_tree_in_process,
     run_tree,
     tree_mean,
 )
+from swarmfold.cli import build_parser
 from swarmfold.peer.simulate import simulate
 from tests.conftest import REPO, fast_spec
 
@@ -141,6 +143,8 @@ def test_fan_out_is_bounded_by_the_group_size_not_n(n: int) -> None:
     g = 8
     tree = build_tree([f"p{i:05d}" for i in range(n)], g, swarm_id="s", round_idx=0)
     costs = peer_costs(tree, plan(tree, 64 * 1024, "none"))
+    assert all(vars(c) == vars(d) for c, d in zip(costs.values(), cost_model(n, g, 64 * 1024, "none").values(),
+                                                     strict=True))
     assert max(c.fan_out for c in costs.values()) <= 2 * g
     assert max(c.fan_in for c in costs.values()) <= 2 * g
     # bytes: its Δ once, the aggregate of its span to its group and to at most G - 1 children,
@@ -192,6 +196,9 @@ def test_simulate_tree_gives_one_model_and_changes_nothing_for_small_swarms(shar
     assert len({v["model_sha256"] for v in plain.per_round[0].values()}) == 2  # today: two groups, two models
     # N <= G takes today's path (reduce_in_process) even with tree=True; the reduction itself is
     # checked bit for bit in test_one_group_is_todays_weighted_mean_bit_for_bit
+    args = build_parser().parse_args(["simulate", "--spec", "s.toml", "--data", "a", "b", "c", "--rounds", "1",
+                                      "--out", "o", "--tree"])
+    assert args.tree is True
     with pytest.raises(ValueError, match="weighted mean only"):
         simulate(fast_spec(averaging={"aggregation": "median"}), [[s] for s in shards[:2]], rounds=1, threads=1,
                  save_checkpoints=False, tree=True)

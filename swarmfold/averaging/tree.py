@@ -293,6 +293,12 @@ def peer_costs(tree: Tree, messages: Sequence[Message]) -> dict[str, PeerCost]:
     return costs
 
 
+def cost_model(n: int, group_size: int, numel: int, compression: str) -> dict[str, PeerCost]:
+    """Per-peer fan-out, messages and bytes of one round for N ready peers (ids are placeholders)."""
+    tree = build_tree([f"p{i:06d}" for i in range(n)], group_size, swarm_id="cost", round_idx=0)
+    return peer_costs(tree, plan(tree, numel, compression))
+
+
 @dataclass
 class TreeRun:
     aggregate: dict[str, torch.Tensor]  # what each peer assembled, span by span (float32)
