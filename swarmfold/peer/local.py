@@ -24,6 +24,7 @@ from swarmfold.averaging.base import Averager, AverageRequest, AverageResult
 from swarmfold.averaging.outer import OuterOptimizer
 from swarmfold.averaging.verification import ENVIRONMENT_CLASS
 from swarmfold.peer.checkpoint import Checkpoint, CheckpointError, load_latest, save_checkpoint
+from swarmfold.peer.credit import Credit
 from swarmfold.peer.data import DataOptions, Shard
 from swarmfold.peer.device import (
     configure_determinism,
@@ -122,7 +123,9 @@ class LocalPeer:
                                     numel=self.theta.numel())
         self.round = 0
         self.tokens_total = 0
-        self.carried_tokens = 0  # tokens of a rolled-back delta still held in the local weights
+        # which trained tokens reached a committed swarm model (peer/credit.py); it also holds
+        # `carried_tokens`, the tokens of a rolled-back delta still in the local weights
+        self.credit = Credit()
         self.residual: torch.Tensor | None = None  # compression error feedback
         self.theta_sha256 = tensor_sha256(self.theta)
         self.last_checkpoint_time: float | None = None
@@ -143,6 +146,7 @@ class LocalPeer:
         """H inner steps from θ_r. `step_hook` may raise TrainingInterrupted: the model is then
         mid-round and must not be saved; the last checkpoint remains the state."""
         t0 = time.perf_counter()
+        self.credit.confirm(self.theta_sha256)  # we train on from our last commit's model: it counts
         if replayable(self.spec):
             self._start_replayable_round()
         # any draw from torch's global generator (dropout, a model's own sampling) is seeded too
@@ -165,7 +169,8 @@ class LocalPeer:
         fresh (its step count, which sets the warm-up, is round × H), and neither a rolled-back
         round's local progress nor the compression residual is carried."""
         set_flat_params(self.model, self.theta)
-        self.carried_tokens, self.residual = 0, None
+        self.credit.drop_carried()
+        self.residual = None
         self.trainer.load_state_tensors({}, self.round * self.spec.round.inner_steps)
 
     def request(self, phase: TrainPhase) -> AverageRequest:
@@ -181,15 +186,15 @@ class LocalPeer:
             self.theta = self.outer.step(self.theta, result.aggregate)
             set_flat_params(self.model, self.theta)
             self.theta_sha256 = tensor_sha256(self.theta)
-            self.carried_tokens = 0
             compression = self.spec.averaging.compression
             if result.compressed and compression != "none":
                 sent = codec.roundtrip(compression, phase.delta)  # what the others received
                 self.residual = torch.sub(phase.delta, sent, out=sent)  # Δ − decode(encode(Δ)), in place
             else:
                 self.residual = None
-        else:  # rolled back: θ_r stays, the local weights (and so Δ) carry into the next round
-            self.carried_tokens += phase.stats.tokens
+        # else rolled back: θ_r stays, the local weights (and so Δ) carry into the next round
+        included = not result.included or self.peer_id in result.included
+        self.credit.on_round(result.status, phase.stats.tokens, included=included, theta_sha256=self.theta_sha256)
         self.tokens_total += phase.stats.tokens
         self.counters["bytes_sent"] += result.bytes_sent
         self.counters["bytes_received"] += result.bytes_received
@@ -212,6 +217,15 @@ class LocalPeer:
 
     # ---- state ---------------------------------------------------------------------
     @property
+    def carried_tokens(self) -> int:
+        """Tokens of rolled-back rounds whose Δ is still in the local weights."""
+        return self.credit.carried
+
+    @carried_tokens.setter
+    def carried_tokens(self, tokens: int) -> None:  # a copy of a peer (contribute) that starts at θ_r
+        self.credit.carried = tokens
+
+    @property
     def carrying(self) -> bool:
         return self.carried_tokens > 0 or self.residual is not None
 
@@ -230,7 +244,7 @@ class LocalPeer:
         set_flat_params(self.model, self.theta)
         self.theta_sha256 = tensor_sha256(self.theta)
         self.round = round_idx
-        self.carried_tokens = 0
+        self.credit.on_sync()  # what only our own weights held is gone
         self.residual = None
         self.provenance = {"source": "synced", "theta_round": round_idx, "from_peer": source,
                            "model_sha256": self.theta_sha256}
@@ -249,6 +263,7 @@ class LocalPeer:
             "model_sha256": self.theta_sha256,
             "tokens_total": self.tokens_total,
             "carried_tokens": self.carried_tokens,
+            "credit": self.credit.to_meta(),
             "data_cursor": {"round": self.round, "step_in_round": 0, "seed_inputs": {
                 "genesis_seed": self.spec.seed, "round": self.round, "peer_id": self.peer_id}},
             "rng": {"torch_cpu": torch.get_rng_state().numpy().tobytes().hex()},
@@ -298,7 +313,11 @@ class LocalPeer:
         self.trainer.load_state_tensors(ckpt.inner, int(meta["step"]))
         self.round = ckpt.round
         self.tokens_total = int(meta.get("tokens_total", 0))
-        self.carried_tokens = int(meta.get("carried_tokens", 0))
+        self.credit = Credit.from_meta(meta)
+        if self.credit.trained != self.tokens_total:  # only a hand-edited meta.json: keep the invariant
+            logger.warning("[%s] %s: its credit accounts for %d tokens, it trained %d; the credit's total is kept",
+                           self.peer_id[-8:], ckpt.path.name, self.credit.trained, self.tokens_total)
+            self.tokens_total = self.credit.trained
         self.counters.update({k: int(v) for k, v in meta.get("counters", {}).items()})
         self.last_round = dict(meta.get("last_round", {}))
         self.provenance = dict(meta.get("provenance") or {"source": "unknown",
