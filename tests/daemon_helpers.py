@@ -105,11 +105,13 @@ def fed_status(peer_id: str = "12D3KooWself") -> PeerStatus:
                                 timings={"train": 2.0, "matchmaking": 0.5, "allreduce": 0.3, "commit": 0.1}),
                     bytes_sent=1234, bytes_received=2345, rejected={"12D3KooWbad": "nonfinite: NaN in span 0"},
                     allreduce_seconds=0.3)
+    st.update(tokens_counted=1000, tokens_pending=1000, tokens_wasted=0)  # round 0 confirmed, round 1 carried
     st.on_checkpoint("/w/checkpoints/round-000002", time.time() - 5)
     st.set_swarm({
         peer_id: {"round": 2, "model_sha256": "h1", "metrics": {"loss": 4.1, "tokens_total": 2000,
                                                                "tokens_per_second": 500.0}, "time": time.time()},
         "12D3KooWother": {"round": 2, "model_sha256": "h1", "metrics": {"loss": 4.3, "tokens_total": 6000,
+                                                                       "tokens_counted": 3000, "tokens_wasted": 2500,
                                                                        "tokens_per_second": 1500.0},
                           "time": time.time()},
     })

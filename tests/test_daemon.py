@@ -193,6 +193,10 @@ def test_metrics_parse_and_have_the_required_families(served: ControlApi) -> Non
         assert name in samples or f"{name}_total" in samples or f"{name}_count" in samples, name
     assert samples["swarmfold_round"].value == 2
     assert samples["swarmfold_tokens_trained_total"].value == 2000
+    assert samples["swarmfold_tokens_counted_total"].value == 1000
+    assert samples["swarmfold_tokens_wasted_total"].value == 0
+    assert samples["swarmfold_tokens_pending"].value == 1000
+    assert samples["swarmfold_tokens_wasted_ratio"].value == 0.0
     assert samples["swarmfold_peers_alive"].value == 2
     assert samples["swarmfold_sent_bytes_total"].value == 2468
     assert samples["swarmfold_allreduce_duration_seconds_count"].value == 2
@@ -269,14 +273,31 @@ def test_hash_agreement_counts_disagreement_and_peers_behind() -> None:
     assert (agree["round"], agree["agree"], agree["at_round"], agree["behind"], agree["distinct_hashes"]) == \
         (2, 2, 3, 1, 2)
     assert agree["ratio"] == pytest.approx(2 / 3)
-    assert s["leaderboard"][0]["peer_id"] == "12D3KooWother"
-    assert sum(e["share"] for e in s["leaderboard"]) == pytest.approx(1.0)
+    board = s["leaderboard"]
+    # ranked by tokens that reached the model; records of older peers (no credit) read as unknown, last
+    assert [e["peer_id"] for e in board] == ["12D3KooWother", snap["peer_id"], "12D3KooWodd", "12D3KooWlate"]
+    assert [e["tokens_counted"] for e in board] == [3000, 1000, None, None]
+    assert [e["tokens_wasted"] for e in board] == [2500, 0, None, None]
+    assert [e["share"] for e in board] == [0.75, 0.25, 0.0, 0.0] and s["swarm_tokens_counted"] == 4000
 
 
 def test_a_peer_alone_sees_itself() -> None:
     snap = PeerStatus(peer_id="me").snapshot()
     s = swarm_summary(snap)
     assert s["peers_alive"] == 1 and s["my_share"] == 1.0 and s["loss_mean"] is None
+
+
+def test_status_says_which_tokens_reached_the_swarms_model() -> None:
+    from swarmfold.cli.daemon import format_status
+
+    snap = fed_status().snapshot()
+    snap["summary"] = swarm_summary(snap)
+    assert "  tokens      2,000 trained, 1,000 reached the swarm's model, 0 wasted, 1,000 pending" in \
+        format_status(snap).splitlines()
+    snap.update(tokens_total=12000, tokens_counted=9000, tokens_wasted=3000, tokens_pending=0)
+    assert "tokens      12,000 trained, 9,000 reached the swarm's model, 3,000 wasted" in format_status(snap)
+    del snap["tokens_counted"]  # what a peer of an older version answers
+    assert "tokens      12,000 trained by this peer" in format_status(snap)
 
 
 # ---- resources -------------------------------------------------------------------------

@@ -191,6 +191,17 @@ def _state_line(snap: dict[str, Any]) -> str:
     return f"{state}" + (f" ({reason})" if reason else "")
 
 
+def _tokens_line(snap: dict[str, Any]) -> str:
+    """'12,000 trained, 9,000 reached the swarm's model, 3,000 wasted' (+ pending, when any)."""
+    trained = int(snap.get("tokens_total", 0))
+    if "tokens_counted" not in snap:  # a peer of an older version
+        return f"{trained:,} trained by this peer"
+    line = (f"{trained:,} trained, {int(snap['tokens_counted']):,} reached the swarm's model, "
+            f"{int(snap.get('tokens_wasted', 0)):,} wasted")
+    pending = int(snap.get("tokens_pending", 0))
+    return line + (f", {pending:,} pending" if pending else "")
+
+
 def format_status(snap: dict[str, Any]) -> str:
     s = snap.get("summary", {})
     agree = s.get("hash_agreement", {})
@@ -208,7 +219,7 @@ def format_status(snap: dict[str, Any]) -> str:
         + ("" if s.get("loss_mean") is None else f"  (swarm mean {s['loss_mean']:.4f})"),
         f"  tokens/s    {snap.get('tokens_per_second', 0):,.0f}  (swarm {s.get('swarm_tokens_per_second', 0):,.0f}; "
         f"this peer's share {s.get('my_share', 0):.0%})",
-        f"  tokens      {snap.get('tokens_total', 0):,} trained by this peer",
+        f"  tokens      {_tokens_line(snap)}",
         f"  checkpoint  {_age(snap.get('last_checkpoint_age_s'))}"
         + (f"  ({snap['last_checkpoint_path']})" if snap.get("last_checkpoint_path") else ""),
         f"  dashboard   {snap.get('api', {}).get('url', '')}",

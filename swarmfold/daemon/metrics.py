@@ -41,6 +41,12 @@ METRICS: dict[str, str] = {
     "swarmfold_loss": "mean training loss of this peer's last finished round",
     "swarmfold_tokens_per_second": "this peer's training throughput in its last round",
     "swarmfold_tokens_trained_total": "tokens this peer trained on since its first round",
+    "swarmfold_tokens_counted_total": "of the tokens trained, those in a committed swarm model this peer "
+                                      "then trained on (reached the swarm's model)",
+    "swarmfold_tokens_wasted_total": "of the tokens trained, those dropped: synced away, left out of a "
+                                     "commit, or a carried delta dropped",
+    "swarmfold_tokens_pending": "of the tokens trained, those only in this peer's own weights so far",
+    "swarmfold_tokens_wasted_ratio": "wasted tokens / tokens trained (0 before the first round)",
     "swarmfold_peers_alive": "peers with a live metrics record in the DHT, this one included",
     "swarmfold_swarm_tokens_per_second": "sum of tokens/s over the live peers' records",
     "swarmfold_swarm_loss": "mean of the live peers' published losses",
@@ -103,6 +109,13 @@ class PeerCollector(Collector):
         yield self._gauge("swarmfold_tokens_per_second", snap["tokens_per_second"])
         yield CounterMetricFamily("swarmfold_tokens_trained", METRICS["swarmfold_tokens_trained_total"],
                                   value=snap["tokens_total"])
+        yield CounterMetricFamily("swarmfold_tokens_counted", METRICS["swarmfold_tokens_counted_total"],
+                                  value=snap.get("tokens_counted", 0))
+        yield CounterMetricFamily("swarmfold_tokens_wasted", METRICS["swarmfold_tokens_wasted_total"],
+                                  value=snap.get("tokens_wasted", 0))
+        yield self._gauge("swarmfold_tokens_pending", snap.get("tokens_pending", 0))
+        trained = snap["tokens_total"]
+        yield self._gauge("swarmfold_tokens_wasted_ratio", snap.get("tokens_wasted", 0) / trained if trained else 0.0)
         ckpt = snap["last_checkpoint_time"]
         yield self._gauge("swarmfold_last_checkpoint_timestamp_seconds", float("nan") if ckpt is None else ckpt)
         yield self._gauge("swarmfold_paused", 1.0 if snap["paused"] else 0.0)

@@ -174,7 +174,7 @@ class PeerRunner:
         write_json_atomic(Path(o.workdir) / "manifest.json", peer.shard.manifest_document())  # files used and skipped
         if not peer.resume():
             self._checkpoint()  # round 0: a stop before the first round still leaves a checkpoint
-        self.status.update(round=peer.round, model_sha256=peer.theta_sha256)
+        self.status.update(round=peer.round, model_sha256=peer.theta_sha256, **peer.credit.view())
         return peer
 
     def _await_swarm_view(self, joining: bool) -> None:
@@ -235,6 +235,7 @@ class PeerRunner:
             self.status.set_state("training", f"round {self.peer.round}: {self.spec.round.inner_steps} inner steps"
                                   if self.spec else "")
             phase = self.peer.train_phase(step_hook=self._step_hook)
+            self.status.update(**self.peer.credit.view())  # the phase confirmed our last commit, or not
             result = self.swarm.average(self.peer.request(phase))
             report = self.peer.finish_round(phase, result)
             self._after_round(report)
@@ -292,7 +293,8 @@ class PeerRunner:
             return
         self.peer.load_shared_state(rnd, theta, outer, source=source)
         self._synced_at = rnd
-        self.status.update(round=self.peer.round, model_sha256=self.peer.theta_sha256)
+        self.status.update(round=self.peer.round, model_sha256=self.peer.theta_sha256,
+                           **self.peer.credit.view())
         logger.info("[%s] synced to round %d (model %s) from %s", self.peer.peer_id[-8:], rnd,
                     self.peer.theta_sha256[:12], source[-8:])
         self._checkpoint()
@@ -310,6 +312,7 @@ class PeerRunner:
         self.status.on_round(record, bytes_sent=res.bytes_sent, bytes_received=res.bytes_received,
                              rejected=res.rejected,
                              allreduce_seconds=res.timings.get("allreduce") if res.status == "committed" else None)
+        self.status.update(tokens_total=self.peer.tokens_total, **self.peer.credit.view())
         self._share_state("training")
         logger.info("[%s] round %d %s (%s): loss %.4f, %.0f tokens/s, model %s", self.peer.peer_id[-8:], report.round,
                     report.status, res.reason or f"group of {len(res.included)}", report.train_loss,
@@ -341,6 +344,7 @@ class PeerRunner:
             spec_hash=self.peer.spec.spec_hash, client_mode=self.options.client_mode, maddrs=list(self.swarm.maddrs),
             state=state, metrics={"provenance": self._provenance(),
                                   "loss": snap["loss"], "tokens_total": snap["tokens_total"],
+                                  "tokens_counted": snap["tokens_counted"], "tokens_wasted": snap["tokens_wasted"],
                                   "tokens_per_second": snap["tokens_per_second"],
                                   "rounds_committed": snap["rounds"].get("committed", 0),
                                   "timings": last.get("timings", {})})

@@ -52,6 +52,7 @@ from swarmfold.daemon.settings import Settings, SettingsError, load_settings, re
 from swarmfold.daemon.state import Controls, PeerStatus
 from swarmfold.errors import LOG_FORMAT, ExitCode, UserError, setup_logging
 from swarmfold.peer.checkpoint import CheckpointError
+from swarmfold.peer.credit import Credit
 from swarmfold.peer.data import DataError
 from swarmfold.spec import SpecError
 
@@ -238,8 +239,9 @@ def prefill_status(status: PeerStatus, workdir: Path) -> None:
     meta = newest_sound_meta(workdir)
     if meta is None:
         return
-    status.update(round=int(meta["round"]), tokens_total=int(meta.get("tokens_total", 0)),
-                  model_sha256=str(meta.get("model_sha256", "")))
+    credit = Credit.from_meta(meta)
+    status.update(round=int(meta["round"]), tokens_total=credit.trained, model_sha256=str(meta.get("model_sha256", "")),
+                  **credit.view())
     status.on_checkpoint(str(meta["path"]), float(meta.get("written_at") or time.time()))
 
 

@@ -43,7 +43,11 @@ class PeerStatus:
     round: int = 0
     loss: float | None = None
     tokens_per_second: float = 0.0
-    tokens_total: int = 0
+    tokens_total: int = 0  # trained
+    # of those: in a confirmed committed swarm model, only in this peer's weights, dropped (peer/credit.py)
+    tokens_counted: int = 0
+    tokens_pending: int = 0
+    tokens_wasted: int = 0
     model_sha256: str = ""
     last_checkpoint_time: float | None = None
     last_checkpoint_path: str = ""
@@ -130,6 +134,8 @@ class PeerStatus:
                 "peer_id": self.peer_id, "swarm_id": self.swarm_id, "spec_hash": self.spec_hash,
                 "device": self.device, "precision": self.precision, "state": self.state, "reason": self.reason, "round": self.round, "loss": self.loss,
                 "tokens_per_second": self.tokens_per_second, "tokens_total": self.tokens_total,
+                "tokens_counted": self.tokens_counted, "tokens_pending": self.tokens_pending,
+                "tokens_wasted": self.tokens_wasted,
                 "model_sha256": self.model_sha256,
                 "last_checkpoint_time": self.last_checkpoint_time,
                 "last_checkpoint_age_s": None if self.last_checkpoint_time is None
