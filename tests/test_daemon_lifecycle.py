@@ -103,6 +103,7 @@ def test_start_status_pause_resume_stop_then_start_resumes(tmp_path: Path, shard
     text = swarmfold("status", "--workdir", str(w), check=True).stdout
     for label in ("state", "device", "round", "peers seen", "loss", "tokens/s", "checkpoint", "dashboard"):
         assert f"  {label}" in text, text
+    assert "reached the swarm's model" in text, text
 
     assert "paused" in swarmfold("pause", "--workdir", str(w), check=True).stdout
     paused = wait_status(w, "the pause", lambda s: s["state"] == "paused")
@@ -132,6 +133,9 @@ def test_start_status_pause_resume_stop_then_start_resumes(tmp_path: Path, shard
     assert snap["history"][0]["round"] == k  # it went on with the round after the last one it finished
     # the lifetime token count goes on from the checkpoint's
     assert snap["tokens_total"] == tokens_before + sum(h["tokens"] for h in snap["history"])
+    # and so does its credit: a peer alone keeps its tokens pending (docs/daemon.md, "Credit")
+    assert ckpt.meta["credit"]["local"] + ckpt.meta["credit"]["carried"] == tokens_before
+    assert snap["tokens_pending"] == snap["tokens_total"] and snap["tokens_counted"] == snap["tokens_wasted"] == 0
     log = (w / "logs" / "swarmfold.log").read_text()
     assert f"resumed from {newest} (round {k}," in log
     assert len(swarmfold("logs", "--workdir", str(w), "-n", "5", check=True).stdout.splitlines()) == 5

@@ -68,6 +68,8 @@ def test_dashboard_of_a_two_peer_swarm(tmp_path: Path, shards: list[Path], monke
     assert dom.stdout.count('class="you"') == 2  # "you" in the hash table and the leaderboard
     board = re.search(r'<tbody id="leaderboard">(.*?)</tbody>', dom.stdout, re.S)
     assert board and board.group(1).count("<tr>") == 2
+    # two committed rounds: the second trained on the first's model, so its tokens reached the model
+    assert float(element_text(dom.stdout, "tokens-counted").replace(",", "")) > 0
 
     shot = tmp_path / "dashboard.png"
     taken = chromium(url, tmp_path / "profile-shot", f"--screenshot={shot}")
