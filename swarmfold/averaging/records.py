@@ -99,7 +99,8 @@ class PeerRecord:
     client_mode: bool
     maddrs: list[str]
     state: str
-    metrics: dict[str, Any] = field(default_factory=dict)  # loss, tokens_total, tokens_per_second, timings
+    # loss, tokens_total, tokens_counted, tokens_wasted (peer/credit.py), tokens_per_second, timings
+    metrics: dict[str, Any] = field(default_factory=dict)
     time: float = 0.0
     expiration: float = 0.0
 

@@ -34,6 +34,7 @@ from swarmfold.errors import UserError
 from swarmfold.fsutil import write_json_atomic
 from swarmfold.peer.checkpoint import list_checkpoints, load_checkpoint_dir
 from swarmfold.peer.corpus import write_stdlib_shards
+from swarmfold.peer.credit import Credit
 from swarmfold.peer.local import evaluate_model, model_from_checkpoint
 from swarmfold.peer.reference import load_shards, train_data_parallel, train_isolated
 from swarmfold.peer.trainer import set_threads
@@ -289,7 +290,7 @@ def _report(spec: Spec, shard_paths: list[Path], workdirs: list[Path], rounds: i
     ddp_bytes = rounds * spec.round.inner_steps * allreduce_fp32_bytes_per_step(numel, len(ids))
     peers_out = [{"peer_id": m["peer_id"], "shard": n, "rounds_committed": m.get("counters", {}).get("committed", 0),
                   "final_model_sha256": m["model_sha256"], "bytes_sent": m.get("counters", {}).get("bytes_sent", 0),
-                  "tokens": m.get("tokens_total", 0)} for m, n in zip(metas, names, strict=True)]
+                  "tokens": m.get("tokens_total", 0), **Credit.from_meta(m).view()} for m, n in zip(metas, names, strict=True)]
     result = {
         "peers": peers_out,
         "swarm": {"val_loss_mean": _mean(swarm), "val_loss_per_shard": swarm},
