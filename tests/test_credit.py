@@ -136,3 +136,15 @@ def test_credit_from_meta_tolerates_old_and_odd_meta() -> None:
     assert (c.counted, c.wasted, c.commit_sha256) == (5, 0, "")
     with pytest.raises(ValueError, match="unknown round status"):
         Credit().on_round("synced", 1, included=True, theta_sha256="")
+
+
+def test_in_a_simulated_swarm_every_commit_but_the_last_has_reached_the_model(shards: list[Path]) -> None:
+    """`simulate`: two peers commit every round; a round's tokens count once the next round trains on its
+    model, so after R rounds each peer has R - 1 rounds counted and its last one pending."""
+    from swarmfold.peer.simulate import simulate
+
+    spec = fast_spec(round={"inner_steps": 1})
+    peers, _ = simulate(spec, [[shards[0]], [shards[1]]], rounds=3, threads=1, save_checkpoints=False)
+    for p in peers:
+        per_round = p.tokens_total // 3
+        assert _check(p) == {"counted": 2 * per_round, "pending": per_round, "wasted": 0}
