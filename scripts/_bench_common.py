@@ -106,23 +106,31 @@ class ArmResult:
 def prepare_shards(out: Path, k: int, max_bytes: int) -> list[Path]:
     """K non-overlapping stdlib shards split by module (reused when already written)."""
     existing = [out / f"shard-{i}" for i in range(k)]
-    marker = out / f".done-{k}-{max_bytes}"
-    if marker.exists() and all(p.is_dir() for p in existing):
-        return existing
-    paths = write_stdlib_shards(k, out, max_bytes_per_shard=max_bytes)
-    marker.touch()
-    return paths
+    return _written_once(out, f".done-{k}-{max_bytes}", existing,
+                         lambda: write_stdlib_shards(k, out, max_bytes_per_shard=max_bytes))
 
 
 def prepare_family_shards(out: Path, max_bytes: int) -> list[Path]:
     """The non-IID stress: one shard per language family or domain (reused when already written)."""
     existing = [out / f"family-{f}" for f in FAMILIES]
-    marker = out / f".done-{max_bytes}"
-    if marker.exists() and all(p.is_dir() for p in existing):
-        return existing
-    paths = write_family_shards(out, max_bytes_per_shard=max_bytes)
-    marker.touch()
-    return paths
+    return _written_once(out, f".done-{max_bytes}", existing,
+                         lambda: write_family_shards(out, max_bytes_per_shard=max_bytes))
+
+
+def _written_once(out: Path, marker_name: str, existing: list[Path], write: Callable[[], list[Path]]) -> list[Path]:
+    """Write the shards unless a marker says they are there; under a file lock, so that the
+    sweep's parallel cells neither write them twice at once nor read a half-written folder."""
+    import fcntl
+
+    out.mkdir(parents=True, exist_ok=True)
+    marker = out / marker_name
+    with open(out / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if marker.exists() and all(p.is_dir() for p in existing):
+            return existing
+        paths = write()
+        marker.touch()
+        return paths
 
 
 def model_numel(setup: Setup) -> int:
