@@ -68,20 +68,22 @@ def test_one_group_is_todays_weighted_mean_bit_for_bit(n: int) -> None:
                 assert costs[p].bytes_sent == butterfly_bytes(NUMEL, n, i, compression)
 
 
+def _group_sum(deltas: dict[str, tuple[torch.Tensor, float]], ps: list[str]) -> tuple[torch.Tensor, float]:
+    """A group's float64 weighted sum and weight, in the given (sorted) member order."""
+    s = torch.zeros(NUMEL, dtype=torch.float64)
+    w = 0.0
+    for p in ps:
+        s.add_(deltas[p][0].to(torch.float64), alpha=deltas[p][1])
+        w += deltas[p][1]
+    return s, w
+
+
 def _reference_5_2(deltas: dict[str, tuple[torch.Tensor, float]]) -> torch.Tensor:
     """N = 5, G = 2 written out by hand from the documented order: groups [a] [b c] [d e];
     level 2: {g0} {g1 g2}; level 3 (root): {n0 n1}. Float64 sums, one division, one cast."""
     a, b, c, d, e = sorted(deltas)
 
-    def group(*ps: str) -> tuple[torch.Tensor, float]:
-        s = torch.zeros(NUMEL, dtype=torch.float64)
-        w = 0.0
-        for p in ps:
-            s.add_(deltas[p][0].to(torch.float64), alpha=deltas[p][1])
-            w += deltas[p][1]
-        return s, w
-
-    (s0, w0), (s1, w1), (s2, w2) = group(a), group(b, c), group(d, e)
+    (s0, w0), (s1, w1), (s2, w2) = (_group_sum(deltas, ps) for ps in ([a], [b, c], [d, e]))
     n0, v0 = s0, w0  # a node with one child passes it through
     n1, v1 = s1 + s2, w1 + w2
     return ((n0 + n1) / (v0 + v1)).to(torch.float32)
@@ -168,15 +170,7 @@ def test_a_failed_group_is_excluded_and_the_rest_commit_one_model() -> None:
     survivors = ids[0:2] + ids[4:7]
     assert {out[p].status for p in survivors} == {"committed"}
 
-    def group(ps: list[str]) -> tuple[torch.Tensor, float]:
-        s = torch.zeros(NUMEL, dtype=torch.float64)
-        w = 0.0
-        for p in ps:
-            s.add_(deltas[p][0].to(torch.float64), alpha=deltas[p][1])
-            w += deltas[p][1]
-        return s, w
-
-    (s0, w0), (s2, w2) = group(ids[0:2]), group(ids[4:7])
+    (s0, w0), (s2, w2) = _group_sum(deltas, ids[0:2]), _group_sum(deltas, ids[4:7])
     expected = ((s0 + s2) / (w0 + w2)).to(torch.float32)
     for p in survivors:
         assert torch.equal(out[p].aggregate, expected)  # type: ignore[arg-type]

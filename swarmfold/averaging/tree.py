@@ -228,6 +228,13 @@ def representative(tree: Tree, level_index: int, node: int, span: int) -> str:
     return tree.groups[_first_group(tree, level_index - 1, children[1])][span]
 
 
+def upper_links(tree: Tree, span: int) -> list[list[tuple[str, list[str]]]]:
+    """For each level above 1 (bottom-up), each node's (leader, holders of its children's partials)
+    of `span`: the edges partials travel up and the aggregate travels down."""
+    return [[(representative(tree, li + 1, vi, span), [representative(tree, li, c, span) for c in node])
+             for vi, node in enumerate(nodes)] for li, nodes in enumerate(tree.upper)]
+
+
 def plan(tree: Tree, numel: int, compression: str) -> list[Message]:
     """Every message of one round of the tree, with its payload size (no tensors needed)."""
     out: list[Message] = []
@@ -240,20 +247,13 @@ def plan(tree: Tree, numel: int, compression: str) -> list[Message]:
         for g in tree.groups:
             r = g[j]
             out += [Message(p, r, 1, "up", j, enc) for p in g if p != r]
-        for li, nodes in enumerate(tree.upper):
-            for vi, node in enumerate(nodes):
-                leader = representative(tree, li + 1, vi, j)
-                for c in node:
-                    holder = representative(tree, li, c, j)
-                    if holder != leader:
-                        out.append(Message(holder, leader, li + 2, "up", j, partial))
-        for li in range(len(tree.upper) - 1, -1, -1):
-            for vi, node in enumerate(tree.upper[li]):
-                leader = representative(tree, li + 1, vi, j)
-                for c in node:
-                    holder = representative(tree, li, c, j)
-                    if holder != leader:
-                        out.append(Message(leader, holder, li + 2, "down", j, enc))
+        links = upper_links(tree, j)
+        for li, level in enumerate(links):
+            out += [Message(holder, leader, li + 2, "up", j, partial)
+                    for leader, holders in level for holder in holders if holder != leader]
+        for li in range(len(links) - 1, -1, -1):
+            out += [Message(leader, holder, li + 2, "down", j, enc)
+                    for leader, holders in links[li] for holder in holders if holder != leader]
         for g in tree.groups:
             r = g[j]
             out += [Message(r, p, 1, "down", j, enc) for p in g if p != r]
@@ -327,12 +327,11 @@ def run_tree(tree: Tree, deltas: Mapping[str, tuple[torch.Tensor, float]], compr
                     messages.append(Message(p, r, 1, "up", j, len(payload)))
                 contributions[p] = Contribution(codec.decode(compression, payload, hi - lo), deltas[p][1])
             held[r] = group_partial(contributions)
-        for li, nodes in enumerate(tree.upper):
-            for vi, node in enumerate(nodes):
-                leader = representative(tree, li + 1, vi, j)
+        links = upper_links(tree, j)
+        for li, level in enumerate(links):
+            for leader, holders in level:
                 parts = []
-                for c in node:
-                    holder = representative(tree, li, c, j)
+                for holder in holders:
                     part = held.pop(holder)
                     if holder != leader:  # raw float64 partial + float64 weight on the wire
                         payload = part.sum.numpy().tobytes() + np.float64(part.weight).tobytes()
@@ -344,11 +343,9 @@ def run_tree(tree: Tree, deltas: Mapping[str, tuple[torch.Tensor, float]], compr
         (root_holder, root), = held.items()
         payload = codec.encode(compression, finish(root))
         have = {root_holder: payload}
-        for li in range(len(tree.upper) - 1, -1, -1):
-            for vi, node in enumerate(tree.upper[li]):
-                leader = representative(tree, li + 1, vi, j)
-                for c in node:
-                    holder = representative(tree, li, c, j)
+        for li in range(len(links) - 1, -1, -1):
+            for leader, holders in links[li]:
+                for holder in holders:
                     if holder != leader:
                         messages.append(Message(leader, holder, li + 2, "down", j, len(have[leader])))
                         have[holder] = have[leader]
