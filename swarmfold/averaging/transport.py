@@ -82,8 +82,7 @@ class Net(Protocol):
 
     async def request(self, peer: str, proto: str, msg: dict[str, Any], *, timeout: float,
                       max_reply: int = SMALL_MESSAGE, maddrs: list[str] | None = None,
-                      after_send: Callable[[], None] | None = None,
-                      on_progress: Callable[[int, int], None] | None = None) -> tuple[dict[str, Any], int, int]: ...
+                      after_send: Callable[[], None] | None = None) -> tuple[dict[str, Any], int, int]: ...
 
 
 class Transport:
@@ -196,17 +195,15 @@ class Transport:
 
     async def request(self, peer: str, proto: str, msg: dict[str, Any], *, timeout: float,
                       max_reply: int = SMALL_MESSAGE, maddrs: list[str] | None = None,
-                      after_send: Callable[[], None] | None = None,
-                      on_progress: Callable[[int, int], None] | None = None) -> tuple[dict[str, Any], int, int]:
-        """One request/response exchange: (reply, bytes sent, bytes received); `on_progress(bytes, total)`
-        follows the reply as it arrives (wire.recv)."""
+                      after_send: Callable[[], None] | None = None) -> tuple[dict[str, Any], int, int]:
+        """One request/response exchange: (reply, bytes sent, bytes received)."""
         async def exchange() -> tuple[dict[str, Any], int, int]:
             reader, writer = await self.open(peer, proto, maddrs)
             try:
                 sent = await wire.send(writer, msg)
                 if after_send is not None:
                     after_send()
-                reply, received = await wire.recv(reader, max_reply, on_progress)
+                reply, received = await wire.recv(reader, max_reply)
                 return reply, sent, received
             finally:
                 wire.close(writer)
