@@ -13,17 +13,20 @@ import threading
 from typing import Any
 
 import pytest
+import torch
 from conftest import fast_spec
 
 from swarmfold.averaging import wire
 from swarmfold.averaging.allreduce import SpanOutcome
 from swarmfold.averaging.base import AverageRequest, group_id_for
 from swarmfold.averaging.commit import MAX_VOTE_GROUPS, Commit, judge
+from swarmfold.averaging.directory import Directory
 from swarmfold.averaging.matchmaking import (
     MAX_KNOWN_GROUPS,
     Group,
     Matchmaker,
     Membership,
+    NoGroup,
     _Attempt,
 )
 from swarmfold.averaging.messages import (
@@ -42,6 +45,7 @@ from swarmfold.averaging.messages import (
     parse_matchmaking,
 )
 from swarmfold.averaging.protocol import VOTE, Phase, Rejected
+from swarmfold.averaging.records import PeerRecord
 from swarmfold.averaging.timeouts import RoundTimeouts
 from swarmfold.spec import SpecError, spec_from_dict
 
@@ -363,3 +367,60 @@ def test_hivemind_still_has_the_private_attributes_the_adapter_uses() -> None:
         assert ad.widen_reader(reader, 1 << 22) and getattr(reader, ad.READER_LIMIT) == 1 << 22
 
     asyncio.run(reader_limit())
+
+
+# ---- matchmaking's moved-on rule: when a waiting peer gives its round up -----------------------------------
+class _RecordsOnly(Directory):
+    """The directory's own record logic over a fixed set of records; nobody ever declares."""
+
+    def __init__(self, me: str, spec: Any, recs: list[PeerRecord]):  # no transport: nothing reaches a DHT
+        self.peer_id, self.spec, self.swarm_id, self._recs = me, spec, spec.swarm_id, recs
+
+    async def records(self) -> dict[str, PeerRecord]:
+        return {r.peer_id: r for r in self._recs}
+
+    async def declare(self, *args: Any) -> None:
+        pass
+
+    async def declared(self, *args: Any) -> dict[str, Any]:
+        return {}
+
+
+def _waiting_outcome(recs: list[tuple[str, int]], *, for_cause: set[str] = frozenset()) -> tuple[bool, int]:
+    """Run one waiting peer ("me", round 3, min_group_size 2) against `recs` [(peer, round)]; after three
+    waits it is stopped. (moved on?, how many times it waited)."""
+    spec = fast_spec(averaging={"min_group_size": 2, "group_size": 3, "matchmaking_timeout": 0.05},
+                     network={"poll_interval": 0.01})
+    records = [PeerRecord(peer_id=p, round=r, model_sha256="m", outer_sha256="o", spec_hash=spec.spec_hash,
+                          client_mode=False, maddrs=[], state="training") for p, r in recs]
+    stopping, waits = threading.Event(), []
+
+    def on_phase(phase: str, detail: str) -> None:
+        if "waiting for a group" in detail:
+            waits.append(detail)
+            if len(waits) == 3:
+                stopping.set()
+
+    mm = Matchmaker(FakeNet("me", {}), _RecordsOnly("me", spec, records), spec, RoundTimeouts.from_spec(spec),
+                    client_mode=False, maddrs=lambda: [], stopping=stopping, on_phase=on_phase,
+                    on_enter=lambda p, r: None)
+    req = AverageRequest(round=3, delta=torch.zeros(4), weight=1.0, model_sha256="m")
+    out = asyncio.run(mm.matchmake(req, 0, set(for_cause), set(), set(for_cause)))
+    assert isinstance(out, NoGroup)
+    return out.moved_on, len(waits)
+
+
+def test_a_waiting_peer_follows_a_swarm_that_moved_past_its_round() -> None:
+    assert _waiting_outcome([("a", 4)]) == (True, 1)  # one past, nobody else here: the round is over
+    assert _waiting_outcome([("a", 4), ("b", 4), ("c", 3)]) == (True, 1)  # two past, two here
+
+
+def test_one_peer_ahead_does_not_end_a_round_others_are_still_at() -> None:
+    # the hostile test's flake: a peer that gave round 3 up alone is one record ahead, while an honest
+    # peer is still at round 3; the waiting peer stays for it (it is stopped after three waits)
+    assert _waiting_outcome([("gave-up", 4), ("honest", 3)]) == (False, 3)
+
+
+def test_a_peer_rejected_for_cause_does_not_count_as_the_swarm() -> None:
+    assert _waiting_outcome([("attacker", 4)], for_cause={"attacker"}) == (False, 3)
+    assert _waiting_outcome([("attacker", 4), ("a", 4)], for_cause={"attacker"}) == (True, 1)

@@ -151,10 +151,17 @@ def test_hostile_contributions_are_rejected(tmp_path: Path, shards: list[Path],
     hostile_dir = tmp_path / "hostile"
     start_peer(procs, honest[0], spec_path, shards[0], rounds=rounds)
     first = wait_ready(honest[0])["maddrs"][:1]
-    # the attacker joins as early as the second honest peer: whoever it is grouped with rejects it,
-    # redoes the round without it, and the two honest peers (min_group_size 2) always average together
+    # the attacker joins first: honest-0 rejects it, redoes round 0 without it, and waits (min_group_size 2).
+    # The second honest peer starts only once the attacker has given round 0 up: it then sees a peer one
+    # round ahead, with the genesis model, and must neither jump to it nor end round 0 for honest-0 (on a
+    # slow machine this order used to happen by chance, and the honest peers skipped round 0). From then
+    # on whoever the attacker is grouped with rejects it, and the two honest peers always average together.
     hostile = start_peer(procs, hostile_dir, spec_path, shards[2], rounds=rounds, initial=first,
                          script=peer_script("hostile_peer"))
+    deadline = time.monotonic() + 240
+    while last_rounds(hostile_dir).get(1, {}).get("status") != "rolled_back":
+        assert time.monotonic() < deadline and hostile.poll() is None, log_tail(hostile_dir)
+        time.sleep(0.2)
     start_peer(procs, honest[1], spec_path, shards[1], rounds=rounds, initial=first)
     procs[1], procs[2] = procs[2], procs[1]  # honest peers first
     for p, w in zip(procs[:2], honest, strict=True):

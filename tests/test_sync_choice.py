@@ -58,3 +58,12 @@ def test_same_round_a_local_state_gives_way_one_against_one_by_hash() -> None:
         others = {p: r for p, r in recs.items() if p != me}
         t = choose_sync_target(others, me=me, my_round=4, my_hash=me.upper(), my_provenance="local")
         assert (t is None) == (me == "a") and (t is None or t.model_sha256 == "A")
+
+
+def test_a_later_round_holding_our_own_model_is_no_progress() -> None:
+    # a peer that gave round 0 up (rolled back) is at round 1 with the genesis model: a fresh joiner
+    # keeps round 0 (the hostile test's flake: it jumped, and missed the honest peer still at round 0)
+    assert choose([rec("gave-up", 1, "genesis", provenance="local")], 0, "genesis") is None
+    assert choose([rec("gave-up", 1, "genesis"), rec("b", 1, "genesis")], 0, "genesis") is None
+    # a later round with another model is progress, as before
+    assert choose([rec("gave-up", 1, "genesis", provenance="local"), rec("a", 2, "X")], 0, "genesis") == (2, "X")

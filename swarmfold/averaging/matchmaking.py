@@ -92,6 +92,9 @@ class _Attempt:
     base: str
     excluded: set[str]
     waiting: bool = False
+    # peers whose contribution this round we rejected for cause: that such a peer is past this round
+    # (it gave up and moved on) says nothing about where the swarm is
+    distrusted: frozenset[str] = frozenset()
     locked_to: str | None = None  # the leader whose proposal we accepted (or ourselves)
     proposed: frozenset[str] = frozenset()  # the members of that proposal
     proposal_event: asyncio.Event = field(default_factory=asyncio.Event)
@@ -154,9 +157,17 @@ class Matchmaker:
                         for_cause: set[str] | None = None) -> Group | NoGroup:
         """Form this attempt's group. `excluded` peers are left out; once waiting for a group of
         min_group_size, only those excluded `for_cause` (a rejected contribution) stay out: a peer
-        that was merely slow or unreachable gets another chance."""
+        that was merely slow or unreachable gets another chance.
+
+        With min_group_size > 1 a peer waits at its round until a group forms or the swarm has moved
+        past it: at least min_group_size − 1 peers are at later rounds, and no fewer than are here (this
+        peer and those whose records are at this round). Counting those here matters: a peer that gave
+        up this round alone (a rejected attacker, a peer that ran out of attempts) is one record ahead,
+        and must not make a round that enough peers are still at look abandoned."""
+        distrusted = frozenset(for_cause or ())
         a = await self._begin(_Attempt(round=req.round, attempt=attempt, base=req.model_sha256,
-                                       excluded=set(excluded)), self.tt.declaration_ttl(attempt))
+                                       excluded=set(excluded), distrusted=distrusted),
+                              self.tt.declaration_ttl(attempt))
         self.on_enter(Phase.MATCHMAKING, req.round)
         if expected is None:
             expected, _ = await self.dir.expected_peers(req.round, excluded)
@@ -172,12 +183,13 @@ class Matchmaker:
                           f"{self.avg.min_group_size} ({what})")
             logger.info("[%s] round %d: %s, waiting for a group of at least %d", self.peer_id[-8:], req.round,
                         what, self.avg.min_group_size)
-            _, ahead = await self.dir.expected_peers(req.round, excluded)
-            if ahead >= max(1, self.avg.min_group_size - 1):
+            here, ahead = await self.dir.expected_peers(req.round, excluded, distrusted)
+            if ahead >= max(1, self.avg.min_group_size - 1) and ahead >= 1 + len(here):
                 return NoGroup(moved_on=True)
             # every waiting peer of this round meets in its waiting room, whatever attempt it came from
             a = await self._begin(_Attempt(round=req.round, attempt=attempt, base=req.model_sha256,
-                                           excluded=set(for_cause or ()), waiting=True), self.tt.waiting_room_ttl)
+                                           excluded=set(distrusted), distrusted=distrusted, waiting=True),
+                                  self.tt.waiting_room_ttl)
             deadline = time.monotonic() + self.tt.matchmaking
             expected = set()
 
@@ -230,7 +242,7 @@ class Matchmaker:
         while True:
             declared = await self.dir.declared(a.round, a.attempt, a.waiting)
             if polls % 5 == 0:
-                gone = await self.dir.moved_past(a.round)
+                gone = await self.dir.moved_past(a.round, ignore=a.distrusted)
             polls += 1
             if waiting_room and not a.waiting and a.locked_to is None:
                 waiting = await self._waiting(a)
@@ -251,10 +263,12 @@ class Matchmaker:
         others = set(members) - {self.peer_id}
         waiting_room = self.avg.min_group_size > 1
         enough = waiting_room and a.waiting and len(members) >= self.avg.min_group_size
-        # too few here and enough already past this round: stop gathering, so that the round is
-        # rolled back and the catch-up moves us to where they are (instead of chasing them)
+        # too few here and enough already past this round (and no fewer than are at it): stop gathering,
+        # so that the round is rolled back and the catch-up moves us to where they are (instead of
+        # chasing them)
         left_behind = (waiting_room and len(members) < self.avg.min_group_size
-                       and len(gone) >= self.avg.min_group_size - 1)
+                       and len(gone) >= max(1, self.avg.min_group_size - 1)
+                       and len(gone) >= len(set(members) | expected))
         return (len(members) >= self.avg.group_size or bool(expected and expected <= others) or enough
                 or left_behind or time.monotonic() >= deadline or a.locked_to is not None
                 or self.stopping.is_set())

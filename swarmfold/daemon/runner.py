@@ -56,7 +56,10 @@ def choose_sync_target(records: dict[str, PeerRecord], *, me: str, my_round: int
     that trained alone or rolled back publishes its round with a local model, which is
     never copied while group states exist. The swarm's state is the (round, model hash)
     held by the most peers (ties: the later round, then the smaller hash). A peer behind it
-    downloads it. Never back a round. At the same round:
+    downloads it. Never back a round, and never jump to a later round that holds our own model:
+    a peer that gave a round up (rolled back: θ_r kept) counts its rounds on with the same model,
+    so such a record is no progress, only a round number (a rejected attacker's, for one); if the
+    swarm really is there, matchmaking's moved-on rule takes us there. At the same round:
 
     - a peer whose own state is a group's (`my_provenance` "group") keeps it unless a strictly
       larger group holds another: a rolled-back peer's stale model never replaces a commit;
@@ -69,6 +72,8 @@ def choose_sync_target(records: dict[str, PeerRecord], *, me: str, my_round: int
     groups: dict[tuple[int, str, str], list[PeerRecord]] = {}
     for rec in records.values():
         if rec.peer_id == me or rec.state in ("syncing", "starting"):
+            continue
+        if rec.round > my_round and rec.model_sha256 == my_hash:
             continue
         groups.setdefault((rec.round, rec.model_sha256, rec.outer_sha256), []).append(rec)
     shared = {k: v for k, v in groups.items() if any(r.metrics.get("provenance", "group") == "group" for r in v)}
