@@ -235,14 +235,21 @@ class Matchmaker:
 
         With min_group_size > 1: a peer that sees others in its round's waiting room joins them at
         once (_JoinWaiters) instead of forming a group with peers that have left its attempt; and the
-        waiting peers stop gathering as soon as they are min_group_size."""
+        waiting peers stop gathering as soon as they are min_group_size.
+
+        In a round's first attempt, `expected` grows with the peers whose records appear at this
+        round while we gather (a peer that started after us): the window then ends when they have
+        declared too, not at its deadline (which still bounds it)."""
         polls = 0
         gone: set[str] = set()
         waiting_room = self.avg.min_group_size > 1
+        expected = set(expected)
         while True:
             declared = await self.dir.declared(a.round, a.attempt, a.waiting)
             if polls % 5 == 0:
                 gone = await self.dir.moved_past(a.round, ignore=a.distrusted)
+                if a.attempt == 0 and not a.waiting:
+                    expected |= (await self.dir.expected_peers(a.round, a.excluded))[0]
             polls += 1
             if waiting_room and not a.waiting and a.locked_to is None:
                 waiting = await self._waiting(a)
