@@ -91,13 +91,15 @@ def test_validation_errors(fields: dict[str, object], words: str) -> None:
 
 
 def test_simulate_steps_through_lr_at(shards: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every inner step of a simulated swarm takes its lr from `lr_at` at the peer's step count."""
+    """Every inner step of a simulated swarm takes its lr from `lr_at` at the swarm's step, which is
+    the peer's own step count too (each peer trained every round)."""
     spec = fast_spec(inner={"lr_schedule": "cosine", "decay_steps": 10, "warmup_steps": 2, "min_lr_ratio": 0.0})
     calls: list[tuple[int, float]] = []
     real = trainer_mod.lr_at
 
-    def recording(i, step):  # noqa: ANN001, ANN202
-        value = real(i, step)
+    def recording(i, step, local=None):  # noqa: ANN001, ANN202
+        assert local == step
+        value = real(i, step, local)
         calls.append((step, value))
         return value
 
@@ -128,11 +130,42 @@ def test_contribute_and_verify_replay_a_decaying_schedule(shards: list[Path], tm
         peer.save()
         base = resolve_checkpoint(tmp_path / "base")
         ident = load_or_create_identity(tmp_path / "id.key")
-        steps: list[int] = []
+        steps: list[tuple[int, int]] = []
         real = trainer_mod.lr_at
-        monkeypatch.setattr(trainer_mod, "lr_at", lambda i, s: steps.append(s) or real(i, s))
+        monkeypatch.setattr(trainer_mod, "lr_at", lambda i, s, loc: steps.append((s, loc)) or real(i, s, loc))
         made = contribute(ckpt=base, data=[shards[0]], identity=ident, out=tmp_path / "c.safetensors", threads=1)
-        assert steps == [0, 1, 2, 3, 4]  # a fresh inner state (someone else's base): the schedule from step 0
+        # a fresh inner state (someone else's base) on round 1: the decay at the swarm's steps 5..9,
+        # the warm-up from the contributor's own step 0
+        assert steps == [(5 + k, k) for k in range(5)]
         report = verify_file(made.delta_path, ckpt=base, data=[shards[0]])
     assert report.passed and report.mode == "bitwise", report.reason
-    assert steps[5:] == [0, 1, 2, 3, 4]  # the replay went through the same function
+    assert steps[5:] == steps[:5]  # the replay went through the same function
+
+
+def test_the_decay_follows_the_swarm_and_the_warm_up_the_peer() -> None:
+    i = inner(lr_schedule="cosine", decay_steps=110, min_lr_ratio=0.1)
+    for step in (0, 3, 9, 10, 60, 200):  # a peer that trained every round: the usual schedule, the same bits
+        assert lr_at(i, step, step) == lr_at(i, step)
+    assert lr_at(i, 60, 100) == pytest.approx(0.55)  # past its warm-up: the swarm's step decides
+    assert lr_at(i, 60, 0) == pytest.approx(0.055)  # a fresh joiner at step 60: warms up to the decayed lr
+    assert lr_at(i, 60, 9) == pytest.approx(0.55)
+    assert lr_at(inner(), 500, 4) == pytest.approx(0.5)  # constant: only its own warm-up
+
+
+def test_a_peer_synced_to_a_later_round_trains_at_that_rounds_lr(shards: list[Path],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bug this fixes: a late joiner counted the schedule from its own step 0, and so restarted a
+    decaying schedule at the swarm's round k."""
+    from swarmfold.peer.local import LocalPeer
+
+    spec = fast_spec(inner={"lr_schedule": "cosine", "decay_steps": 40, "warmup_steps": 2, "min_lr_ratio": 0.0})
+    peer = LocalPeer(spec, [shards[0]], peer_id="late", threads=1)
+    peer.load_shared_state(6, peer.theta.clone(), {})  # as a sync to round 6 leaves it
+    calls: list[tuple[int, int]] = []
+    real = trainer_mod.lr_at
+    monkeypatch.setattr(trainer_mod, "lr_at", lambda i, s, loc: calls.append((s, loc)) or real(i, s, loc))
+    peer.train_phase()
+    h = spec.round.inner_steps
+    assert calls == [(6 * h + k, k) for k in range(h)]
+    assert peer.trainer.optimizer.param_groups[0]["lr"] == real(spec.inner, 6 * h + h - 1, h - 1)
+    assert real(spec.inner, 6 * h + h - 1, h - 1) < real(spec.inner, h - 1)  # decayed, not restarted

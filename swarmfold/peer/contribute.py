@@ -196,13 +196,14 @@ def run_steps(peer: LocalPeer, batches: Sequence[torch.Tensor], *, first_step: i
               before_step: Callable[[int], None] | None = None) -> tuple[list[float], int]:
     """InnerTrainer steps over `batches` (step indices from `first_step`); (losses, tokens).
 
-    The same per-step code as `InnerTrainer.run`; `before_step(i)` may snapshot the state.
+    The same per-step code as `InnerTrainer.run` (the lr at the swarm's step round × H + i);
+    `before_step(i)` may snapshot the state.
     """
     losses, tokens = [], 0
     for i, windows in enumerate(batches, start=first_step):
         if before_step is not None:
             before_step(i)
-        losses.append(peer.trainer.step(windows))
+        losses.append(peer.trainer.step(windows, peer.round * peer.spec.round.inner_steps + i))
         tokens += windows.shape[0] * (windows.shape[1] - 1)
     return losses, tokens
 

@@ -151,7 +151,8 @@ class LocalPeer:
             self._start_replayable_round()
         # any draw from torch's global generator (dropout, a model's own sampling) is seeded too
         torch.manual_seed(round_seed(self.spec.seed, self.round, self.peer_id, "torch"))
-        stats = self.trainer.run(self.batches_for_round(self.round), step_hook)
+        stats = self.trainer.run(self.batches_for_round(self.round), step_hook,
+                                 first_step=self.round * self.spec.round.inner_steps)
         delta = flat_params(self.model)  # the one new full copy: θ_local, turned into Δ in place
         torch.sub(self.theta, delta, out=delta)  # Δ = θ_r − θ_local, the same bits as `theta - local`
         if self.residual is not None:

@@ -89,21 +89,34 @@ def make_optimizer(model: torch.nn.Module, inner: InnerSpec) -> torch.optim.Adam
     return torch.optim.AdamW(groups, lr=inner.lr, betas=(inner.beta1, inner.beta2), eps=inner.eps)
 
 
-def lr_at(inner: InnerSpec, step: int) -> float:
-    """The inner learning rate at inner step `step` (0-based, counted over the peer's whole run).
+def lr_at(inner: InnerSpec, step: int, local_step: int | None = None) -> float:
+    """The inner learning rate at the swarm's inner step `step` (round × H + the step in the round,
+    0-based), for a peer whose own optimizer has taken `local_step` steps (default: `step`).
 
     The one schedule of every path that trains (run, simulate, contribute, verify and the
-    benchmarks' reference arms): linear warm-up over `warmup_steps`, then
+    benchmarks' reference arms). The warm-up follows the peer's own steps: it is there for its
+    AdamW moments, which a peer that joins late starts fresh. The decay follows the swarm's: it is
+    the run's schedule, and a peer that syncs to round k trains at round k's lr (a late joiner that
+    counted from its own step 0 would restart a decaying schedule). A peer that trained every round
+    from the start has local_step == step, and this is the usual schedule: linear warm-up over
+    `warmup_steps`, then
     - 'constant': `lr` for ever (rounds never end, so no decay; the default);
     - 'cosine': from `lr` at the end of the warm-up down to `min_lr_ratio * lr` at `decay_steps`;
     - 'wsd': `lr` until the last `wsd_decay_fraction` of `decay_steps`, then linearly down to
       `min_lr_ratio * lr` at `decay_steps`.
     Past `decay_steps` the decaying schedules stay at the floor.
     """
-    if inner.warmup_steps and step < inner.warmup_steps:
-        return inner.lr * (step + 1) / inner.warmup_steps
+    warm = step if local_step is None else local_step
+    if inner.warmup_steps and warm < inner.warmup_steps:
+        # (base * (warm + 1)) / warmup_steps: with base == lr these are the bits of the plain warm-up
+        return _decayed(inner, step) * (warm + 1) / inner.warmup_steps
+    return _decayed(inner, step)
+
+
+def _decayed(inner: InnerSpec, step: int) -> float:
+    """The schedule after the warm-up, at the swarm's step (`lr` until the warm-up's end)."""
     kind = inner.lr_schedule
-    if kind == "constant":
+    if kind == "constant" or step < inner.warmup_steps:
         return inner.lr
     floor = inner.min_lr_ratio
     if kind == "cosine":
@@ -147,8 +160,10 @@ class InnerTrainer:
         self.step_count = 0
         self._params = [p for p in model.parameters()]
 
-    def step(self, windows: torch.Tensor) -> float:
-        lr = lr_at(self.inner, self.step_count)
+    def step(self, windows: torch.Tensor, swarm_step: int | None = None) -> float:
+        """One inner step; `swarm_step` (round × H + the step in the round) sets the lr's decay
+        (default: this trainer's own count, the same for a peer that trained every round)."""
+        lr = lr_at(self.inner, self.step_count if swarm_step is None else swarm_step, self.step_count)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss = self._forward_backward(windows)
@@ -188,14 +203,16 @@ class InnerTrainer:
             total += part.detach()
         return total
 
-    def run(self, batches: list[torch.Tensor], step_hook: Callable[[int], None] | None = None) -> StepStats:
-        """Train on `batches`; `step_hook(i)` runs before step i (it may sleep, or raise to interrupt)."""
+    def run(self, batches: list[torch.Tensor], step_hook: Callable[[int], None] | None = None, *,
+            first_step: int | None = None) -> StepStats:
+        """Train on `batches`; `step_hook(i)` runs before step i (it may sleep, or raise to interrupt).
+        `first_step`: the swarm's step of the first batch (round × H), for the lr schedule."""
         stats = StepStats()
         t0 = time.perf_counter()
         for i, windows in enumerate(batches):
             if step_hook is not None:
                 step_hook(i)
-            stats.losses.append(self.step(windows))
+            stats.losses.append(self.step(windows, None if first_step is None else first_step + i))
             stats.tokens += windows.shape[0] * (windows.shape[1] - 1)
         stats.seconds = time.perf_counter() - t0
         return stats
