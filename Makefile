@@ -17,6 +17,11 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.swarmfold-setup
 TORCH_VERSION := 2.13.0
 PYTEST_ARGS ?=
+# `make test` runs on this many pytest-xdist workers (the suite is mostly peers waiting on each other and on
+# the network, so two workers on two cores take about 60% of one worker's time); TEST_WORKERS=0 runs it in
+# one process. Tests that share a module fixture stay on one worker (xdist_group marks, --dist loadgroup).
+TEST_WORKERS ?= 2
+XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
 DEMO_DIR ?= runs/demo
 DEMO_PEERS ?= 3
 DEMO_ARGS ?=
@@ -46,10 +51,10 @@ clean-demo:
 	rm -rf $(DEMO_DIR)
 
 test: $(STAMP) $(BROWSER_DEP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(XDIST) -m "not slow" $(PYTEST_ARGS)
 
 lint: $(STAMP)  # both run, so one report shows every problem
 	@status=0; \

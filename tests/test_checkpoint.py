@@ -31,6 +31,10 @@ from swarmfold.peer.tokenizer import ByteTokenizer
 ROUNDS = 3
 
 
+# the tests here share a module- or session-scoped fixture: one xdist worker runs them all (built once)
+pytestmark = pytest.mark.xdist_group("test_checkpoint")
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread() -> Iterator[None]:
     # Two intra-op threads on a loaded 2-core machine run ~10x slower than one.

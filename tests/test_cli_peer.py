@@ -17,6 +17,9 @@ from swarmfold.peer.data import Shard
 from swarmfold.peer.local import evaluate_model, model_from_checkpoint
 from swarmfold.peer.tokenizer import ByteTokenizer
 
+# the tests here share a module- or session-scoped fixture: one xdist worker runs them all (built once)
+pytestmark = pytest.mark.xdist_group("test_cli_peer")
+
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread() -> Iterator[None]:

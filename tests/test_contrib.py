@@ -79,6 +79,10 @@ class World:
         return self.root / name
 
 
+# the tests here share a module- or session-scoped fixture: one xdist worker runs them all (built once)
+pytestmark = pytest.mark.xdist_group("test_contrib")
+
+
 @pytest.fixture(scope="session")
 def world(shards: list[Path], tmp_path_factory: pytest.TempPathFactory) -> World:
     root = tmp_path_factory.mktemp("contrib")

@@ -87,6 +87,10 @@ def test_unknown_merge_rule_says_which_exist() -> None:
 
 # ---- deny records -------------------------------------------------------------------------------
 
+# the tests here share a module- or session-scoped fixture: one xdist worker runs them all (built once)
+pytestmark = pytest.mark.xdist_group("test_contrib_rules")
+
+
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory: pytest.TempPathFactory) -> list[Identity]:
     d = tmp_path_factory.mktemp("keys")

@@ -128,6 +128,10 @@ class Net:
     bad_server: MisbehavingServer
 
 
+# the tests here share a module- or session-scoped fixture: one xdist worker runs them all (built once)
+pytestmark = pytest.mark.xdist_group("test_datashare")
+
+
 @pytest.fixture(scope="module")
 def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
     spec = fast_spec()

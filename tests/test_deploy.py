@@ -53,6 +53,10 @@ def _metrics_snapshot(status: Any, controls: Controls) -> dict[str, Any]:
 
 
 # ---- docker-compose + prometheus ---------------------------------------------------------
+# the tests here share a module- or session-scoped fixture: one xdist worker runs them all (built once)
+pytestmark = pytest.mark.xdist_group("test_deploy")
+
+
 @pytest.fixture(scope="module")
 def compose() -> dict[str, Any]:
     return yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())

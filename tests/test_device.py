@@ -32,6 +32,9 @@ from swarmfold.peer.tokenizer import ByteTokenizer
 from swarmfold.peer.trainer import lm_loss
 from swarmfold.spec import Spec, SpecError, spec_from_dict
 
+# the tests here share a module- or session-scoped fixture: one xdist worker runs them all (built once)
+pytestmark = pytest.mark.xdist_group("test_device")
+
 
 @pytest.fixture(scope="module")
 def shard(shards: list[Path]) -> Shard:

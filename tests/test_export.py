@@ -17,6 +17,9 @@ from swarmfold.peer.checkpoint import resolve_checkpoint
 from swarmfold.peer.inference import export
 from swarmfold.peer.local import LocalPeer, model_from_checkpoint
 
+# the tests here share a module- or session-scoped fixture: one xdist worker runs them all (built once)
+pytestmark = pytest.mark.xdist_group("test_export")
+
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread() -> Iterator[None]:

@@ -58,6 +58,10 @@ class Runs:
         assert self.resumed.returncode == 0, self.resumed.stderr
 
 
+# the tests here share a module- or session-scoped fixture: one xdist worker runs them all (built once)
+pytestmark = pytest.mark.xdist_group("test_train")
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory, shards: list[Path]) -> Runs:
     root = tmp_path_factory.mktemp("train")
