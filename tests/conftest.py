@@ -19,10 +19,12 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Multi-peer tests first (a stable sort: file order otherwise). `make test` runs the suite on two
+    """Modules with multi-peer tests first (a stable sort: file order otherwise, and each module's tests
+    stay together, so that a module-scoped fixture is built once). `make test` runs the suite on two
     xdist workers; started first, the long tests overlap each other and the short ones fill the end,
     instead of one long test running alone while the other worker idles."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    slow_modules = {item.module.__name__ for item in items if item.get_closest_marker("slow") is not None}
+    items.sort(key=lambda item: item.module.__name__ not in slow_modules)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -54,6 +54,7 @@ from swarmfold.spec import SpecError, spec_from_dict
 class _Writer:
     def __init__(self) -> None:
         self.buf = bytearray()
+        self.closed = False
 
     def write(self, data: bytes) -> None:
         self.buf += data
@@ -62,7 +63,7 @@ class _Writer:
         return None
 
     def close(self) -> None:
-        return None
+        self.closed = True
 
 
 class _Info:
@@ -424,3 +425,23 @@ def test_one_peer_ahead_does_not_end_a_round_others_are_still_at() -> None:
 def test_a_peer_rejected_for_cause_does_not_count_as_the_swarm() -> None:
     assert _waiting_outcome([("attacker", 4)], for_cause={"attacker"}) == (False, 3)
     assert _waiting_outcome([("attacker", 4), ("a", 4)], for_cause={"attacker"}) == (True, 1)
+
+
+def test_a_handler_cancelled_at_shutdown_ends_quietly() -> None:
+    """asyncio's stream server (3.11) asks a finished handler task for its exception; a cancelled one
+    raised CancelledError inside the loop's callback: an ERROR with a traceback per call in flight at
+    shutdown (seen at the end of the flood test)."""
+    from swarmfold.averaging.transport import _quiet_on_cancel
+
+    async def forever(info: Any, reader: asyncio.StreamReader, writer: Any) -> None:
+        await asyncio.Event().wait()
+
+    async def go() -> None:
+        writer = _Writer()
+        task = asyncio.ensure_future(_quiet_on_cancel(forever)(_Info("x"), asyncio.StreamReader(), writer))
+        await asyncio.sleep(0)
+        task.cancel()
+        await asyncio.wait([task])
+        assert not task.cancelled() and task.exception() is None  # what the stream server's callback asks
+        assert writer.closed
+    asyncio.run(go())

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import threading
@@ -164,7 +165,8 @@ class Transport:
     def add_handler(self, proto: str, handler: Handler) -> None:
         """Serve `proto` with `handler(info, reader, writer)` (after start())."""
         assert self.p2p is not None, "start() the swarm first"
-        self.call(self.p2p.add_binary_stream_handler(proto, handler), timeout=self.timeouts.local_call)
+        self.call(self.p2p.add_binary_stream_handler(proto, _quiet_on_cancel(handler)),
+                  timeout=self.timeouts.local_call)
 
     async def dht_call(self, future: Any) -> Any:
         """Await a DHT operation, bounded: a stuck DHT must not stall the round."""
@@ -246,3 +248,18 @@ class Transport:
                     f"refused by {peer}: that swarm ('{reply.name}') runs spec {reply.spec_hash[:12]}…, but your "
                     f"spec hashes to {self.spec.spec_hash[:12]}…. Every peer of a swarm must use the same spec "
                     "file: get the swarm's spec and pass it with --spec")
+
+
+def _quiet_on_cancel(handler: Handler) -> Handler:
+    """`handler`, ending quietly when it is cancelled (at shutdown, with a call still in flight).
+
+    asyncio's stream server (Python 3.11) asks a finished handler task for its exception, which for a
+    cancelled task raises CancelledError inside the event loop's callback: an ERROR with a traceback
+    in the log for every call in flight at shutdown, though nothing went wrong. The stream is closed."""
+    @functools.wraps(handler)
+    async def run(info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await handler(info, reader, writer)
+        except asyncio.CancelledError:
+            wire.close(writer)
+    return run
