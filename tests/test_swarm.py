@@ -220,13 +220,15 @@ def test_late_joiner_downloads_the_published_state(tmp_path: Path, shards: list[
 
 def test_alone_steps_and_waiting_peer_stops_cleanly(tmp_path: Path, shards: list[Path],
                                                     procs: list[subprocess.Popen]) -> None:
+    # a lone peer gathers the whole window each round (nobody to wait for): 3 s here, not NET's 10 s
+    lone = {**NET, "matchmaking_timeout": 3.0}
     alone = tmp_path / "alone"
-    start_peer(procs, alone, write_spec(fast_spec(averaging=NET), tmp_path / "one.toml"), shards[0], rounds=2)
+    start_peer(procs, alone, write_spec(fast_spec(averaging=lone), tmp_path / "one.toml"), shards[0], rounds=2)
     assert wait_exit(procs[-1], alone) == 0, log_tail(alone)
     assert [info["status"] for r, info in sorted(last_rounds(alone).items()) if r > 0] == ["alone", "alone"]
 
     waiting = tmp_path / "waiting"
-    spec_path = write_spec(fast_spec(averaging={**NET, "min_group_size": 2}), tmp_path / "two.toml")
+    spec_path = write_spec(fast_spec(averaging={**lone, "min_group_size": 2}), tmp_path / "two.toml")
     p = start_peer(procs, waiting, spec_path, shards[0], rounds=2)
     deadline = time.monotonic() + 120
     while "waiting for a group of at least 2" not in (waiting / "peer.log").read_text():
