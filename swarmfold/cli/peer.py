@@ -38,10 +38,14 @@ def _add_threads(p: argparse.ArgumentParser) -> None:
     add_device(p)
 
 
+# here, not in peer/device.py: that imports torch, and building the parser must not (a `swarmfold status`
+# would take seconds of CPU to import it)
+DEVICE_HELP = ("training device: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps; the model, its "
+               "inner optimizer and the inner loop run there, the averaging stays on the CPU (default auto)")
+
+
 def add_device(p: argparse.ArgumentParser) -> None:
     """`--device auto|cpu|cuda|cuda:N|mps` (default $SWARMFOLD_DEVICE, else auto)."""
-    from swarmfold.peer.device import DEVICE_HELP
-
     p.add_argument("--device", default=os.environ.get("SWARMFOLD_DEVICE", "auto"), metavar="DEVICE",
                    help=DEVICE_HELP + "; or $SWARMFOLD_DEVICE")
 

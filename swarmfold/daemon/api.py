@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from swarmfold.daemon.metrics import make_registry, render
 from swarmfold.daemon.settings import Settings
 from swarmfold.daemon.state import Controls, PeerStatus
 from swarmfold.daemon.summary import swarm_summary
@@ -114,6 +113,10 @@ class ControlApi:
         self.workdir, self.host, self.port, self.allow_remote = Path(workdir), host, port, allow_remote
         self._token = token
         self._extra = extra or dict
+        # imported here: the metrics need torch (protocol's rejection labels), and the CLI's
+        # status, pause and resume read this module's files without serving anything
+        from swarmfold.daemon.metrics import make_registry
+
         self.registry = make_registry(self.metrics_snapshot)
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -229,6 +232,8 @@ def _make_handler(api: ControlApi) -> type[BaseHTTPRequestHandler]:
             elif path == "/api/status":
                 self._json(HTTPStatus.OK, _finite(api.status_payload()))
             elif path == "/metrics":
+                from swarmfold.daemon.metrics import render
+
                 self._send(HTTPStatus.OK, render(api.registry), "text/plain; version=0.0.4; charset=utf-8")
             else:
                 self._json(HTTPStatus.NOT_FOUND, {"error": f"no such endpoint {path}"})

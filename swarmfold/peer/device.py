@@ -27,8 +27,6 @@ from swarmfold.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-DEVICE_HELP = ("training device: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps; the model, its "
-               "inner optimizer and the inner loop run there, the averaging stays on the CPU (default auto)")
 CUBLAS_WORKSPACE = ":4096:8"  # what torch.use_deterministic_algorithms needs for cuBLAS (CUDA >= 10.2)
 
 
