@@ -86,27 +86,26 @@ class Directory:
         return out
 
     async def expected_peers(self, round_idx: int, excluded: set[str],
-                             distrusted: frozenset[str] | set[str] = frozenset()) -> tuple[set[str], int]:
-        """Peers whose records say they are at this round (or finishing the one before); and how many
-        are already past it, not counting `distrusted` ones (peers whose contribution this round we
-        rejected for cause: where such a peer says it is tells nothing about the swarm). A DHT that
-        does not answer gives ({}, 0): gather until the timeout."""
+                             distrusted: frozenset[str] | set[str] = frozenset()) -> tuple[set[str], set[str]]:
+        """From one read of the records: the peers whose records say they are at this round (or
+        finishing the one before), and those already past it, but for `distrusted` ones (peers whose
+        contribution this round we rejected for cause: where such a peer says it is tells nothing
+        about the swarm). A DHT that does not answer gives two empty sets: gather until the timeout."""
         try:
             recs = await self.records()
         except AveragingError as e:
             logger.info("could not read peer records: %s", e)
-            return set(), 0
+            return set(), set()
         expected = {pid for pid, r in recs.items() if r.round in (round_idx - 1, round_idx)
                     and pid != self.peer_id and pid not in excluded and r.state != "paused"}
-        ahead = sum(1 for pid, r in recs.items() if r.round > round_idx and pid != self.peer_id
-                    and pid not in distrusted)
+        ahead = {pid for pid, r in recs.items() if r.round > round_idx and pid != self.peer_id
+                 and pid not in distrusted}
         return expected, ahead
 
-    async def moved_past(self, round_idx: int, ignore: frozenset[str] | set[str] = frozenset()) -> set[str]:
-        """Peers whose records say they are already past `round_idx` (their declarations are stale),
-        but for those in `ignore`."""
+    async def moved_past(self, round_idx: int) -> set[str]:
+        """Peers whose records say they are already past `round_idx` (their declarations are stale)."""
         try:
-            return {pid for pid, r in (await self.records()).items() if r.round > round_idx and pid not in ignore}
+            return {pid for pid, r in (await self.records()).items() if r.round > round_idx}
         except AveragingError:
             return set()
 

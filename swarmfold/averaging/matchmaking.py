@@ -184,7 +184,7 @@ class Matchmaker:
             logger.info("[%s] round %d: %s, waiting for a group of at least %d", self.peer_id[-8:], req.round,
                         what, self.avg.min_group_size)
             here, ahead = await self.dir.expected_peers(req.round, excluded, distrusted)
-            if ahead >= max(1, self.avg.min_group_size - 1) and ahead >= 1 + len(here):
+            if len(ahead) >= max(1, self.avg.min_group_size - 1) and len(ahead) >= 1 + len(here):
                 return NoGroup(moved_on=True)
             # every waiting peer of this round meets in its waiting room, whatever attempt it came from
             a = await self._begin(_Attempt(round=req.round, attempt=attempt, base=req.model_sha256,
@@ -247,9 +247,9 @@ class Matchmaker:
         while True:
             declared = await self.dir.declared(a.round, a.attempt, a.waiting)
             if polls % 5 == 0:
-                gone = await self.dir.moved_past(a.round, ignore=a.distrusted)
+                here, gone = await self.dir.expected_peers(a.round, a.excluded, a.distrusted)  # one DHT read
                 if a.attempt == 0 and not a.waiting:
-                    expected |= (await self.dir.expected_peers(a.round, a.excluded))[0]
+                    expected |= here
             polls += 1
             if waiting_room and not a.waiting and a.locked_to is None:
                 waiting = await self._waiting(a)

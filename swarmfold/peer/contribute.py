@@ -203,7 +203,7 @@ def run_steps(peer: LocalPeer, batches: Sequence[torch.Tensor], *, first_step: i
     for i, windows in enumerate(batches, start=first_step):
         if before_step is not None:
             before_step(i)
-        losses.append(peer.trainer.step(windows, peer.round * peer.spec.round.inner_steps + i))
+        losses.append(peer.trainer.step(windows, peer.round_start_step + i))
         tokens += windows.shape[0] * (windows.shape[1] - 1)
     return losses, tokens
 

@@ -136,6 +136,11 @@ class LocalPeer:
                                          "rolled_back": 0}  # lifetime totals, kept in meta.json
 
     # ---- the round -----------------------------------------------------------------
+    @property
+    def round_start_step(self) -> int:
+        """The swarm's inner step at the start of this round (round × H): the lr schedule's clock."""
+        return self.round * self.spec.round.inner_steps
+
     def batches_for_round(self, round_idx: int) -> list[torch.Tensor]:
         order = batch_order(self.spec.seed, round_idx, self.peer_id,
                             num_windows=len(self.shard.train_windows),
@@ -152,7 +157,7 @@ class LocalPeer:
         # any draw from torch's global generator (dropout, a model's own sampling) is seeded too
         torch.manual_seed(round_seed(self.spec.seed, self.round, self.peer_id, "torch"))
         stats = self.trainer.run(self.batches_for_round(self.round), step_hook,
-                                 first_step=self.round * self.spec.round.inner_steps)
+                                 first_step=self.round_start_step)
         delta = flat_params(self.model)  # the one new full copy: θ_local, turned into Δ in place
         torch.sub(self.theta, delta, out=delta)  # Δ = θ_r − θ_local, the same bits as `theta - local`
         if self.residual is not None:
@@ -172,7 +177,7 @@ class LocalPeer:
         set_flat_params(self.model, self.theta)
         self.credit.drop_carried()
         self.residual = None
-        self.trainer.load_state_tensors({}, self.round * self.spec.round.inner_steps)
+        self.trainer.load_state_tensors({}, self.round_start_step)
 
     def request(self, phase: TrainPhase) -> AverageRequest:
         return AverageRequest(round=phase.round, delta=phase.delta, weight=phase.weight,
