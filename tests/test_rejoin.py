@@ -6,6 +6,13 @@ matchmaking window, and both finish the round alone, each with its own θ at the
 round number. Matchmaking groups only equal base models, so unless one of them adopts
 the other's state they train alone for ever. Here both peers are put in that state on
 purpose (each trained alone, to the same round) and then run side by side.
+
+After a round alone, the two split peers end it at the same gathering deadline, and which
+of them publishes its next round first used to decide whether the split was settled: CI
+once saw four rounds in a row go the wrong way. `AdverseOrder` makes that order the
+losing one every round (the peer whose model the other must adopt publishes only after the
+other has read the records), so the test fails without the catch-up's wait for split peers
+(runner.split_peers) instead of failing one run in many.
 """
 
 from __future__ import annotations
@@ -14,18 +21,53 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 from conftest import fast_spec, write_spec
 from daemon_helpers import LOOPBACK, NET
 
+from swarmfold.averaging.records import PeerRecord
 from swarmfold.daemon.options import PeerOptions
 from swarmfold.daemon.runner import PeerRunner
+from swarmfold.peer.local import RoundReport
 
 pytestmark = pytest.mark.slow
 
 ROUNDS_ALONE = 2
 ROUNDS_TOGETHER = 4
+
+
+class AdverseOrder(PeerRunner):
+    """Two of these in one process: after a round alone, the peer whose new model hash sorts
+    first (the one the tie-break keeps) holds its record back until the other has read the
+    records for the new round. Bounded, so that a peer whose partner went away goes on."""
+
+    board: ClassVar[dict[tuple[int, str], str]] = {}  # (round, peer id) -> the model it will publish
+    read: ClassVar[set[tuple[int, str]]] = set()  # (round, peer id): its catch-up read the records
+    cond: ClassVar[threading.Condition] = threading.Condition()
+    BOUND = 120.0
+
+    def _after_round(self, report: RoundReport) -> None:
+        assert self.peer is not None
+        me, rnd = self.peer.peer_id, self.peer.round
+        if report.status == "alone":
+            with self.cond:
+                self.board[rnd, me] = self.peer.theta_sha256
+                self.cond.notify_all()
+                self.cond.wait_for(lambda: any(r == rnd and p != me for r, p in self.board), timeout=self.BOUND)
+                other = next((p for r, p in self.board if r == rnd and p != me), None)
+                if other is not None and self.board[rnd, me] < self.board[rnd, other]:
+                    self.cond.wait_for(lambda: (rnd, other) in self.read, timeout=self.BOUND)
+        super()._after_round(report)
+
+    def _read_records(self) -> dict[str, PeerRecord]:
+        records = super()._read_records()
+        assert self.peer is not None
+        with self.cond:
+            self.read.add((self.peer.round, self.peer.peer_id))
+            self.cond.notify_all()
+        return records
 
 
 def train_alone(spec: Path, shard: Path, workdir: Path) -> None:
@@ -41,7 +83,7 @@ def test_two_peers_at_one_round_with_their_own_models_converge(tmp_path: Path, s
     train_alone(spec, shards[1], b)
 
     def runner(workdir: Path, shard: Path, peers: list[str]) -> PeerRunner:
-        return PeerRunner(PeerOptions(spec=spec, data=[str(shard)], workdir=workdir, initial_peers=peers,
+        return AdverseOrder(PeerOptions(spec=spec, data=[str(shard)], workdir=workdir, initial_peers=peers,
                                       host_maddrs=[LOOPBACK], threads=1, rounds=ROUNDS_ALONE + ROUNDS_TOGETHER,
                                       api_port=0))
 

@@ -67,3 +67,19 @@ def test_a_later_round_holding_our_own_model_is_no_progress() -> None:
     assert choose([rec("gave-up", 1, "genesis"), rec("b", 1, "genesis")], 0, "genesis") is None
     # a later round with another model is progress, as before
     assert choose([rec("gave-up", 1, "genesis", provenance="local"), rec("a", 2, "X")], 0, "genesis") == (2, "X")
+
+
+def test_a_lone_peer_waits_only_for_peers_split_from_it_at_its_last_round() -> None:
+    from swarmfold.daemon.runner import split_peers
+    records = {r.peer_id: r for r in [
+        rec("split", 4, "B", provenance="local"),  # at our last round (4) with another base: wait for it
+        rec("same", 4, "A"),  # our base: not split from us (a slow peer of our group-to-be); no wait
+        rec("paused", 4, "C", state="paused"),  # will not publish round 5 soon
+        rec("ahead", 5, "D", provenance="local"),  # already published the round we are at
+        rec("behind", 3, "E"),  # further behind: not at our last round
+    ]}
+    assert split_peers(records, me="me", my_round=5, my_base="A") == {"split"}
+    assert split_peers(records, me="split", my_round=5, my_base="B") == {"same"}  # the other side of it
+    assert split_peers(records, me="me", my_round=5, my_base=None) == set()  # never trained here: nothing to wait for
+    records["split"] = rec("split", 5, "B2", provenance="local")  # it published: the wait is over
+    assert split_peers(records, me="me", my_round=5, my_base="A") == set()

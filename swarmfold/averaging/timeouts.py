@@ -92,6 +92,14 @@ class RoundTimeouts:
         return self.dht
 
     @property
+    def split_wait(self) -> float:
+        """How long a peer that just finished a round alone waits for the peers split from it at that
+        round (another base model) to publish their next one (daemon/runner.py `split_peers`): they
+        are in the same round's matchmaking, which ends within its phase bound (the window and a
+        follower's two graces), plus one DHT store of their record."""
+        return self.matchmaking + 2 * self.leader_grace + self.dht
+
+    @property
     def dht_call(self) -> float:
         """A blocking call from another thread that does one DHT operation on the network loop."""
         return self.dht + HANDOFF_MARGIN

@@ -95,6 +95,22 @@ def choose_sync_target(records: dict[str, PeerRecord], *, me: str, my_round: int
     return SyncTarget(round=rnd, model_sha256=model, sources=sorted(sources, key=lambda r: r.peer_id))
 
 
+def split_peers(records: dict[str, PeerRecord], *, me: str, my_round: int, my_base: str | None) -> set[str]:
+    """The peers that were at our last round with another base model and have not published the
+    next one yet: peers split from us, still finishing that round (almost always alone, as we did).
+
+    `choose_sync_target` settles a split between two peers at one round only if the peer that must
+    adopt reads the records after the other one published. Two split peers end their rounds
+    alone at the same gathering deadline, so without waiting that order is a coin toss each round
+    (test_rejoin.py failed four rounds running in CI). A peer that has just finished a round alone
+    waits for these peers' next records first, bounded by `RoundTimeouts.split_wait`.
+    """
+    if my_base is None or my_round < 1:
+        return set()
+    return {r.peer_id for r in records.values()
+            if r.peer_id != me and r.round == my_round - 1 and r.state == "training" and r.model_sha256 != my_base}
+
+
 def _neg(h: str) -> tuple[int, ...]:
     return tuple(-ord(c) for c in h)
 
@@ -120,6 +136,7 @@ class PeerRunner:
         self.swarm: Swarm | None = None
         self.rounds_done = 0
         self._synced_at = -1  # the round whose state we last downloaded
+        self._base_sha256: str | None = None  # θ_r's hash when this peer last started training (round r)
         self._data_server: DataServer | None = None  # serves the public data in a verifying swarm
 
     # ---- setup ---------------------------------------------------------------------------
@@ -239,6 +256,7 @@ class PeerRunner:
             self._catch_up()
             self.status.set_state("training", f"round {self.peer.round}: {self.spec.round.inner_steps} inner steps"
                                   if self.spec else "")
+            self._base_sha256 = self.peer.theta_sha256
             phase = self.peer.train_phase(step_hook=self._step_hook)
             self.status.update(**self.peer.credit.view())  # the phase confirmed our last commit, or not
             result = self.swarm.average(self.peer.request(phase))
@@ -276,13 +294,15 @@ class PeerRunner:
         """Adopt the swarm's state if this peer is behind it (late join, restart, a round alone)."""
         assert self.peer is not None and self.swarm is not None
         try:
-            records = self.swarm.records()
+            records = self._read_records()
         except DHT_ERRORS as e:  # a DHT hiccup must not kill the peer; try again next round
             logger.warning("could not read the swarm's records: %s", e)
             return
         except Exception:  # not a DHT hiccup: a bug worth seeing; the peer trains on and tries next round
             logger.warning("reading the swarm's records failed unexpectedly", exc_info=True)
             return
+        if self._provenance() == "local":
+            records = self._await_split_peers(records)
         self.status.set_swarm({pid: _record_view(r) for pid, r in records.items()})
         target = choose_sync_target(records, me=self.peer.peer_id, my_round=self.peer.round,
                                     my_hash=self.peer.theta_sha256, my_provenance=self._provenance())
@@ -304,6 +324,38 @@ class PeerRunner:
                     self.peer.theta_sha256[:12], source[-8:])
         self._checkpoint()
         self._share_state("training")
+
+    def _read_records(self) -> dict[str, PeerRecord]:
+        """The swarm's peer records, as the catch-up reads them (tests order peers around this read)."""
+        assert self.swarm is not None
+        return self.swarm.records()
+
+    def _await_split_peers(self, records: dict[str, PeerRecord]) -> dict[str, PeerRecord]:
+        """After a round alone: wait (polling the records, bounded) until the peers split from us at
+        that round have published their next round, so that both sides of the split decide on the
+        same records (see `split_peers`). Returns the latest records read."""
+        assert self.peer is not None and self.swarm is not None
+        waiting = split_peers(records, me=self.peer.peer_id, my_round=self.peer.round, my_base=self._base_sha256)
+        if not waiting:
+            return records
+        timeouts = self.swarm.timeouts
+        logger.info("[%s] waiting up to %.0f s for %d peer(s) split from us at round %d to finish it: %s",
+                    self.peer.peer_id[-8:], timeouts.split_wait, len(waiting), self.peer.round - 1,
+                    ", ".join(sorted(p[-8:] for p in waiting)))
+        deadline = time.monotonic() + timeouts.split_wait
+        while waiting and time.monotonic() < deadline and not self.controls.stop.is_set():
+            self.controls.stop.wait(timeout=timeouts.poll)
+            try:
+                records = self._read_records()
+            except DHT_ERRORS as e:  # a DHT hiccup: read again at the next poll
+                logger.info("could not read the swarm's records: %s", e)
+                continue
+            waiting &= split_peers(records, me=self.peer.peer_id, my_round=self.peer.round,
+                                   my_base=self._base_sha256)
+        if waiting:
+            logger.info("[%s] %d split peer(s) did not finish round %d in %.0f s; deciding without them",
+                        self.peer.peer_id[-8:], len(waiting), self.peer.round - 1, timeouts.split_wait)
+        return records
 
     def _after_round(self, report: RoundReport) -> None:
         assert self.peer is not None
