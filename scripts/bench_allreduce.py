@@ -176,7 +176,8 @@ class SwarmfoldWorker(Worker):
         from swarmfold.averaging.base import AverageRequest
 
         assert self.delta is not None
-        req = AverageRequest(round=self.round, delta=self.delta, weight=self.weight, model_sha256=BASE_HASH)
+        req = AverageRequest(round=self.round, delta=self.delta, weight=self.weight, model_sha256=BASE_HASH,
+                             steps=1)
         t0 = time.perf_counter()
         res = self.swarm.average(req)
         seconds = time.perf_counter() - t0

@@ -81,7 +81,7 @@ def bench_one(n: int, group_size: int, numel: int, compression: str, seed: int) 
     key = lambda m: (m.span, m.level, m.direction, m.sender, m.receiver)  # noqa: E731
     planned = sorted(plan(tree, numel, compression), key=key) == sorted(run.messages, key=key)
     reference = reduce_tree_in_process(
-        {p: AverageRequest(round=0, delta=d, weight=w, model_sha256="") for p, (d, w) in deltas.items()},
+        {p: AverageRequest(round=0, delta=d, weight=w, model_sha256="", steps=1) for p, (d, w) in deltas.items()},
         swarm_id="bench-tree", compression=compression, group_size=group_size)
     ref = reference[min(deltas)].aggregate
     assert ref is not None

@@ -117,9 +117,19 @@ class InnerSpec:
 LR_SCHEDULES = ("constant", "cosine", "wsd")
 
 
+ROUND_MODES = ("steps", "time")
+
+
 @dataclass(kw_only=True)
 class RoundSpec:
-    inner_steps: int = _doc("H: inner steps between two averagings (25: see docs/results.md)", default=25)
+    inner_steps: int = _doc("H: inner steps between two averagings (25: see docs/results.md); in time mode, "
+                            "the most steps a peer may train in one round (its weight's cap)", default=25)
+    mode: str = _doc("'steps': every peer trains inner_steps steps a round; 'time': each trains as many as fit "
+                     "in round.seconds (at least min_steps, at most inner_steps), weighted by its tokens",
+                     default="steps")
+    seconds: float = _doc("time mode: seconds a peer trains each round before it averages, measured on its own "
+                          "monotonic clock (rests of a low power level included; peers' clocks are never compared)", default=0.0)
+    min_steps: int = _doc("time mode: the fewest steps a peer trains in a round, however slow it is", default=1)
     max_tokens_per_round: int = _doc(
         "cap on the weight (tokens) one peer may claim for a round; 0 = H * batch * seq_len",
         default=0,
@@ -217,6 +227,11 @@ class Spec:
         return self.round.max_tokens_per_round or self.round.inner_steps * self.tokens_per_step
 
     @property
+    def round_min_steps(self) -> int:
+        """The fewest inner steps a peer may declare for a round: min_steps in time mode, else H."""
+        return self.round.min_steps if self.round.mode == "time" else self.round.inner_steps
+
+    @property
     def micro_batch(self) -> int:
         """Sequences per forward/backward pass (the whole batch when micro_batch_size is 0)."""
         return self.inner.micro_batch_size or self.inner.batch_size
@@ -250,6 +265,9 @@ class Spec:
         if d["inner"]["lr_schedule"] == "constant":  # no decay: hashed as before schedules existed
             for key in ("lr_schedule", "decay_steps", "min_lr_ratio", "wsd_decay_fraction"):
                 d["inner"].pop(key)
+        if d["round"]["mode"] == "steps":  # every peer trains H steps: hashed as before time-boxed rounds
+            for key in ("mode", "seconds", "min_steps"):
+                d["round"].pop(key)
         d["spec_version"] = SPEC_VERSION
         return d
 
@@ -542,6 +560,14 @@ def validate(s: Spec) -> list[str]:
     r = s.round
     need(r.inner_steps > 0, f"round.inner_steps: must be positive, got {r.inner_steps}; 25 suits the presets")
     need(r.max_tokens_per_round >= 0, f"round.max_tokens_per_round: must be >= 0, got {r.max_tokens_per_round}")
+    need(r.mode in ROUND_MODES, f"round.mode: {r.mode!r} is unknown; use 'steps' (every peer trains "
+         "inner_steps steps) or 'time' (each trains for round.seconds)")
+    if r.mode == "time":
+        need(r.seconds > 0 and math.isfinite(r.seconds),
+             f"round.seconds: time mode needs a positive round length in seconds, got {r.seconds}; e.g. the "
+             "seconds your fastest peers take for inner_steps steps")
+        need(1 <= r.min_steps <= r.inner_steps,
+             f"round.min_steps: must be in [1, round.inner_steps = {r.inner_steps}], got {r.min_steps}")
     if r.max_tokens_per_round and r.inner_steps > 0 and i.batch_size > 0:
         full = r.inner_steps * i.batch_size * d.seq_len
         need(r.max_tokens_per_round >= full,

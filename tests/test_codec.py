@@ -148,7 +148,7 @@ def test_counted_bytes_are_the_encoded_payloads(name: str, n: int) -> None:
 
 
 def test_in_process_group_reports_bytes_and_compression() -> None:
-    reqs = {f"p{i}": AverageRequest(round=0, delta=_vec(10 + i), weight=1.0, model_sha256="x") for i in range(3)}
+    reqs = {f"p{i}": AverageRequest(round=0, delta=_vec(10 + i), weight=1.0, model_sha256="x", steps=1) for i in range(3)}
     out = reduce_in_process(reqs, swarm_id="s", compression="int8", rule="mean", trim_fraction=0.2)
     for i, pid in enumerate(sorted(reqs)):
         assert out[pid].compressed

@@ -100,14 +100,15 @@ def test_a_chunk_frame_reads_back_as_a_message() -> None:
 
 def _exp(**kw: object) -> Expectation:
     base = dict(spec_hash="s" * 64, round=3, group_id="g", base_sha256="b" * 64, members=frozenset({"a", "b"}),
-                compression="int8", numel=NUMEL, span_index=1, weight_cap=1000.0, max_payload_bytes=1 << 20)
+                compression="int8", numel=NUMEL, span_index=1, weight_cap=1000.0, min_steps=5, max_steps=5,
+                max_payload_bytes=1 << 20)
     base.update(kw)
     return Expectation(**base)  # type: ignore[arg-type]
 
 
 def _header(**kw: object) -> dict:
     h = {"kind": "part", "group_id": "g", "spec_hash": "s" * 64, "round": 3, "base_sha256": "b" * 64, "span": 1,
-         "numel": NUMEL, "dtype": "int8-absmax", "weight": 500.0, "chunk": CHUNK_ELEMENTS,
+         "numel": NUMEL, "dtype": "int8-absmax", "weight": 500.0, "steps": 5, "chunk": CHUNK_ELEMENTS,
          "payload_bytes": span_payload_size("int8", NUMEL)}
     h.update(kw)
     return h
@@ -127,12 +128,25 @@ def _header(**kw: object) -> dict:
     ({"weight": float("nan")}, "a", "malformed"),
     ({"weight": True}, "a", "malformed"),
     ({"round": "3"}, "a", "malformed"),
+    ({"steps": 4}, "a", "wrong_steps"),  # steps mode: exactly H
+    ({"steps": 0}, "a", "wrong_steps"),
+    ({"steps": 2.5}, "a", "malformed"),
 ])
 def test_bad_headers_are_rejected_by_name(change: dict, sender: str, label: str) -> None:
     with pytest.raises(Rejected) as e:
         check_header(_header(**change), sender, _exp())
     assert e.value.kind.value == label
     assert check_header(_header(), "a", _exp()) == 500.0
+
+
+def test_time_mode_headers_declare_steps_within_the_rounds_bounds() -> None:
+    exp = _exp(min_steps=2, max_steps=5)  # round.mode "time": 2 to 5 steps
+    for k in (2, 3, 5):
+        assert check_header(_header(steps=k), "a", exp) == 500.0
+    for k in (1, 6, 10**9):
+        with pytest.raises(Rejected) as e:
+            check_header(_header(steps=k), "a", exp)
+        assert e.value.kind.value == "wrong_steps" and "2 to 5" in e.value.detail
 
 
 def test_bad_chunks_are_rejected_by_name() -> None:

@@ -103,9 +103,9 @@ EXAMPLES = [
     Final(round=1, attempt=2, waiting=True, members=("a", "b"), clients=(), group_id="g"),
     Cancel(round=1, attempt=0, waiting=False, group_id="g", reason="too_small"), Answer(ok=False, reason="no"),
     PartHeader(group_id="g", spec_hash="s", round=1, base_sha256="b", span=0, numel=4, dtype="int8-absmax",
-               weight=2.0, payload_bytes=8, chunk=1024, environment={"torch": "2"}),
+               weight=2.0, steps=3, payload_bytes=8, chunk=1024, environment={"torch": "2"}),
     SpanResult(group_id="g", span=1, included=("a", "b"), complete=True, rejected={"c": "nonfinite: x"},
-               weights={"a": 1.0, "b": 2.0}),
+               weights={"a": 1.0, "b": 2.0}, steps={"a": 3, "b": 5}),
     ReduceError(reason="unknown group"), Vote(group_id="g", ok=True, digest="d"),
     StateRequest(spec_hash="s"), StateHeader(round=2, model_sha256="m", outer_sha256="o", numel=2,
                                              outer_names=("momentum",), chunk_bytes=8),
@@ -199,7 +199,8 @@ def _commits(members: list[str]) -> tuple[dict[str, Commit], Membership]:
 
 
 def _outcome(included: list[str], digest: str = "d") -> SpanOutcome:
-    return SpanOutcome(included=included, weights={p: 1.0 for p in included}, complete=True, rejected={},
+    return SpanOutcome(included=included, weights={p: 1.0 for p in included}, steps={p: 5 for p in included},
+                       complete=True, rejected={},
                        digest=digest)
 
 
@@ -247,7 +248,8 @@ def test_judge_names_what_went_wrong() -> None:
     assert judge(g, "a", [_outcome(["a", "b"]), None]).missing == {"b"}
     assert judge(g, "a", [_outcome(["a", "b"]), _outcome(["a"])]).failure == "reducers included different contributors"
     assert judge(g, "a", [_outcome(["b"]), _outcome(["b"])]).failure == "our own contribution was rejected"
-    cut = SpanOutcome(included=["a", "b"], weights={"a": 1.0, "b": 1.0}, complete=False, rejected={"c": "x"},
+    cut = SpanOutcome(included=["a", "b"], weights={"a": 1.0, "b": 1.0}, steps={"a": 5, "b": 5}, complete=False,
+                      rejected={"c": "x"},
                       digest="")
     j = judge(g, "a", [_outcome(["a", "b"]), cut])
     assert "cut off" in j.failure and j.rejected == {"c": "x"} and j.digest == ""
@@ -328,7 +330,7 @@ def test_a_reducer_refuses_parts_for_groups_it_is_not_in_at_once() -> None:
         waiting = asyncio.ensure_future(ar._reducer_for("b", "g" * 32))
         await asyncio.sleep(0)
         assert not waiting.done()
-        req = AverageRequest(round=3, delta=__import__("torch").zeros(4096), weight=1.0, model_sha256="B")
+        req = AverageRequest(round=3, delta=__import__("torch").zeros(4096), weight=1.0, model_sha256="B", steps=1)
         red = ar._open_reducer(req, _group(["a", "b"]), (0, 4096), 0)
         assert await asyncio.wait_for(waiting, 5) is red
         ar.shutdown()
@@ -405,7 +407,7 @@ def _waiting_outcome(recs: list[tuple[str, int]], *, for_cause: set[str] = froze
     mm = Matchmaker(FakeNet("me", {}), _RecordsOnly("me", spec, records), spec, RoundTimeouts.from_spec(spec),
                     client_mode=False, maddrs=lambda: [], stopping=stopping, on_phase=on_phase,
                     on_enter=lambda p, r: None)
-    req = AverageRequest(round=3, delta=torch.zeros(4), weight=1.0, model_sha256="m")
+    req = AverageRequest(round=3, delta=torch.zeros(4), weight=1.0, model_sha256="m", steps=1)
     out = asyncio.run(mm.matchmake(req, 0, set(for_cause), set(), set(for_cause)))
     assert isinstance(out, NoGroup)
     return out.moved_on, len(waits)

@@ -85,11 +85,33 @@ def test_a_verifying_swarms_round_replays_bitwise_after_rounds_of_state(shards: 
                                                     compressed=True))
         assert member.theta_sha256 == verifier_peer.theta_sha256 and member.residual is not None
         phase = member.train_phase()
-        replay = verifier.replay("member", member.round, member.theta_sha256)
+        h = spec.round.inner_steps
+        replay = verifier.replay("member", member.round, member.theta_sha256, h)
         assert torch.equal(replay, phase.delta)
-        assert not torch.equal(verifier.replay("someone-else", member.round, member.theta_sha256), phase.delta)
+        assert not torch.equal(verifier.replay("someone-else", member.round, member.theta_sha256, h), phase.delta)
         with pytest.raises(ValueError, match="not round"):
-            verifier.replay("member", member.round + 1, member.theta_sha256)
+            verifier.replay("member", member.round + 1, member.theta_sha256, h)
+
+
+def test_a_time_mode_round_replays_from_its_declared_steps_and_a_false_count_fails(shards: list[Path]) -> None:
+    """In time mode a member trains what fits in round.seconds and declares the count; the
+    verifier replays exactly that many steps (bit-identical), while one step more or less, the
+    cheat of a peer that claims more work than it did, replays to other bits and another weight."""
+    spec = _public_spec(shards[0]).replace(round={"mode": "time", "seconds": 0.3, "min_steps": 2,
+                                                  "inner_steps": 400})
+    with threads_set(1):
+        member = LocalPeer(spec, [shards[0]], peer_id="member", threads=1)
+        verifier = make_swarm_verifier(LocalPeer(spec, [shards[0]], peer_id="verifier", threads=1))
+        phase = member.train_phase()
+        k = phase.steps
+        assert 2 <= k < 400, "a 0.3 s round of the tiny preset stops on the clock, far below the cap"
+        assert member.request(phase).steps == k and phase.weight == verifier.weight_for(k)
+        assert torch.equal(verifier.replay("member", 0, member.theta_sha256, k), phase.delta)
+        for false in (k - 1, k + 1):
+            assert not torch.equal(verifier.replay("member", 0, member.theta_sha256, false), phase.delta)
+            assert verifier.weight_for(false) != phase.weight
+        with pytest.raises(ValueError, match="1 to round.inner_steps"):
+            member.train_phase(steps=401)
 
 
 def test_a_verifying_swarm_needs_the_public_data(shards: list[Path]) -> None:

@@ -38,7 +38,7 @@ def _deltas(n: int, seed: int = 0, numel: int = NUMEL) -> dict[str, tuple[torch.
 
 
 def _requests(deltas: dict[str, tuple[torch.Tensor, float]]) -> dict[str, AverageRequest]:
-    return {p: AverageRequest(round=3, delta=d, weight=w, model_sha256="x") for p, (d, w) in deltas.items()}
+    return {p: AverageRequest(round=3, delta=d, weight=w, model_sha256="x", steps=1) for p, (d, w) in deltas.items()}
 
 
 def _contribs(deltas: dict[str, tuple[torch.Tensor, float]]) -> dict[str, Contribution]:

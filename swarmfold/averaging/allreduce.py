@@ -84,6 +84,7 @@ class Reducer:
     offset: int = 0  # where this span starts in the flat Δ
     parts: dict[str, Contribution] = field(default_factory=dict)
     claims: dict[str, dict[str, Any] | None] = field(default_factory=dict)  # environment class each part claims
+    steps: dict[str, int] = field(default_factory=dict)  # inner steps each part declares (checked by its header)
     rejected: dict[str, str] = field(default_factory=dict)
     received: dict[str, int] = field(default_factory=dict)  # chunks received from each member
     included: list[str] | None = None  # fixed when the first chunk is aggregated
@@ -178,6 +179,7 @@ class SpanOutcome:
 
     included: list[str]
     weights: dict[str, float]
+    steps: dict[str, int]
     complete: bool
     rejected: dict[str, str]
     digest: str
@@ -193,11 +195,13 @@ def take_result(raw: dict[str, Any], collector: SpanCollector, group: Group, spa
         raise wire.WireError(f"bad trailer: {e}") from e
     if r.group_id != group.group_id or r.span != span:
         raise wire.WireError(f"a trailer for group {r.group_id[:8]} span {r.span}, expected span {span}")
-    if not set(r.included) <= set(group.members) or set(r.weights) != set(r.included):
+    if not set(r.included) <= set(group.members) or set(r.weights) != set(r.included) \
+            or set(r.steps) != set(r.included):
         raise wire.WireError("the result names contributors outside the group")
     if r.complete and not collector.complete:
         raise wire.WireError(f"the aggregate has {collector.count} of {len(collector.bounds)} chunks")
-    return SpanOutcome(included=sorted(r.included), weights=dict(r.weights), complete=r.complete,
+    return SpanOutcome(included=sorted(r.included), weights=dict(r.weights), steps=dict(r.steps),
+                       complete=r.complete,
                        rejected=dict(r.rejected), digest=collector.digest() if r.complete else "")
 
 
@@ -281,9 +285,11 @@ class AllReduce:
         red = Reducer(offset=lo, exp=Expectation(
             spec_hash=self.spec.spec_hash, round=req.round, group_id=group.group_id,
             base_sha256=req.model_sha256, members=frozenset(group.members), compression=comp, numel=hi - lo,
-            span_index=index, weight_cap=float(self.spec.token_cap), max_payload_bytes=self.avg.max_message_bytes))
+            span_index=index, weight_cap=float(self.spec.token_cap), min_steps=self.spec.round_min_steps,
+            max_steps=self.spec.round.inner_steps, max_payload_bytes=self.avg.max_message_bytes))
         red.parts[self.peer_id] = Contribution(codec.roundtrip(comp, req.delta[lo:hi].contiguous()),
                                                float(req.weight))
+        red.steps[self.peer_id] = int(req.steps)
         red.received[self.peer_id] = len(red.chunks)
         self._register(group.group_id, red)
         return red
@@ -391,7 +397,8 @@ class AllReduce:
         red.trailer = SpanResult(group_id=red.exp.group_id, span=red.exp.span_index, included=tuple(included),
                                  complete=complete, rejected=dict(red.rejected),
                                  weights={p: red.parts[p].weight if p in red.parts else 0.0
-                                          for p in included}).to_wire()
+                                          for p in included},
+                                 steps={p: red.steps.get(p, 0) for p in included}).to_wire()
         red.wake()
 
     async def _aggregate_chunks(self, red: Reducer, round_idx: int, deadline: float) -> bool:
@@ -477,6 +484,7 @@ class AllReduce:
             red.parts[sender] = Contribution(torch.empty(red.exp.numel, dtype=torch.float32), weight)
             red.received[sender] = 0
             red.claims[sender] = claimed_environment(header.environment)
+            red.steps[sender] = header.steps
             red.wake()
         except Rejected as r:
             self._reject(red, sender, r)
@@ -556,12 +564,13 @@ class AllReduce:
     async def _judge(self, red: Reducer, member: str, v: SwarmVerifier) -> SpanVerdict | None:
         """Replay `member`'s round and compare its span; None if we could not replay it ourselves."""
         part = red.parts[member]
-        if part.weight != v.expected_weight:
-            return SpanVerdict(False, "weight", f"claims weight {part.weight:g}; one round of this spec "
-                               f"gives {v.expected_weight:g}")
+        steps = red.steps[member]
+        if part.weight != v.weight_for(steps):
+            return SpanVerdict(False, "weight", f"claims weight {part.weight:g}; {steps} inner steps of this spec "
+                               f"give {v.weight_for(steps):g}")
         try:
             replay = await self.loop.run_in_executor(self._replay_executor, v.replay, member, red.exp.round,
-                                                     red.exp.base_sha256)
+                                                     red.exp.base_sha256, steps)
             span = replay[red.offset : red.offset + red.exp.numel]
             if span.numel() != red.exp.numel:
                 raise ValueError(f"replay has {replay.numel()} elements, too few for this span")

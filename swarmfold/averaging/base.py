@@ -21,6 +21,7 @@ class AverageRequest:
     delta: torch.Tensor  # flat float32 pseudo-gradient θ_r − θ_local (plus any compression residual)
     weight: float  # tokens trained, already capped by the spec
     model_sha256: str  # hash of θ_r, so members can tell they start from the same weights
+    steps: int  # inner steps trained for this Δ this round (declared in the part header, recorded)
 
 
 @dataclass
@@ -33,6 +34,7 @@ class AverageResult:
     members: list[str] = field(default_factory=list)  # the agreed group, sorted
     included: list[str] = field(default_factory=list)  # whose contributions are in the aggregate
     weights: dict[str, float] = field(default_factory=dict)  # the weight each included contribution had
+    steps: dict[str, int] = field(default_factory=dict)  # the inner steps each included member declared
     confirmed: list[str] = field(default_factory=list)  # other members whose digest votes matched ours
     rejected: dict[str, str] = field(default_factory=dict)  # peer id -> named error
     attempts: int = 1

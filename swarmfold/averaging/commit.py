@@ -31,10 +31,13 @@ logger = logging.getLogger(__name__)
 MAX_VOTE_GROUPS = 8  # groups whose votes are kept (this round's attempts); a group's votes are bounded by its members
 
 
-def digest(group_id: str, included: list[str], weights: dict[str, Any], span_digests: list[str]) -> str:
-    """What every member votes on: the group, who was included with what weight, and the sha256 of
-    each span's aggregate exactly as its reducer encoded it (the same bytes went to every member)."""
-    blob = json.dumps([group_id, included, sorted(weights.items()), span_digests], separators=(",", ":"))
+def digest(group_id: str, included: list[str], weights: dict[str, Any], steps: dict[str, int],
+           span_digests: list[str]) -> str:
+    """What every member votes on: the group, who was included with what weight and how many inner
+    steps, and the sha256 of each span's aggregate exactly as its reducer encoded it (the same bytes
+    went to every member)."""
+    blob = json.dumps([group_id, included, sorted(weights.items()), sorted(steps.items()), span_digests],
+                      separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -44,6 +47,7 @@ class Judgement:
 
     included: list[str]
     weights: dict[str, float]
+    steps: dict[str, int]  # the inner steps each included member declared (its part header)
     rejected: dict[str, str]
     missing: set[str]  # reducers that sent no usable aggregate
     failure: str  # "" when the aggregate is whole and consistent
@@ -60,7 +64,7 @@ def judge(group: Group, me: str, results: list[SpanOutcome | None]) -> Judgement
         rejected.update(res.rejected)
     cut = [j for j, res in enumerate(results) if res is not None and not res.complete]
     included_sets = {tuple(res.included) for res in got}
-    weight_sets = {json.dumps(res.weights, sort_keys=True) for res in got}
+    weight_sets = {json.dumps([res.weights, res.steps], sort_keys=True) for res in got}
     failure = ""
     if missing:
         failure = f"no aggregate from reducer(s) {', '.join(sorted(m[-8:] for m in missing))}"
@@ -72,10 +76,11 @@ def judge(group: Group, me: str, results: list[SpanOutcome | None]) -> Judgement
     first = results[0]
     included = list(first.included) if first is not None else []
     weights = dict(first.weights) if first is not None else {}
+    steps = dict(first.steps) if first is not None else {}
     if not failure and me not in included:
         failure = "our own contribution was rejected"
-    d = "" if failure else digest(group.group_id, included, weights, [res.digest for res in got])
-    return Judgement(included=included, weights=weights, rejected=rejected, missing=missing, failure=failure,
+    d = "" if failure else digest(group.group_id, included, weights, steps, [res.digest for res in got])
+    return Judgement(included=included, weights=weights, steps=steps, rejected=rejected, missing=missing, failure=failure,
                      digest=d)
 
 

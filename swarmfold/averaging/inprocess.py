@@ -18,7 +18,8 @@ def reduce_in_process(requests: dict[str, AverageRequest], *, swarm_id: str, com
     if len(members) == 1:
         (pid,) = members
         return {pid: AverageResult(status="alone", aggregate=requests[pid].delta, members=members,
-                                   included=members, reason="group of one")}
+                                   included=members, steps={pid: int(requests[pid].steps)},
+                                   reason="group of one")}
     contributions = {pid: Contribution(codec.roundtrip(compression, r.delta), r.weight)
                      for pid, r in requests.items()}
     agg = codec.roundtrip(compression, aggregate(contributions, rule, trim_fraction=trim_fraction))
@@ -31,6 +32,7 @@ def reduce_in_process(requests: dict[str, AverageRequest], *, swarm_id: str, com
         sent = butterfly_bytes(numel, n, i, compression)
         out[pid] = AverageResult(status="committed", aggregate=agg, group_id=gid, members=members,
                                  included=members, weights={p: float(requests[p].weight) for p in members},
+                                 steps={p: int(requests[p].steps) for p in members},
                                  confirmed=[p for p in members if p != pid],
                                  bytes_sent=sent, bytes_received=sent,
                                  compressed=compression != "none")

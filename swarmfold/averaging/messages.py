@@ -190,6 +190,7 @@ class PartHeader(Message):
     numel: int
     dtype: str
     weight: float
+    steps: int  # inner steps trained for this Δ (round.mode "time": what fit; "steps": H)
     payload_bytes: int
     chunk: int
     environment: dict[str, Any] | None = None  # the sender's environment class (verification)
@@ -207,6 +208,7 @@ class SpanResult(Message):
     complete: bool
     rejected: dict[str, str]
     weights: dict[str, float]
+    steps: dict[str, int]
 
 
 @dataclass(frozen=True)

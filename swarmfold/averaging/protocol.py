@@ -22,8 +22,9 @@ from swarmfold.averaging.wire import WireError, field
 if TYPE_CHECKING:
     from swarmfold.averaging.messages import PartHeader
 
-PROTOCOL = "swarmfold/4"  # 2: spans stream in chunks; 3: typed messages (averaging/messages.py);
-# 4: state sync streams in chunks (averaging/statesync.py)
+PROTOCOL = "swarmfold/5"  # 2: spans stream in chunks; 3: typed messages (averaging/messages.py);
+# 4: state sync streams in chunks (averaging/statesync.py); 5: parts declare their inner steps, which the
+# results and the commit digest record (time-boxed rounds)
 HELLO, PROPOSE, REDUCE, VOTE, STATE = (f"{PROTOCOL}/{name}" for name in ("hello", "propose", "reduce", "vote", "state"))
 DATA = f"{PROTOCOL}/data"  # the public data's manifest and files (averaging/datashare.py)
 
@@ -70,6 +71,7 @@ class Rejection(enum.Enum):
     WRONG_BASE = "wrong_base"
     OVERSIZED = "oversized"
     WEIGHT_ABOVE_CAP = "weight_above_cap"
+    WRONG_STEPS = "wrong_steps"  # declares a number of inner steps the round's mode does not allow
     NOT_A_MEMBER = "not_a_member"
     MALFORMED = "malformed"
     TIMEOUT = "timeout"
@@ -113,6 +115,8 @@ class Expectation:
     numel: int  # elements of this span
     span_index: int
     weight_cap: float
+    min_steps: int  # the inner steps a part may declare: [min_steps, max_steps] (both H in steps mode)
+    max_steps: int
     max_payload_bytes: int = 1 << 62  # averaging.max_message_bytes
 
 
@@ -148,6 +152,10 @@ def check_header(msg: dict[str, Any] | PartHeader, sender: str, exp: Expectation
         raise Rejected(Rejection.MALFORMED, f"weight {h.weight} must be a positive number")
     if h.weight > exp.weight_cap:
         raise Rejected(Rejection.WEIGHT_ABOVE_CAP, f"weight {h.weight} exceeds the cap {exp.weight_cap}")
+    if not exp.min_steps <= h.steps <= exp.max_steps:
+        allowed = (f"exactly {exp.max_steps}" if exp.min_steps == exp.max_steps
+                   else f"{exp.min_steps} to {exp.max_steps}")
+        raise Rejected(Rejection.WRONG_STEPS, f"declares {h.steps} inner steps; this round allows {allowed}")
     return h.weight
 
 

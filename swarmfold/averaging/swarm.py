@@ -211,7 +211,8 @@ class Swarm:
         by chunk, protocol.encode_span), which is streamed in chunk frames after the header."""
         return {"kind": "part", "group_id": group.group_id, "spec_hash": self.spec.spec_hash,
                 "round": req.round, "base_sha256": req.model_sha256, "span": span_index, "numel": numel,
-                "dtype": DTYPE_OF_CODEC[self.avg.compression], "weight": float(req.weight), "payload": payload,
+                "dtype": DTYPE_OF_CODEC[self.avg.compression], "weight": float(req.weight),
+                "steps": int(req.steps), "payload": payload,
                 **({"environment": self.verifier.environment} if self.verifier is not None else {})}
 
     # ---- the round ---------------------------------------------------------------------------------
@@ -302,7 +303,8 @@ class Swarm:
         logger.info("[%s] round %d: committed with %d of %d members (group %s, digest %s)", self.peer_id[-8:],
                     req.round, len(j.included), len(group.members), group.group_id[:8], j.digest[:12])
         return AverageResult(status="committed", aggregate=out, group_id=group.group_id, members=group.members,
-                             included=j.included, weights=j.weights, confirmed=confirmed, rejected=j.rejected,
+                             included=j.included, weights=j.weights, steps=j.steps, confirmed=confirmed,
+                             rejected=j.rejected,
                              timings=timings,
                              bytes_sent=stats["sent"], bytes_received=stats["received"],
                              compressed=self.avg.compression != "none")

@@ -395,7 +395,8 @@ def reduce_tree_in_process(requests: dict[str, AverageRequest], *, swarm_id: str
     for p in members:
         group = tree.groups[tree.group_of(p)]
         out[p] = AverageResult(status="committed", aggregate=agg, group_id=tree.round_id, members=members,
-                               included=members, weights=weights, confirmed=[q for q in group if q != p],
+                               included=members, weights=weights, steps={q: int(requests[q].steps) for q in members},
+                               confirmed=[q for q in group if q != p],
                                attempts=1, reason=f"tree of {len(tree.groups)} groups, depth {tree.depth}",
                                bytes_sent=costs[p].bytes_sent, bytes_received=costs[p].bytes_received,
                                compressed=compression != "none")

@@ -9,7 +9,7 @@ whose span fails is left out of that span like any other rejected part (named
 round is redone without the cheater, and the verifier publishes a signed, expiring deny
 record that every peer honours in later rounds (at `verify.deny_quorum` issuers).
 
-The replay itself (training H steps) needs peer/, which averaging/ must not import: the
+The replay itself (training the inner steps the member declared) needs peer/, which averaging/ must not import: the
 daemon injects it as `SwarmVerifier.replay`. Replay is possible because a verifying
 swarm's round depends on public inputs only (peer/local.py `replayable`): θ_r, the round,
 the member's peer id and the public data; no AdamW state, carried delta or compression
@@ -44,8 +44,9 @@ def environment_class(env: Mapping[str, Any]) -> dict[str, Any]:
     """The class keys of an environment record (older CPU-only records get the CPU's device fields)."""
     return {k: env.get(k, ENVIRONMENT_DEFAULTS.get(k)) for k in ENVIRONMENT_CLASS}
 
-# replay(member peer id, round, base model sha256) -> that member's Δ as this peer replays it
-ReplayFn = Callable[[str, int, str], torch.Tensor]
+# replay(member peer id, round, base model sha256, inner steps it declared) -> that member's Δ as this
+# peer replays it
+ReplayFn = Callable[[str, int, str, int], torch.Tensor]
 
 
 @dataclass
@@ -56,7 +57,7 @@ class SwarmVerifier:
     environment: dict[str, Any]  # this peer's environment class, announced with every part it sends
     fraction: float
     tolerance: float
-    expected_weight: float  # the weight an honest member claims for one round (H steps, capped)
+    weight_for: Callable[[int], float]  # the weight an honest member claims for a round of k inner steps
     rng: random.Random = field(default_factory=random.SystemRandom)
 
 

@@ -120,6 +120,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rounds", required=True, type=int)
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--peer-ids", nargs="+", default=None, help="seed-schedule ids, one per shard")
+    p.add_argument("--steps-from", nargs="+", type=Path, default=None, metavar="LOG",
+                   help="the inner steps each peer trained in each round, from the round logs (rounds.jsonl, or "
+                        "the workdirs holding them) of a time-mode swarm's peers: reproduces its rounds bit for bit")
     p.add_argument("--tree", action="store_true",
                    help="with more peers than group_size, join the groups by the averaging tree into one model "
                         "per round (a design reference: the live swarm does not do this yet)")
@@ -276,8 +279,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     spec = load_spec(args.spec)
     set_threads(args.threads)
+    steps = None
+    if args.steps_from:
+        from swarmfold.peer.roundlog import steps_from
+
+        steps = steps_from(args.steps_from)
     peers, _ = simulate(spec, [[d] for d in args.data], rounds=args.rounds, threads=args.threads,
-                        out=args.out, peer_ids=args.peer_ids, device=args.device, tree=args.tree)
+                        out=args.out, peer_ids=args.peer_ids, device=args.device, tree=args.tree, steps=steps)
     for p in peers:
         print(f"{p.peer_id}: round {p.round}, validation loss {p.evaluate(max_windows=256):.4f}, "
               f"model sha256 {p.theta_sha256[:16]}")

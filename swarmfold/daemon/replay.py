@@ -37,7 +37,7 @@ def make_swarm_verifier(peer: LocalPeer) -> SwarmVerifier:
             f"{peer.shard.manifest_hash[:12]}…. Pass the public shard's files with --data")
     threads = peer.threads
 
-    def replay(member: str, round_idx: int, base_sha256: str) -> torch.Tensor:
+    def replay(member: str, round_idx: int, base_sha256: str, steps: int) -> torch.Tensor:
         if round_idx != peer.round or base_sha256 != peer.theta_sha256:
             raise ValueError(f"we hold round {peer.round} (model {peer.theta_sha256[:12]}), not round {round_idx} "
                              f"(model {base_sha256[:12]})")
@@ -48,8 +48,10 @@ def make_swarm_verifier(peer: LocalPeer) -> SwarmVerifier:
             other.theta_sha256 = tensor_sha256(other.theta)
             other.round = round_idx
             set_flat_params(other.model, other.theta)
-            return other.train_phase().delta
+            return other.train_phase(steps=steps).delta  # the steps it declared: a false count replays differently
 
-    _, weight = expected_tokens(spec, spec.round.inner_steps)
+    def weight_for(steps: int) -> float:
+        return expected_tokens(spec, steps)[1]
+
     return SwarmVerifier(replay=replay, environment=environment(threads, peer.device), fraction=spec.verify.fraction,
-                         tolerance=spec.verify.tolerance, expected_weight=weight)
+                         tolerance=spec.verify.tolerance, weight_for=weight_for)

@@ -254,8 +254,7 @@ class PeerRunner:
                 self._pause()
                 continue
             self._catch_up()
-            self.status.set_state("training", f"round {self.peer.round}: {self.spec.round.inner_steps} inner steps"
-                                  if self.spec else "")
+            self.status.set_state("training", self._training_detail())
             self._base_sha256 = self.peer.theta_sha256
             phase = self.peer.train_phase(step_hook=self._step_hook)
             self.status.update(**self.peer.credit.view())  # the phase confirmed our last commit, or not
@@ -263,6 +262,13 @@ class PeerRunner:
             report = self.peer.finish_round(phase, result)
             self._after_round(report)
         return ExitCode.OK
+
+    def _training_detail(self) -> str:
+        assert self.peer is not None
+        r = self.peer.spec.round
+        if r.mode == "time":
+            return (f"round {self.peer.round}: inner steps for {r.seconds:g} s ({r.min_steps} to {r.inner_steps})")
+        return f"round {self.peer.round}: {r.inner_steps} inner steps"
 
     def _step_hook(self, step: int) -> None:
         if self.controls.stop.is_set():
@@ -365,7 +371,7 @@ class PeerRunner:
         record = RoundRecord(round=report.round, status=report.status, train_loss=report.train_loss,
                              tokens=report.tokens, tokens_per_second=report.tokens_per_second,
                              group_size=len(res.included) if res.included else 1, model_sha256=report.model_sha256,
-                             timings=report.timings, finished_at=time.time())
+                             timings=report.timings, finished_at=time.time(), steps=report.steps)
         self.status.on_round(record, bytes_sent=res.bytes_sent, bytes_received=res.bytes_received,
                              rejected=res.rejected,
                              allreduce_seconds=res.timings.get("allreduce") if res.status == "committed" else None)
@@ -404,6 +410,8 @@ class PeerRunner:
                                   "tokens_counted": snap["tokens_counted"], "tokens_wasted": snap["tokens_wasted"],
                                   "tokens_per_second": snap["tokens_per_second"],
                                   "rounds_committed": snap["rounds"].get("committed", 0),
+                                  # the inner steps this peer declared for its last round (time mode: what fit)
+                                  "steps": self.peer.last_round.get("steps", {}).get(self.peer.peer_id),
                                   "timings": last.get("timings", {})})
         try:
             self.swarm.publish(record)

@@ -29,6 +29,7 @@ class RoundRecord:
     timings: dict[str, float]  # train, matchmaking, allreduce, commit (seconds)
     finished_at: float
     val_loss: float | None = None
+    steps: int = 0  # inner steps trained (round.mode "time": what fit in round.seconds)
 
 
 @dataclass

@@ -33,6 +33,7 @@ from swarmfold.peer.device import (
     resolve_device,
 )
 from swarmfold.peer.model import build_model, flat_params, set_flat_params, tensor_sha256
+from swarmfold.peer.roundlog import append_round
 from swarmfold.peer.seeds import batch_order, round_seed
 from swarmfold.peer.tokenizer import Tokenizer, load_tokenizer
 from swarmfold.peer.trainer import InnerTrainer, StepStats, lm_loss, set_threads
@@ -78,6 +79,7 @@ class TrainPhase:
     weight: float
     stats: StepStats
     seconds: float
+    steps: int  # inner steps trained this round: H in steps mode; in time mode what fit in round.seconds
 
 
 @dataclass
@@ -90,6 +92,7 @@ class RoundReport:
     model_sha256: str  # θ_{r+1}
     result: AverageResult
     timings: dict[str, float] = field(default_factory=dict)
+    steps: int = 0  # inner steps this peer trained in the round
 
 
 class LocalPeer:
@@ -147,17 +150,29 @@ class LocalPeer:
                             steps=self.spec.round.inner_steps, batch_size=self.spec.inner.batch_size)
         return [self.shard.train_batch(row) for row in order]
 
-    def train_phase(self, step_hook: Callable[[int], None] | None = None) -> TrainPhase:
-        """H inner steps from θ_r. `step_hook` may raise TrainingInterrupted: the model is then
-        mid-round and must not be saved; the last checkpoint remains the state."""
+    def train_phase(self, step_hook: Callable[[int], None] | None = None, *, steps: int | None = None) -> TrainPhase:
+        """One round's inner steps from θ_r: H in steps mode; in time mode as many as fit in
+        round.seconds of this peer's clock (at least min_steps, at most H). `steps` forces the
+        number (a replay, or `simulate --steps-from` reproducing what a peer recorded); the batches
+        are the first `steps` of the round's H, so a round of k steps is a prefix of the full one.
+        `step_hook` may raise TrainingInterrupted: the model is then mid-round and must not be
+        saved; the last checkpoint remains the state."""
         t0 = time.perf_counter()
+        r = self.spec.round
+        if steps is not None and not 1 <= steps <= r.inner_steps:
+            raise ValueError(f"a round has 1 to round.inner_steps = {r.inner_steps} steps, not {steps}")
+        stop_before = None
+        if steps is not None:
+            stop_before = (lambda i: i >= steps)  # noqa: E731 - a one-line rule
+        elif r.mode == "time":
+            stop_before = (lambda i: i >= r.min_steps and time.perf_counter() - t0 >= r.seconds)  # noqa: E731
         self.credit.confirm(self.theta_sha256)  # we train on from our last commit's model: it counts
         if replayable(self.spec):
             self._start_replayable_round()
         # any draw from torch's global generator (dropout, a model's own sampling) is seeded too
         torch.manual_seed(round_seed(self.spec.seed, self.round, self.peer_id, "torch"))
         stats = self.trainer.run(self.batches_for_round(self.round), step_hook,
-                                 first_step=self.round_start_step)
+                                 first_step=self.round_start_step, stop_before=stop_before)
         delta = flat_params(self.model)  # the one new full copy: θ_local, turned into Δ in place
         torch.sub(self.theta, delta, out=delta)  # Δ = θ_r − θ_local, the same bits as `theta - local`
         if self.residual is not None:
@@ -167,7 +182,7 @@ class LocalPeer:
         logger.info("[%s] round %d: trained %d steps, loss %.4f, %.0f tokens/s",
                     self.peer_id[-8:], self.round, len(stats.losses), stats.mean_loss, stats.tokens_per_second)
         return TrainPhase(round=self.round, delta=delta, weight=weight, stats=stats,
-                          seconds=time.perf_counter() - t0)
+                          seconds=time.perf_counter() - t0, steps=len(stats.losses))
 
     def _start_replayable_round(self) -> None:
         """In a swarm that verifies by replay, a round depends only on public inputs: θ_r, the
@@ -181,10 +196,11 @@ class LocalPeer:
 
     def request(self, phase: TrainPhase) -> AverageRequest:
         return AverageRequest(round=phase.round, delta=phase.delta, weight=phase.weight,
-                              model_sha256=self.theta_sha256)
+                              model_sha256=self.theta_sha256, steps=phase.steps)
 
     def finish_round(self, phase: TrainPhase, result: AverageResult) -> RoundReport:
         """Apply the outcome: outer step on the aggregate, or keep θ_r and carry Δ after a rollback."""
+        base_sha256 = self.theta_sha256
         if result.status in ("committed", "alone"):
             if result.aggregate is None:
                 raise ValueError("averager returned no aggregate for a committed round")
@@ -207,13 +223,20 @@ class LocalPeer:
         self.counters[result.status] = self.counters.get(result.status, 0) + 1
         self.last_round = {"round": self.round, "status": result.status, "group_id": result.group_id,
                            "members": list(result.members), "included": list(result.included),
-                           "weights": dict(result.weights), "confirmed": list(result.confirmed),
+                           "weights": dict(result.weights), "steps": dict(result.steps) or {self.peer_id: phase.steps},
+                           "confirmed": list(result.confirmed),
                            "rejected": dict(result.rejected), "attempts": result.attempts, "reason": result.reason,
                            "timings": dict(result.timings, train=phase.seconds), "bytes_sent": result.bytes_sent}
         report = RoundReport(round=self.round, status=result.status, train_loss=phase.stats.mean_loss,
                              tokens=phase.stats.tokens, tokens_per_second=phase.stats.tokens_per_second,
                              model_sha256=self.theta_sha256, result=result,
-                             timings=dict(result.timings, train=phase.seconds))
+                             timings=dict(result.timings, train=phase.seconds), steps=phase.steps)
+        if self.workdir is not None:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            append_round(self.workdir, {"round": self.round, "status": result.status, "group_id": result.group_id,
+                                        "included": list(result.included), "weights": dict(result.weights),
+                                        "steps": self.last_round["steps"], "base_sha256": base_sha256,
+                                        "model_sha256": self.theta_sha256})
         self.round += 1
         return report
 
@@ -411,5 +434,5 @@ def _provenance_of(round_idx: int, result: AverageResult) -> dict[str, Any]:
     where = {"theta_round": round_idx + 1, "averaged_round": round_idx}
     if result.status == "committed":
         return {"source": "committed", **where, "group_id": result.group_id, "members": list(result.members),
-                "included": list(result.included), "weights": dict(result.weights)}
+                "included": list(result.included), "weights": dict(result.weights), "steps": dict(result.steps)}
     return {"source": "alone", **where, "reason": result.reason}

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +23,7 @@ from swarmfold.averaging.base import AverageResult, partition_groups
 from swarmfold.averaging.inprocess import reduce_in_process
 from swarmfold.averaging.tree import reduce_tree_in_process
 from swarmfold.peer.local import LocalPeer, RoundReport
+from swarmfold.peer.roundlog import RoundLogError
 from swarmfold.spec import Spec
 
 logger = logging.getLogger(__name__)
@@ -39,7 +40,11 @@ def simulate(spec: Spec, shards: Sequence[Sequence[str | Path]], *, rounds: int,
              out: Path | None = None, peer_ids: Sequence[str] | None = None,
              on_round: Callable[[int, list[LocalPeer], dict[str, RoundReport]], None] | None = None,
              save_checkpoints: bool = True, keep_checkpoints: int = 3,
-             device: torch.device | str = "cpu", tree: bool = False) -> tuple[list[LocalPeer], SimulationResult]:
+             device: torch.device | str = "cpu", tree: bool = False,
+             steps: Mapping[int, Mapping[str, int]] | None = None) -> tuple[list[LocalPeer], SimulationResult]:
+    """`steps`: round -> peer id -> the inner steps that peer trained (a time-mode swarm's round logs,
+    `roundlog.steps_from`); every peer of every round must be there. Without it each peer trains
+    as its spec says (H steps; in time mode, as many as fit in round.seconds here)."""
     ids = list(peer_ids) if peer_ids else [f"sim-{i}" for i in range(len(shards))]
     if len(ids) != len(shards):
         raise ValueError(f"simulate: {len(shards)} shards but {len(ids)} peer ids; give one id per shard")
@@ -58,8 +63,15 @@ def simulate(spec: Spec, shards: Sequence[Sequence[str | Path]], *, rounds: int,
              for i, (pid, shard) in enumerate(zip(ids, shards, strict=True))]
     by_id = {p.peer_id: p for p in peers}
     result = SimulationResult(peer_ids=ids, rounds=rounds)
+    if steps is not None:
+        missing = [(r, pid) for r in range(rounds) for pid in ids if pid not in steps.get(r, {})]
+        if missing:
+            r, pid = missing[0]
+            raise RoundLogError(f"simulate: the round logs give no steps for peer {pid} in round {r} "
+                               f"({len(missing)} (round, peer) pairs missing); pass the logs of every peer, with "
+                               "--peer-ids naming the swarm's peers")
     for r in range(rounds):
-        phases = {p.peer_id: p.train_phase() for p in peers}
+        phases = {p.peer_id: p.train_phase(steps=None if steps is None else steps[r][p.peer_id]) for p in peers}
         outcomes: dict[str, AverageResult] = {}
         if use_tree:
             outcomes = reduce_tree_in_process(
@@ -75,6 +87,7 @@ def simulate(spec: Spec, shards: Sequence[Sequence[str | Path]], *, rounds: int,
             if p.workdir is not None:
                 p.save()
         result.per_round.append({pid: {"status": rep.status, "train_loss": rep.train_loss,
+                                       "steps": phases[pid].steps,
                                        "model_sha256": rep.model_sha256, "bytes_sent": rep.result.bytes_sent}
                                  for pid, rep in reports.items()})
         logger.info("simulate round %d: mean train loss %.4f", r,

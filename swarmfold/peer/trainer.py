@@ -204,14 +204,19 @@ class InnerTrainer:
         return total
 
     def run(self, batches: list[torch.Tensor], step_hook: Callable[[int], None] | None = None, *,
-            first_step: int | None = None) -> StepStats:
+            first_step: int | None = None, stop_before: Callable[[int], bool] | None = None) -> StepStats:
         """Train on `batches`; `step_hook(i)` runs before step i (it may sleep, or raise to interrupt).
-        `first_step`: the swarm's step of the first batch (round × H), for the lr schedule."""
+        `first_step`: the swarm's step of the first batch (round × H), for the lr schedule.
+        `stop_before(i)`: asked before each step i, after its `step_hook` (so a rest the hook takes
+        for the duty cycle counts as time of the steps before it); True ends the run there, with i
+        steps trained (a time-boxed round's clock)."""
         stats = StepStats()
         t0 = time.perf_counter()
         for i, windows in enumerate(batches):
             if step_hook is not None:
                 step_hook(i)
+            if stop_before is not None and stop_before(i):
+                break
             stats.losses.append(self.step(windows, None if first_step is None else first_step + i))
             stats.tokens += windows.shape[0] * (windows.shape[1] - 1)
         stats.seconds = time.perf_counter() - t0

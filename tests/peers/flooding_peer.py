@@ -37,7 +37,8 @@ async def _part(swarm: Swarm, peer: str, group_id: str) -> None:
     reader, writer = await swarm.open_stream(peer, REDUCE)
     try:
         header = PartHeader(group_id=group_id, spec_hash=swarm.spec.spec_hash, round=0, base_sha256="0" * 64,
-                            span=0, numel=1, dtype="int8-absmax", weight=1.0, payload_bytes=1, chunk=1)
+                            span=0, numel=1, dtype="int8-absmax", weight=1.0, steps=1, payload_bytes=1,
+                            chunk=1)
         await wire.send(writer, header.to_wire())
         await asyncio.wait_for(wire.recv(reader, 1 << 20), 2.0)
     finally:
