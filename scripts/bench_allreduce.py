@@ -177,7 +177,7 @@ class SwarmfoldWorker(Worker):
 
         assert self.delta is not None
         req = AverageRequest(round=self.round, delta=self.delta, weight=self.weight, model_sha256=BASE_HASH,
-                             steps=1)
+                             steps=self.spec.round.inner_steps)  # steps mode: every part declares H
         t0 = time.perf_counter()
         res = self.swarm.average(req)
         seconds = time.perf_counter() - t0

@@ -232,11 +232,15 @@ class LocalPeer:
                              model_sha256=self.theta_sha256, result=result,
                              timings=dict(result.timings, train=phase.seconds), steps=phase.steps)
         if self.workdir is not None:
-            self.workdir.mkdir(parents=True, exist_ok=True)
-            append_round(self.workdir, {"round": self.round, "status": result.status, "group_id": result.group_id,
-                                        "included": list(result.included), "weights": dict(result.weights),
-                                        "steps": self.last_round["steps"], "base_sha256": base_sha256,
-                                        "model_sha256": self.theta_sha256})
+            try:  # the round log is a record for simulate --steps-from, not the state: a full disk costs a line
+                self.workdir.mkdir(parents=True, exist_ok=True)
+                append_round(self.workdir, {"round": self.round, "status": result.status,
+                                            "group_id": result.group_id, "included": list(result.included),
+                                            "weights": dict(result.weights), "steps": self.last_round["steps"],
+                                            "base_sha256": base_sha256, "model_sha256": self.theta_sha256})
+            except OSError as e:
+                logger.warning("[%s] round %d: could not append to the round log in %s: %s", self.peer_id[-8:],
+                               self.round, self.workdir, e)
         self.round += 1
         return report
 
