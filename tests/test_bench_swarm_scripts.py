@@ -7,6 +7,7 @@ are marked slow. They check what the numbers must obey, never how fast anything 
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -67,4 +68,36 @@ def test_bench_round_smoke(tmp_path: Path) -> None:
     assert steady["rounds_counted"] == 2
     assert sum(steady["share_of_wall"].values()) == pytest.approx(1.0)
     assert steady["utilization"] == pytest.approx(steady["share_of_wall"]["train"])
+    assert out.with_suffix(".png").stat().st_size > 10_000
+
+
+def test_bench_hetero_smoke(tmp_path: Path) -> None:
+    """4 real peers, the last at power = light, 2 steps rounds then time rounds: the report adds up."""
+    out = tmp_path / "hetero.json"
+    _run([str(REPO / "scripts" / "bench_hetero.py"), "--smoke", "--out", str(out)], tmp_path, timeout=400)
+    report = json.loads(out.read_text())
+    assert report["setup"]["slow_duty_cycle"] == 0.25
+    for name in ("steps", "time"):
+        arm = report["arms"][name]
+        assert arm["spec_round"]["mode"] == name
+        assert arm["rounds_committed_by_peer0"] >= 1, arm  # peer 0 averaged with someone in both modes
+        peers = arm["peers"]
+        assert [p["peer"] for p in peers] == [0, 1, 2, 3]
+        assert [p["power"] for p in peers] == ["full", "full", "full", "light"]
+        for p in peers:
+            assert p["tokens_trained"] > 0
+            assert p["tokens_counted"] + p["tokens_pending"] + p["tokens_wasted"] == p["tokens_trained"]
+            assert 0.0 <= p["share_counted"] <= p["share_reached"] <= 1.0
+            assert all(1 <= s <= report["setup"]["h"] for s in p["steps_per_round"])
+            for r in p["rounds"]:
+                assert r["idle"] == pytest.approx(r["wall"] - r["train"], abs=1e-2)
+        assert arm["tokens_trained_total"] == sum(p["tokens_trained"] for p in peers)
+        tokens = [pt["tokens"] for pt in arm["curve"]]
+        assert tokens == sorted(tokens) and tokens[-1] == arm["tokens_trained_total"]
+        assert all(math.isfinite(pt["val_loss"]) for pt in arm["curve"])
+    # steps mode: every peer trains H steps in every round it logs
+    assert all(s == report["setup"]["h"] for p in report["arms"]["steps"]["peers"] for s in p["steps_per_round"])
+    c = report["comparison"]
+    assert c["token_budget"] == report["arms"]["steps"]["tokens_trained_total"]
+    assert set(c["val_loss_at_budget"]) == {"steps", "time"}
     assert out.with_suffix(".png").stat().st_size > 10_000
