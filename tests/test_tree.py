@@ -12,8 +12,8 @@ import torch
 
 from swarmfold.averaging import codec
 from swarmfold.averaging.aggregate import Contribution, weighted_mean
-from swarmfold.averaging.base import AverageRequest, butterfly_bytes
-from swarmfold.averaging.inprocess import reduce_in_process
+from swarmfold.averaging.base import AverageRequest, butterfly_bytes, partition_groups
+from swarmfold.averaging.inprocess import reduce_in_process, reduce_tree
 from swarmfold.averaging.tree import (
     build_tree,
     cost_model,
@@ -182,20 +182,60 @@ def test_a_failed_group_is_excluded_and_the_rest_commit_one_model() -> None:
     assert {r.status for r in everyone.values()} == {"rolled_back"}
 
 
-def test_simulate_tree_gives_one_model_and_changes_nothing_for_small_swarms(shards: list) -> None:
+def test_simulate_joins_more_groups_than_one_into_one_model(shards: list) -> None:
+    """The live tree's reference (inprocess.reduce_tree): N > G gives one model a round, with a record
+    of the level above each group; a group of one (G = 2, N = 3: groups of 1 and 2) carries its Δ up."""
     spec = fast_spec(averaging={"group_size": 2}, round={"inner_steps": 1})
-    peers, result = simulate(spec, [[s] for s in shards[:3]], rounds=1, threads=1, save_checkpoints=False, tree=True)
-    assert len({v["model_sha256"] for v in result.per_round[0].values()}) == 1  # one model, N > G
-    _, plain = simulate(spec, [[s] for s in shards[:3]], rounds=1, threads=1, save_checkpoints=False)
-    assert len({v["model_sha256"] for v in plain.per_round[0].values()}) == 2  # today: two groups, two models
-    # N <= G takes today's path (reduce_in_process) even with tree=True; the reduction itself is
-    # checked bit for bit in test_one_group_is_todays_weighted_mean_bit_for_bit
-    args = build_parser().parse_args(["simulate", "--spec", "s.toml", "--data", "a", "b", "c", "--rounds", "1",
-                                      "--out", "o", "--tree"])
-    assert args.tree is True
-    with pytest.raises(ValueError, match="weighted mean only"):
-        simulate(fast_spec(averaging={"aggregation": "median"}), [[s] for s in shards[:2]], rounds=1, threads=1,
-                 save_checkpoints=False, tree=True)
+    ids = ["a", "b", "c"]
+    peers, result = simulate(spec, [[s] for s in shards[:3]], rounds=1, threads=1, save_checkpoints=False,
+                             peer_ids=ids)
+    assert len({v["model_sha256"] for v in result.per_round[0].values()}) == 1
+    assert {v["status"] for v in result.per_round[0].values()} == {"committed"}
+    for p in peers:
+        (level,) = p.last_round["tree"]
+        assert level["level"] == 2 and level["included"] == ["a", "b"]  # the delegates of [a] and [b, c]
+    assert peers[0].last_round["included"] == ["a"] and peers[1].last_round["included"] == ["b", "c"]
+    args = build_parser().parse_args(["simulate", "--spec", "s.toml", "--data", "a", "b", "--rounds", "1",
+                                      "--out", "o"])
+    assert not hasattr(args, "tree")
+
+
+@pytest.mark.parametrize("compression", ["none", "int8"])
+def test_reduce_tree_is_one_group_for_n_up_to_g_and_levels_of_groups_above(compression: str) -> None:
+    deltas = _deltas(7, seed=5)
+    reqs = _requests(deltas)
+    opts = dict(swarm_id="s", compression=compression, rule="mean", trim_fraction=0.0)
+    small = {p: reqs[p] for p in sorted(reqs)[:3]}
+    plain = reduce_in_process(small, **opts)
+    for p, r in reduce_tree(small, group_size=3, **opts).items():
+        assert torch.equal(r.aggregate, plain[p].aggregate) and not r.tree
+    out = reduce_tree(reqs, group_size=2, **opts)  # 7 peers, G = 2: 4 groups, 2 groups of delegates, a root
+    tops = {tuple(r.aggregate.tolist()) for r in out.values()}
+    assert len(tops) == 1 and {r.status for r in out.values()} == {"committed"}
+    assert all([lv["level"] for lv in r.tree] == [2, 3] for r in out.values())
+    # by hand: each level is reduce_in_process over the groups' delegates, weighted by what they carry
+    ids = sorted(reqs)
+    groups = partition_groups(ids, 2)
+    lvl1 = {}
+    for g in groups:
+        lvl1.update(reduce_in_process({p: reqs[p] for p in g}, **opts))
+    up = {}
+    for g in groups:
+        r = lvl1[g[0]]
+        w = sum(reqs[p].weight for p in g)
+        up[g[0]] = AverageRequest(round=3, delta=r.aggregate, weight=w, model_sha256="m",
+                                  steps=sum(reqs[p].steps for p in g), level=2)
+    lvl2 = {}
+    for g in partition_groups(sorted(up), 2):
+        lvl2.update(reduce_in_process({p: up[p] for p in g}, level=2, **opts))
+    top_up = {}
+    for g in partition_groups(sorted(up), 2):
+        r = lvl2[g[0]]
+        top_up[g[0]] = AverageRequest(round=3, delta=r.aggregate, weight=sum(up[p].weight for p in g),
+                                      model_sha256="m", steps=sum(up[p].steps for p in g), level=3)
+    root = reduce_in_process(top_up, level=3, **opts)
+    expected = next(iter(root.values())).aggregate
+    assert all(torch.equal(r.aggregate, expected) for r in out.values())
 
 
 def test_codec_spans_of_the_smallest_group_are_shared() -> None:

@@ -82,6 +82,7 @@ class Reducer:
 
     exp: Expectation
     offset: int = 0  # where this span starts in the flat Δ
+    level: int = 1  # the tree level (above 1 the parts are groups' aggregates: not replayed)
     parts: dict[str, Contribution] = field(default_factory=dict)
     claims: dict[str, dict[str, Any] | None] = field(default_factory=dict)  # environment class each part claims
     steps: dict[str, int] = field(default_factory=dict)  # inner steps each part declares (checked by its header)
@@ -282,11 +283,14 @@ class AllReduce:
     def _open_reducer(self, req: AverageRequest, group: Group, span: tuple[int, int], index: int) -> Reducer:
         lo, hi = span
         comp = self.avg.compression
-        red = Reducer(offset=lo, exp=Expectation(
+        # above level 1 a part is a group's aggregate: its weight and steps are sums over at most
+        # G^(level-1) peers (a group of one passes its own Δ up: the fewest steps stay one peer's)
+        fan = self.avg.group_size ** (req.level - 1)
+        red = Reducer(offset=lo, level=req.level, exp=Expectation(
             spec_hash=self.spec.spec_hash, round=req.round, group_id=group.group_id,
             base_sha256=req.model_sha256, members=frozenset(group.members), compression=comp, numel=hi - lo,
-            span_index=index, weight_cap=float(self.spec.token_cap), min_steps=self.spec.round_min_steps,
-            max_steps=self.spec.round.inner_steps, max_payload_bytes=self.avg.max_message_bytes))
+            span_index=index, weight_cap=float(self.spec.token_cap) * fan, min_steps=self.spec.round_min_steps,
+            max_steps=self.spec.round.inner_steps * fan, max_payload_bytes=self.avg.max_message_bytes))
         red.parts[self.peer_id] = Contribution(codec.roundtrip(comp, req.delta[lo:hi].contiguous()),
                                                float(req.weight))
         red.steps[self.peer_id] = int(req.steps)
@@ -386,7 +390,7 @@ class AllReduce:
         if not await red.until(red.accounted, deadline):
             self._time_out(red, round_idx, set(red.exp.members - set(red.parts) - set(red.rejected)), "contribution")
         self.on_enter(Phase.REDUCE, round_idx)
-        if self.verifier is not None and self.verifier.fraction > 0:
+        if self.verifier is not None and self.verifier.fraction > 0 and red.level == 1:
             # the replay judges whole spans, exactly as they would enter the average: wait for them first
             if not await red.until(red.complete_parts, deadline):
                 self._time_out(red, round_idx, {p for p in red.parts if red.received.get(p, 0) < len(red.chunks)},

@@ -110,18 +110,21 @@ class Directory:
             return set()
 
     # ---- matchmaking declarations ------------------------------------------------------------------
-    def _key(self, round_idx: int, attempt: int, waiting: bool) -> str:
-        return waiting_key(self.swarm_id, round_idx) if waiting else matchmaking_key(self.swarm_id, round_idx, attempt)
+    def _key(self, round_idx: int, attempt: int, waiting: bool, level: int) -> str:
+        if waiting:
+            return waiting_key(self.swarm_id, round_idx)
+        return matchmaking_key(self.swarm_id, round_idx, attempt, level)
 
-    async def declare(self, decl: Declaration, round_idx: int, attempt: int, waiting: bool, ttl: float) -> None:
+    async def declare(self, decl: Declaration, round_idx: int, attempt: int, waiting: bool, ttl: float,
+                      level: int = 1) -> None:
         assert self.t.dht is not None
         await self.t.dht_call(self.t.dht.store(
-            self._key(round_idx, attempt, waiting), decl.to_value(), get_dht_time() + ttl,
+            self._key(round_idx, attempt, waiting, level), decl.to_value(), get_dht_time() + ttl,
             subkey=owned_subkey(self.t.validator, self.peer_id), return_future=True))
 
-    async def declared(self, round_idx: int, attempt: int, waiting: bool) -> dict[str, Declaration]:
+    async def declared(self, round_idx: int, attempt: int, waiting: bool, level: int = 1) -> dict[str, Declaration]:
         assert self.t.dht is not None
-        result = await self.t.dht_call(self.t.dht.get(self._key(round_idx, attempt, waiting), latest=True,
+        result = await self.t.dht_call(self.t.dht.get(self._key(round_idx, attempt, waiting, level), latest=True,
                                                       return_future=True))
         out = {}
         for subkey, value, _ in entries(result):

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from swarmfold.averaging import wire
-from swarmfold.averaging.base import AverageRequest, group_id_for, partition_groups
+from swarmfold.averaging.base import AverageRequest, delegates_of, group_id_for, partition_groups
 from swarmfold.averaging.directory import Directory
 from swarmfold.averaging.messages import Answer, Cancel, Final, Propose, parse_matchmaking
 from swarmfold.averaging.protocol import PROPOSE, AveragingError, Phase, Rejected
@@ -37,6 +37,7 @@ from swarmfold.spec import Spec
 logger = logging.getLogger(__name__)
 
 MAX_KNOWN_GROUPS = 16  # groups remembered for late parts and votes (a few rounds' worth of attempts)
+MAX_DELEGATES = 4096  # a final list naming more next-level members is malformed (G = 8: 32k peers)
 
 
 @dataclass
@@ -48,6 +49,8 @@ class Group:
     clients: frozenset[str]  # members in client mode (they send but do not reduce)
     leader: str
     waiting: bool = False  # formed in the waiting room of min_group_size
+    level: int = 1  # the tree (N > G): 1 = peers; above, groups' delegates
+    delegates: tuple[str, ...] = ()  # the next level's expected members, from the leader's gather (empty: top)
 
     @property
     def reducers(self) -> list[str]:
@@ -57,9 +60,12 @@ class Group:
 @dataclass(frozen=True)
 class NoGroup:
     """Matchmaking ended without a group: the window closed (`moved_on` False), or too few peers are
-    left at this round while enough are past it (`moved_on` True: the catch-up will follow them)."""
+    left at this round while enough are past it (`moved_on` True: the catch-up will follow them).
+    `delegates`: the next tree level's members, when this peer's gather held more than one group's
+    worth of peers (it is then a group of one that carries its own Δ up)."""
 
     moved_on: bool = False
+    delegates: tuple[str, ...] = ()
 
 
 class AttemptFailed(AveragingError):
@@ -92,6 +98,7 @@ class _Attempt:
     base: str
     excluded: set[str]
     waiting: bool = False
+    level: int = 1
     # peers whose contribution this round we rejected for cause: that such a peer is past this round
     # (it gave up and moved on) says nothing about where the swarm is
     distrusted: frozenset[str] = frozenset()
@@ -99,10 +106,13 @@ class _Attempt:
     proposed: frozenset[str] = frozenset()  # the members of that proposal
     proposal_event: asyncio.Event = field(default_factory=asyncio.Event)
     final: asyncio.Future | None = None  # the leader's Final or Cancel
+    gathered: frozenset[str] = frozenset()  # the peers of our last gather (the tree's delegates come from it)
+    clients: frozenset[str] = frozenset()  # those of them in client mode
 
     def here(self, m: Propose | Final | Cancel) -> bool:
         """Is `m` about where we are (the waiting room is one per round, whatever the attempt)?"""
-        return m.round == self.round and m.waiting == self.waiting and (self.waiting or m.attempt == self.attempt)
+        return (m.round == self.round and m.level == self.level and m.waiting == self.waiting
+                and (self.waiting or m.attempt == self.attempt))
 
 
 class Membership:
@@ -166,9 +176,10 @@ class Matchmaker:
         and must not make a round that enough peers are still at look abandoned."""
         distrusted = frozenset(for_cause or ())
         a = await self._begin(_Attempt(round=req.round, attempt=attempt, base=req.model_sha256,
-                                       excluded=set(excluded), distrusted=distrusted),
+                                       excluded=set(excluded), distrusted=distrusted, level=req.level),
                               self.tt.declaration_ttl(attempt))
-        self.on_enter(Phase.MATCHMAKING, req.round)
+        if req.level == 1:
+            self.on_enter(Phase.MATCHMAKING, req.round)
         if expected is None:
             expected, _ = await self.dir.expected_peers(req.round, excluded)
         deadline = time.monotonic() + self.tt.gather_window(attempt)
@@ -176,8 +187,10 @@ class Matchmaker:
             group, what = await self._try_form(a, expected, deadline)
             if group is not None:
                 return group
-            if self.avg.min_group_size <= 1 or self.stopping.is_set():
-                return NoGroup()
+            if self.avg.min_group_size <= 1 or self.stopping.is_set() or a.level > 1:
+                # a group of one: with more than one group's worth of peers about, it is its own delegate
+                mine = delegates_of(sorted(a.gathered | {self.peer_id}), self.avg.group_size, a.clients)
+                return NoGroup(delegates=tuple(mine) if self.peer_id in mine else ())
             # min_group_size > 1: keep waiting at this round unless the swarm has moved past it
             self.on_phase("matchmaking", f"round {req.round}: waiting for a group of at least "
                           f"{self.avg.min_group_size} ({what})")
@@ -199,7 +212,7 @@ class Matchmaker:
         self.membership.set_pending(frozenset())
         decl = Declaration(peer_id=self.peer_id, model_sha256=a.base, client_mode=self.client_mode,
                            maddrs=self.maddrs())
-        await self.dir.declare(decl, a.round, a.attempt, a.waiting, ttl)
+        await self.dir.declare(decl, a.round, a.attempt, a.waiting, ttl, a.level)
         return a
 
     async def _try_form(self, a: _Attempt, expected: set[str], deadline: float) -> tuple[Group | None, str]:
@@ -217,7 +230,7 @@ class Matchmaker:
                         group = await self._lead(a, mine, members)
                     else:
                         group = await self._await_leader(a, mine, deadline)
-            if group is not None and len(group.members) >= self.avg.min_group_size:
+            if group is not None and len(group.members) >= (self.avg.min_group_size if a.level == 1 else 2):
                 return group, ""
             if group is not None:  # too small to average: release the members
                 await self._cancel(group)
@@ -242,11 +255,11 @@ class Matchmaker:
         declared too, not at its deadline (which still bounds it)."""
         polls = 0
         gone: set[str] = set()
-        waiting_room = self.avg.min_group_size > 1
+        waiting_room = self.avg.min_group_size > 1 and a.level == 1
         expected = set(expected)
         while True:
-            declared = await self.dir.declared(a.round, a.attempt, a.waiting)
-            if polls % 5 == 0:
+            declared = await self.dir.declared(a.round, a.attempt, a.waiting, a.level)
+            if polls % 5 == 0 and a.level == 1:  # above level 1, the delegates expected are known
                 here, gone = await self.dir.expected_peers(a.round, a.excluded, a.distrusted)  # one DHT read
                 if a.attempt == 0 and not a.waiting:
                     expected |= here
@@ -258,6 +271,8 @@ class Matchmaker:
             members = {pid: d for pid, d in declared.items()
                        if d.model_sha256 == a.base and pid not in a.excluded and pid not in gone}
             members.setdefault(self.peer_id, Declaration(self.peer_id, a.base, self.client_mode, self.maddrs()))
+            a.gathered = frozenset(members)
+            a.clients = frozenset(p for p, d in members.items() if d.client_mode)
             if self._gathered(a, members, expected, gone, deadline):
                 return members
             try:
@@ -268,7 +283,7 @@ class Matchmaker:
     def _gathered(self, a: _Attempt, members: dict[str, Declaration], expected: set[str], gone: set[str],
                   deadline: float) -> bool:
         others = set(members) - {self.peer_id}
-        waiting_room = self.avg.min_group_size > 1
+        waiting_room = self.avg.min_group_size > 1 and a.level == 1
         enough = waiting_room and a.waiting and len(members) >= self.avg.min_group_size
         # too few here and enough already past this round (and no fewer than are at it): stop gathering,
         # so that the round is rolled back and the catch-up moves us to where they are (instead of
@@ -276,7 +291,10 @@ class Matchmaker:
         left_behind = (waiting_room and len(members) < self.avg.min_group_size
                        and len(gone) >= max(1, self.avg.min_group_size - 1)
                        and len(gone) >= len(set(members) | expected))
-        return (len(members) >= self.avg.group_size or bool(expected and expected <= others) or enough
+        # a full group ends the gather only if no peer we expect is still missing: with more ready peers
+        # than one group holds, every one of them must be in the same cut (the tree joins the groups)
+        full = len(members) >= self.avg.group_size and not expected - others
+        return (full or bool(expected and expected <= others) or enough
                 or left_behind or time.monotonic() >= deadline or a.locked_to is not None
                 or self.stopping.is_set())
 
@@ -288,7 +306,7 @@ class Matchmaker:
         self.membership.set_pending(a.proposed)
         clients = sorted(p for p in proposed if declared[p].client_mode)
         msg = Propose(round=a.round, attempt=a.attempt, waiting=a.waiting, base=a.base, members=tuple(proposed),
-                      clients=tuple(clients), spec_hash=self.spec.spec_hash).to_wire()
+                      clients=tuple(clients), spec_hash=self.spec.spec_hash, level=a.level).to_wire()
 
         async def ask(peer: str) -> str | None:
             try:
@@ -305,14 +323,19 @@ class Matchmaker:
 
         answers = await asyncio.gather(*(ask(p) for p in proposed if p != self.peer_id))
         members = sorted([self.peer_id] + [p for p in answers if p is not None])
+        # the tree (N > G): the groups every peer we gathered falls into, by the rule every leader uses
+        delegates = tuple(delegates_of(sorted(declared), self.avg.group_size,
+                                       frozenset(p for p, d in declared.items() if d.client_mode)))
         group = Group(round=a.round, attempt=a.attempt, members=members, leader=self.peer_id, waiting=a.waiting,
-                      clients=frozenset(p for p in clients if p in members),
-                      group_id=group_id_for(self.swarm_id, a.round, a.attempt, members, waiting=a.waiting))
+                      clients=frozenset(p for p in clients if p in members), level=a.level, delegates=delegates,
+                      group_id=group_id_for(self.swarm_id, a.round, a.attempt, members, waiting=a.waiting,
+                                            level=a.level))
         self.membership.register(group)  # before the final list goes out: members may send parts at once
         final = Final(round=a.round, attempt=a.attempt, waiting=a.waiting, members=tuple(members),
-                      clients=tuple(sorted(group.clients)), group_id=group.group_id).to_wire()
+                      clients=tuple(sorted(group.clients)), group_id=group.group_id, level=a.level,
+                      delegates=delegates).to_wire()
         cancel = Cancel(round=a.round, attempt=a.attempt, waiting=a.waiting, group_id=group.group_id,
-                        reason="dropped").to_wire()
+                        reason="dropped", level=a.level).to_wire()
         # the final list to members; a cancel to those that answered too late, so they stop waiting
         await asyncio.gather(*(self._send_final(p, final if p in members else cancel, declared[p].maddrs)
                                for p in proposed if p != self.peer_id))
@@ -332,7 +355,7 @@ class Matchmaker:
         if group.leader != self.peer_id:
             return
         msg = Cancel(round=group.round, attempt=group.attempt, waiting=group.waiting, group_id=group.group_id,
-                     reason="too_small").to_wire()
+                     reason="too_small", level=group.level).to_wire()
         await asyncio.gather(*(self._send_final(p, msg, []) for p in group.members if p != self.peer_id))
 
     # ---- following ------------------------------------------------------------------------------
@@ -370,7 +393,8 @@ class Matchmaker:
                 return None  # keep waiting at this attempt for more peers
             raise AttemptFailed(f"leader {str(a.locked_to)[-8:]} formed its group without us", set())
         return Group(round=a.round, attempt=a.attempt, group_id=final.group_id, members=sorted(final.members),
-                     clients=frozenset(final.clients), leader=str(a.locked_to), waiting=a.waiting)
+                     clients=frozenset(final.clients), leader=str(a.locked_to), waiting=a.waiting, level=a.level,
+                     delegates=tuple(final.delegates))
 
     async def on_propose(self, info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         sender = str(info.peer_id)
@@ -398,12 +422,15 @@ class Matchmaker:
             if isinstance(m, Final):
                 members = sorted(m.members)
                 if (self.peer_id not in members or not set(members) <= a.proposed
-                        or m.group_id != group_id_for(self.swarm_id, a.round, a.attempt, members, waiting=a.waiting)):
+                        or len(m.delegates) > MAX_DELEGATES or len(set(m.delegates)) != len(m.delegates)
+                        or m.group_id != group_id_for(self.swarm_id, a.round, a.attempt, members, waiting=a.waiting,
+                                                      level=a.level)):
                     a.final.set_result(Cancel(round=m.round, attempt=m.attempt, waiting=m.waiting,
-                                              group_id=m.group_id, reason="dropped"))
+                                              group_id=m.group_id, reason="dropped", level=m.level))
                     return False, "malformed final list"
                 self.membership.register(Group(round=a.round, attempt=a.attempt, group_id=m.group_id,
-                                               members=members, clients=frozenset(m.clients), leader=sender))
+                                               members=members, clients=frozenset(m.clients), leader=sender,
+                                               level=a.level))
             a.final.set_result(m)
             return True, ""
         if a.locked_to is not None:

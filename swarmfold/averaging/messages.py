@@ -120,6 +120,7 @@ class Propose(Message):
     members: tuple[str, ...]
     clients: tuple[str, ...]
     spec_hash: str
+    level: int = 1  # the tree (N > G): 1 = peers; above, their groups' delegates
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,8 @@ class Final(Message):
     members: tuple[str, ...]
     clients: tuple[str, ...]
     group_id: str
+    level: int = 1
+    delegates: tuple[str, ...] = ()  # the next tree level's expected members (empty: this group is the top)
 
 
 CANCEL_REASONS = ("dropped", "too_small")
@@ -149,6 +152,7 @@ class Cancel(Message):
     waiting: bool
     group_id: str
     reason: str
+    level: int = 1
 
     @classmethod
     def from_wire(cls, msg: Any) -> Cancel:
@@ -229,6 +233,65 @@ class Vote(Message):
     ok: bool
     digest: str
     reason: str = ""
+
+
+# ---- the tree: a group's members fetch the top level's aggregate from their delegate -------------------
+@dataclass(frozen=True)
+class TreeRequest(Message):
+    """A member asks its group's delegate for what the levels above made of the group's aggregate."""
+
+    KIND: ClassVar[str] = "tree_request"
+    group_id: str  # the member's (level-1) group
+
+
+TREE_STATUSES = ("committed", "fallback")
+MAX_TREE_LEVELS = 8  # G = 2 and 256 peers; any real swarm has fewer levels
+
+
+@dataclass(frozen=True)
+class TreeResult(Message):
+    """The delegate's answer: "fallback" (the levels above failed: apply the group's own aggregate), or
+    "committed", followed by the top level's aggregate as float32 bytes in chunk frames
+    (protocol.CHUNK_ELEMENTS elements each; `sha256` of all of them), with one entry per level above
+    the group (base.tree_level)."""
+
+    KIND: ClassVar[str] = "tree_result"
+    group_id: str
+    status: str
+    numel: int
+    sha256: str
+    levels: Any = ()  # TreeLevel maps, lowest level first (checked by from_wire)
+
+    @classmethod
+    def from_wire(cls, msg: Any) -> TreeResult:
+        out = super().from_wire(msg)
+        if out.status not in TREE_STATUSES:
+            raise Rejected(Rejection.MALFORMED, f"tree status {out.status!r} is not one of {TREE_STATUSES}")
+        if not isinstance(out.levels, (list, tuple)) or len(out.levels) > MAX_TREE_LEVELS:
+            raise Rejected(Rejection.MALFORMED, f"field 'levels' must be a list of at most {MAX_TREE_LEVELS} levels")
+        return dataclasses.replace(out, levels=tuple(TreeLevel.from_wire(v) for v in out.levels))
+
+    def to_wire(self) -> dict[str, Any]:
+        out = super().to_wire()
+        out["levels"] = [lv.to_wire() for lv in self.levels]
+        return out
+
+
+@dataclass(frozen=True)
+class TreeLevel(Message):
+    """One level above the member's group (base.tree_level's fields)."""
+
+    KIND: ClassVar[str] = "tree_level"
+    level: int
+    group_id: str
+    included: tuple[str, ...]
+    weights: dict[str, float]
+    steps: dict[str, int]
+    digest: str
+
+    def as_record(self) -> dict[str, Any]:
+        return {"level": self.level, "group_id": self.group_id, "included": sorted(self.included),
+                "weights": dict(self.weights), "steps": dict(self.steps), "digest": self.digest}
 
 
 # ---- state sync ----------------------------------------------------------------------------------

@@ -22,10 +22,12 @@ from swarmfold.averaging.wire import WireError, field
 if TYPE_CHECKING:
     from swarmfold.averaging.messages import PartHeader
 
-PROTOCOL = "swarmfold/5"  # 2: spans stream in chunks; 3: typed messages (averaging/messages.py);
+PROTOCOL = "swarmfold/6"  # 2: spans stream in chunks; 3: typed messages (averaging/messages.py);
 # 4: state sync streams in chunks (averaging/statesync.py); 5: parts declare their inner steps, which the
-# results and the commit digest record (time-boxed rounds)
-HELLO, PROPOSE, REDUCE, VOTE, STATE = (f"{PROTOCOL}/{name}" for name in ("hello", "propose", "reduce", "vote", "state"))
+# results and the commit digest record (time-boxed rounds); 6: the tree for N > G (matchmaking messages
+# carry their level, the final list the next level's delegates; members fetch the top level's aggregate)
+HELLO, PROPOSE, REDUCE, VOTE, STATE, TREE = (f"{PROTOCOL}/{name}" for name in
+                                             ("hello", "propose", "reduce", "vote", "state", "tree"))
 DATA = f"{PROTOCOL}/data"  # the public data's manifest and files (averaging/datashare.py)
 
 DTYPE_OF_CODEC = {"none": "float32", "fp16": "float16", "int8": "int8-absmax"}

@@ -37,8 +37,10 @@ def peers_key(swarm_id: str) -> str:
     return f"swarmfold.{swarm_id}.peers"
 
 
-def matchmaking_key(swarm_id: str, round_idx: int, attempt: int) -> str:
-    return f"swarmfold.{swarm_id}.mm.{round_idx}.{attempt}"
+def matchmaking_key(swarm_id: str, round_idx: int, attempt: int, level: int = 1) -> str:
+    """Where a round's attempt declares; the tree's levels above 1 (groups of delegates) have their own."""
+    where = f"{round_idx}.{attempt}" if level <= 1 else f"{round_idx}.L{level}.{attempt}"
+    return f"swarmfold.{swarm_id}.mm.{where}"
 
 
 def waiting_key(swarm_id: str, round_idx: int) -> str:

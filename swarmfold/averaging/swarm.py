@@ -17,6 +17,9 @@ transport's loop. A round, as DESIGN.md sets it out:
      θ_r is kept and Δ carries into the next round.
   5. verification (spec verify.fraction > 0): reducers replay a random fraction of the
      members' rounds; a failed member is rejected and denied (directory.py).
+  6. the tree (climb.py), when more peers are ready than one group holds: each group's
+     delegate runs steps 1-4 again one level up with its group's aggregate, and the other
+     members fetch the top level's result from it.
 
 The other pieces: transport.py (DHT node, P2P, calls, hello), directory.py (signed DHT
 records, heartbeat, deny records), statesync.py (serving and downloading θ_r), timeouts.py
@@ -39,6 +42,7 @@ from hivemind.dht.crypto import RSASignatureValidator
 
 from swarmfold.averaging.allreduce import AllReduce
 from swarmfold.averaging.base import AverageRequest, AverageResult
+from swarmfold.averaging.climb import Climb
 from swarmfold.averaging.commit import Commit, judge
 from swarmfold.averaging.directory import Directory
 from swarmfold.averaging.identity import Identity
@@ -48,6 +52,7 @@ from swarmfold.averaging.protocol import (
     PROPOSE,
     REDUCE,
     STATE,
+    TREE,
     VOTE,
     AveragingError,
     Phase,
@@ -125,6 +130,7 @@ class Swarm:
         self.committer = Commit(self.transport, self.matchmaker.membership, self.timeouts,
                                 on_enter=self.phase_entered)
         self.statesync = StateSync(self.transport, spec, self.timeouts)
+        self.climb = Climb(self.transport, self.matchmaker.membership, self.timeouts, self.avg.group_size)
         self._heartbeat: Any = None  # the record refresh, a task on the network loop
 
     # ---- what other parts of the peer use ---------------------------------------------------------
@@ -153,7 +159,8 @@ class Swarm:
     def start(self) -> None:
         """Join the DHT (JoinError on unreachable initial peers) and serve the round's protocols."""
         handlers: dict[str, Handler] = {PROPOSE: self.matchmaker.on_propose, REDUCE: self.allreduce.on_reduce,
-                                        VOTE: self.committer.on_vote, STATE: self.statesync.on_state}
+                                        VOTE: self.committer.on_vote, STATE: self.statesync.on_state,
+                                        TREE: self.climb.on_tree}
         self.transport.start(handlers)
         self._heartbeat = asyncio.run_coroutine_threadsafe(self.directory.heartbeat(), self.transport.loop)
         logger.info("[%s] joined swarm %s; others can join with: %s", self.peer_id[-8:], self.swarm_id,
@@ -221,15 +228,21 @@ class Swarm:
         return self.transport.call(self._average(request))
 
     async def _average(self, req: AverageRequest) -> AverageResult:
-        tally = _Tally()
-        if self.spec.verify.fraction > 0:
+        return await self.climb.finish(req, await self._level(req, None), self._level)
+
+    async def _level(self, req: AverageRequest, expected: set[str] | None) -> AverageResult:
+        """One level's round: attempts of matchmaking, all-reduce and commit (level 1: this peer's group;
+        above: its group's delegates, whom `expected` names)."""
+        tally = _Tally(expected=expected)
+        if self.spec.verify.fraction > 0 and req.level == 1:
             tally.excluded |= await self.directory.refresh_denied(req.round)
+        where = f"round {req.round}" + (f", tree level {req.level}" if req.level > 1 else "")
         attempt = 0
         for attempt in range(self.avg.max_attempts):
             group: Group | None = None
             try:
                 t0 = time.perf_counter()
-                self.on_phase("matchmaking", f"round {req.round}, attempt {attempt}")
+                self.on_phase("matchmaking", f"{where}, attempt {attempt}")
                 try:
                     outcome = await self.matchmaker.matchmake(req, attempt, tally.excluded, tally.expected,
                                                               tally.for_cause())
@@ -243,7 +256,7 @@ class Swarm:
                 failed = e if isinstance(e, AttemptFailed) else AttemptFailed(str(e), set())  # e.g. the DHT
                 if self._stopping.is_set():
                     break
-                logger.warning("[%s] round %d attempt %d failed (%s); %s", self.peer_id[-8:], req.round, attempt,
+                logger.warning("[%s] %s attempt %d failed (%s); %s", self.peer_id[-8:], where, attempt,
                                failed, "retrying without " + ", ".join(sorted(p[-8:] for p in failed.exclude))
                                if failed.exclude else "retrying")
                 tally.failed(failed, group, self.peer_id)
@@ -267,11 +280,11 @@ class Swarm:
         if outcome.moved_on:
             return AverageResult(status="rolled_back", aggregate=None, reason="the swarm moved on to a later round",
                                  **common)
-        if self._stopping.is_set() and self.avg.min_group_size > 1:
+        if self._stopping.is_set() and (self.avg.min_group_size > 1 or req.level > 1):
             return AverageResult(status="rolled_back", aggregate=None, reason="stopped while waiting for a group",
                                  **common)
-        if self.avg.min_group_size <= 1:
-            return AverageResult(status="alone", aggregate=req.delta,
+        if self.avg.min_group_size <= 1 or req.level > 1:  # above level 1, a group of one carries its part up
+            return AverageResult(status="alone", aggregate=req.delta, delegates=list(outcome.delegates),
                                  reason="no group formed before the matchmaking timeout", **common)
         return AverageResult(status="rolled_back", aggregate=None, reason="no group of min_group_size formed",
                              **common)
@@ -280,7 +293,7 @@ class Swarm:
                                     timings: dict[str, float]) -> AverageResult:
         t0 = time.perf_counter()
         self.on_phase("averaging", f"round {req.round}: all-reduce in group {group.group_id[:8]} of "
-                      f"{len(group.members)}")
+                      f"{len(group.members)}" + (f" (tree level {req.level})" if req.level > 1 else ""))
         if not group.reducers:
             raise AttemptFailed("no member of the group can reduce (all in client mode)", set())
         out = torch.empty(req.delta.numel(), dtype=torch.float32)  # the aggregate, filled span by span
@@ -304,7 +317,7 @@ class Swarm:
                     req.round, len(j.included), len(group.members), group.group_id[:8], j.digest[:12])
         return AverageResult(status="committed", aggregate=out, group_id=group.group_id, members=group.members,
                              included=j.included, weights=j.weights, steps=j.steps, confirmed=confirmed,
-                             rejected=j.rejected,
-                             timings=timings,
+                             rejected=j.rejected, timings=timings, digest=j.digest,
+                             delegates=list(group.delegates), clients=sorted(group.clients),
                              bytes_sent=stats["sent"], bytes_received=stats["received"],
                              compressed=self.avg.compression != "none")

@@ -30,6 +30,7 @@ class RoundTimeouts:
     dht: float  # one DHT store or get (network.dht_timeout)
     state_sync: float  # one download of θ_r and the outer state from one peer (network.state_sync_timeout)
     poll: float  # how often matchmaking re-reads the declarations (network.poll_interval)
+    attempts: int = 3  # attempts of one level's round before it is rolled back (averaging.max_attempts)
 
     # ---- derived ------------------------------------------------------------------------------
     @property
@@ -79,6 +80,17 @@ class RoundTimeouts:
         return self.span_exchange + self.allreduce + 2 * self.commit + self.leader_grace
 
     @property
+    def tree_level(self) -> float:
+        """One level of the tree above a peer's group (N > G): every attempt's whole matchmaking
+        (window, the leader's two graces) and its all-reduce and commit (the safety net)."""
+        return self.attempts * (self.matchmaking + 2 * self.leader_grace + self.attempt_budget)
+
+    def tree_wait(self, levels: int) -> float:
+        """How long a group's member waits for its delegate to bring the top level's aggregate down:
+        `levels` levels, and the delegate's own commit, which may end a commit window after ours."""
+        return levels * self.tree_level + self.commit + self.leader_grace
+
+    @property
     def state_sync_total(self) -> float:
         """The whole catch-up: a failed source and a second one (network.state_sync_timeout each)."""
         return 2 * self.state_sync
@@ -115,7 +127,7 @@ class RoundTimeouts:
         a, n = spec.averaging, spec.network
         return cls(matchmaking=a.matchmaking_timeout, join=a.join_timeout, allreduce=a.allreduce_timeout,
                    commit=a.commit_timeout, dht=n.dht_timeout, state_sync=n.state_sync_timeout,
-                   poll=n.poll_interval)
+                   poll=n.poll_interval, attempts=a.max_attempts)
 
     def phase_bounds(self) -> dict[str, float]:
         """The longest each phase of one attempt can take (what docs/swarm.md tabulates)."""
@@ -126,5 +138,6 @@ class RoundTimeouts:
             "all-reduce": self.span_exchange,
             "commit": self.commit,
             "all-reduce + commit (safety net)": self.attempt_budget,
+            "one tree level above the group (N > G)": self.tree_level,
             "state sync": self.state_sync_total,
         }

@@ -123,9 +123,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps-from", nargs="+", type=Path, default=None, metavar="LOG",
                    help="the inner steps each peer trained in each round, from the round logs (rounds.jsonl, or "
                         "the workdirs holding them) of a time-mode swarm's peers: reproduces its rounds bit for bit")
-    p.add_argument("--tree", action="store_true",
-                   help="with more peers than group_size, join the groups by the averaging tree into one model "
-                        "per round (a design reference: the live swarm does not do this yet)")
     _add_threads(p)
     p.set_defaults(handler=cmd_simulate)
 
@@ -285,7 +282,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
         steps = steps_from(args.steps_from)
     peers, _ = simulate(spec, [[d] for d in args.data], rounds=args.rounds, threads=args.threads,
-                        out=args.out, peer_ids=args.peer_ids, device=args.device, tree=args.tree, steps=steps)
+                        out=args.out, peer_ids=args.peer_ids, device=args.device, steps=steps)
     for p in peers:
         print(f"{p.peer_id}: round {p.round}, validation loss {p.evaluate(max_windows=256):.4f}, "
               f"model sha256 {p.theta_sha256[:16]}")

@@ -226,7 +226,8 @@ class LocalPeer:
                            "weights": dict(result.weights), "steps": dict(result.steps) or {self.peer_id: phase.steps},
                            "confirmed": list(result.confirmed),
                            "rejected": dict(result.rejected), "attempts": result.attempts, "reason": result.reason,
-                           "timings": dict(result.timings, train=phase.seconds), "bytes_sent": result.bytes_sent}
+                           "timings": dict(result.timings, train=phase.seconds), "bytes_sent": result.bytes_sent,
+                           **({"tree": list(result.tree)} if result.tree else {})}
         report = RoundReport(round=self.round, status=result.status, train_loss=phase.stats.mean_loss,
                              tokens=phase.stats.tokens, tokens_per_second=phase.stats.tokens_per_second,
                              model_sha256=self.theta_sha256, result=result,
@@ -237,7 +238,8 @@ class LocalPeer:
                 append_round(self.workdir, {"round": self.round, "status": result.status,
                                             "group_id": result.group_id, "included": list(result.included),
                                             "weights": dict(result.weights), "steps": self.last_round["steps"],
-                                            "base_sha256": base_sha256, "model_sha256": self.theta_sha256})
+                                            "base_sha256": base_sha256, "model_sha256": self.theta_sha256,
+                                            **({"tree": list(result.tree)} if result.tree else {})})
             except OSError as e:
                 logger.warning("[%s] round %d: could not append to the round log in %s: %s", self.peer_id[-8:],
                                self.round, self.workdir, e)
@@ -438,5 +440,6 @@ def _provenance_of(round_idx: int, result: AverageResult) -> dict[str, Any]:
     where = {"theta_round": round_idx + 1, "averaged_round": round_idx}
     if result.status == "committed":
         return {"source": "committed", **where, "group_id": result.group_id, "members": list(result.members),
-                "included": list(result.included), "weights": dict(result.weights), "steps": dict(result.steps)}
+                "included": list(result.included), "weights": dict(result.weights), "steps": dict(result.steps),
+                **({"tree": list(result.tree)} if result.tree else {})}
     return {"source": "alone", **where, "reason": result.reason}

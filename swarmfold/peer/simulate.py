@@ -4,9 +4,9 @@ It drives the same LocalPeer round code as the real swarm, and groups peers the 
 swarm's matchmaking does when every peer is ready (sorted ids cut into groups of at most
 G). It is the reference the real swarm must equal, and the engine of the benchmarks.
 
-With `tree=True` and more peers than `group_size`, the groups are joined by the averaging
-tree (averaging/tree.py) into one model per round. The live swarm does not do that yet, so
-this is a design reference, off by default; with N <= G it changes nothing.
+With more peers than `group_size`, the groups are joined by the tree into one model per
+round, as the live swarm joins them (averaging/climb.py, inprocess.reduce_tree); with
+N <= G that is the single group it always was.
 """
 
 from __future__ import annotations
@@ -19,9 +19,8 @@ from pathlib import Path
 
 import torch
 
-from swarmfold.averaging.base import AverageResult, partition_groups
-from swarmfold.averaging.inprocess import reduce_in_process
-from swarmfold.averaging.tree import reduce_tree_in_process
+from swarmfold.averaging.base import AverageResult
+from swarmfold.averaging.inprocess import reduce_tree
 from swarmfold.peer.local import LocalPeer, RoundReport
 from swarmfold.peer.roundlog import RoundLogError
 from swarmfold.spec import Spec
@@ -40,7 +39,7 @@ def simulate(spec: Spec, shards: Sequence[Sequence[str | Path]], *, rounds: int,
              out: Path | None = None, peer_ids: Sequence[str] | None = None,
              on_round: Callable[[int, list[LocalPeer], dict[str, RoundReport]], None] | None = None,
              save_checkpoints: bool = True, keep_checkpoints: int = 3,
-             device: torch.device | str = "cpu", tree: bool = False,
+             device: torch.device | str = "cpu",
              steps: Mapping[int, Mapping[str, int]] | None = None) -> tuple[list[LocalPeer], SimulationResult]:
     """`steps`: round -> peer id -> the inner steps that peer trained (a time-mode swarm's round logs,
     `roundlog.steps_from`); every peer of every round must be there. Without it each peer trains
@@ -53,10 +52,6 @@ def simulate(spec: Spec, shards: Sequence[Sequence[str | Path]], *, rounds: int,
     if len(ids) < spec.averaging.min_group_size:
         raise ValueError(f"simulate: {len(ids)} peers can never form a group of min_group_size "
                          f"{spec.averaging.min_group_size}; add shards or lower averaging.min_group_size")
-    if tree and spec.averaging.aggregation != "mean":
-        raise ValueError(f"simulate: the tree joins groups by weighted mean only; averaging.aggregation is "
-                         f"{spec.averaging.aggregation!r}")
-    use_tree = tree and len(ids) > spec.averaging.group_size
     peers = [LocalPeer(spec, shard, peer_id=pid, threads=threads,
                        workdir=(out / f"peer-{i}") if out and save_checkpoints else None,
                        keep_checkpoints=keep_checkpoints, device=device)
@@ -72,16 +67,10 @@ def simulate(spec: Spec, shards: Sequence[Sequence[str | Path]], *, rounds: int,
                                "--peer-ids naming the swarm's peers")
     for r in range(rounds):
         phases = {p.peer_id: p.train_phase(steps=None if steps is None else steps[r][p.peer_id]) for p in peers}
-        outcomes: dict[str, AverageResult] = {}
-        if use_tree:
-            outcomes = reduce_tree_in_process(
-                {pid: by_id[pid].request(phases[pid]) for pid in ids}, swarm_id=spec.swarm_id,
-                compression=spec.averaging.compression, group_size=spec.averaging.group_size)
-        for group in ([] if use_tree else partition_groups(ids, spec.averaging.group_size)):
-            outcomes.update(reduce_in_process(
-                {pid: by_id[pid].request(phases[pid]) for pid in group}, swarm_id=spec.swarm_id,
-                compression=spec.averaging.compression, rule=spec.averaging.aggregation,
-                trim_fraction=spec.averaging.trim_fraction))
+        outcomes: dict[str, AverageResult] = reduce_tree(
+            {pid: by_id[pid].request(phases[pid]) for pid in ids}, swarm_id=spec.swarm_id,
+            compression=spec.averaging.compression, rule=spec.averaging.aggregation,
+            trim_fraction=spec.averaging.trim_fraction, group_size=spec.averaging.group_size)
         reports = {pid: by_id[pid].finish_round(phases[pid], outcomes[pid]) for pid in ids}
         for p in peers:
             if p.workdir is not None:

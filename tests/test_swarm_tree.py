@@ -1,0 +1,62 @@
+"""The tree with real peers (N > G): five processes with G = 3 form two groups a round, whose
+delegates join them into one model; every peer equals `simulate` bit for bit."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import fast_spec, write_spec
+from swarm_helpers import (
+    last_rounds,
+    log_tail,
+    model_hashes,
+    peer_script,
+    start_peer,
+    wait_exit,
+    wait_ready,
+)
+
+from swarmfold.averaging.base import partition_groups
+from swarmfold.averaging.identity import load_or_create_identity
+from swarmfold.peer.simulate import simulate
+
+pytestmark = pytest.mark.slow
+
+NET = {"matchmaking_timeout": 20.0, "join_timeout": 8.0, "allreduce_timeout": 5.0, "commit_timeout": 4.0}
+N = 5
+
+
+def test_five_peers_in_groups_of_three_commit_one_model_equal_to_simulate(
+        tmp_path: Path, shards: list[Path], procs: list[subprocess.Popen]) -> None:
+    spec = fast_spec(averaging={**NET, "group_size": 3})
+    spec_path = write_spec(spec, tmp_path / "spec.toml")
+    rounds = 2
+    data = [shards[i % len(shards)] for i in range(N)]
+    workdirs = [tmp_path / f"peer-{i}" for i in range(N)]
+    env = {"SWARMFOLD_TEST_PEERS": str(N)}  # every peer in round 0's matchmaking (tests/peers/patient_peer.py)
+    script = peer_script("patient_peer")
+    start_peer(procs, workdirs[0], spec_path, data[0], rounds=rounds, env=env, script=script)
+    first = wait_ready(workdirs[0])["maddrs"][:1]
+    for i in range(1, N):
+        start_peer(procs, workdirs[i], spec_path, data[i], rounds=rounds, initial=first, env=env, script=script)
+    for p, w in zip(procs, workdirs, strict=True):
+        assert wait_exit(p, w) == 0, log_tail(w)
+    ids = [load_or_create_identity(w / "identity.key").peer_id for w in workdirs]
+    groups = partition_groups(ids, 3)
+    assert [len(g) for g in groups] == [2, 3]
+    simulate(spec, [[d] for d in data], rounds=rounds, threads=1, out=tmp_path / "sim", peer_ids=ids,
+             keep_checkpoints=1000)
+    sim = model_hashes(tmp_path / "sim" / "peer-0")
+    for w, pid in zip(workdirs, ids, strict=True):
+        got = model_hashes(w)
+        assert all(got[r] == sim[r] for r in range(1, rounds + 1)), (w, got, sim, log_tail(w))
+        mine = next(g for g in groups if pid in g)
+        for r, v in last_rounds(w).items():
+            if r < 1:
+                continue
+            assert v["status"] == "committed" and sorted(v["included"]) == mine, (w, r, v)
+            (level,) = v["tree"]  # one level above the groups: their two delegates
+            assert level["level"] == 2 and level["included"] == sorted(g[0] for g in groups), (w, r, v)
+            assert level["weights"][mine[0]] == sum(v["weights"].values())
