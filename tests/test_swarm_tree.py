@@ -56,7 +56,7 @@ def test_five_peers_in_groups_of_three_commit_one_model_equal_to_simulate(
         for r, v in last_rounds(w).items():
             if r < 1:
                 continue
-            assert v["status"] == "committed" and sorted(v["included"]) == mine, (w, r, v)
+            assert v["status"] == "committed" and sorted(v["included"]) == mine and v["digest"], (w, r, v)
             (level,) = v["tree"]  # one level above the groups: their two delegates
             assert level["level"] == 2 and level["included"] == sorted(g[0] for g in groups), (w, r, v)
             assert level["weights"][mine[0]] == sum(v["weights"].values())

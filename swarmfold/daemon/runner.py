@@ -412,13 +412,25 @@ class PeerRunner:
                                   "rounds_committed": snap["rounds"].get("committed", 0),
                                   # the inner steps this peer declared for its last round (time mode: what fit)
                                   "steps": self.peer.last_round.get("steps", {}).get(self.peer.peer_id),
-                                  "timings": last.get("timings", {})})
+                                  "timings": last.get("timings", {}),
+                                  "group": _group_view(self.peer.last_round)})
         try:
             self.swarm.publish(record)
         except DHT_ERRORS as e:  # publishing is best effort; the heartbeat retries
             logger.warning("could not publish our record: %s", e)
         except Exception:  # not a DHT hiccup: a bug worth seeing; the heartbeat still retries
             logger.warning("publishing our record failed unexpectedly", exc_info=True)
+
+
+def _group_view(last: dict[str, Any]) -> dict[str, Any]:
+    """Which group and members made up this peer's last round, with their weights and the commit digest,
+    and for a tree (N > G) each level above the group: what the DHT record shows of a round."""
+    if last.get("status") != "committed":
+        return {}
+    return {"id": last.get("group_id", ""), "digest": last.get("digest", ""),
+            "included": list(last.get("included", [])), "weights": dict(last.get("weights", {})),
+            "tree": [{k: lv[k] for k in ("level", "group_id", "included", "weights", "digest")}
+                     for lv in last.get("tree", [])]}
 
 
 def _record_view(r: PeerRecord) -> dict[str, Any]:

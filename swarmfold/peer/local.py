@@ -227,6 +227,7 @@ class LocalPeer:
                            "confirmed": list(result.confirmed),
                            "rejected": dict(result.rejected), "attempts": result.attempts, "reason": result.reason,
                            "timings": dict(result.timings, train=phase.seconds), "bytes_sent": result.bytes_sent,
+                           **({"digest": result.digest} if result.digest else {}),
                            **({"tree": list(result.tree)} if result.tree else {})}
         report = RoundReport(round=self.round, status=result.status, train_loss=phase.stats.mean_loss,
                              tokens=phase.stats.tokens, tokens_per_second=phase.stats.tokens_per_second,
