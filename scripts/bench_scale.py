@@ -67,7 +67,7 @@ def bench_spec(n: int, rounds_h: int) -> Any:
     # follower can give up on a leader that is still gathering, exclude it for the round and,
     # with min_group_size > 1, neither can ever average (seen here; reported to the swarm's owner).
     return spec.replace(data={"seq_len": 64}, inner={"batch_size": 8, "warmup_steps": 5},
-                        round={"inner_steps": rounds_h},
+                        round={"inner_steps": rounds_h, "mode": "steps"},  # H steps: the same work at every N
                         averaging={"min_group_size": min_group, "join_timeout": 10.0})
 
 
@@ -175,8 +175,13 @@ def analyse(workdirs: list[Path], peer_ids: list[str], sampler: MemorySampler, p
         agree &= not split
         sizes = sorted((sum(1 for rounds_of in per_peer if (rounds_of.get(r) or {}).get("last_round", {})
                             .get("group_id") == gid) for gid in by_group), reverse=True)
+        models = {rounds_of[r]["sha256"] for rounds_of in per_peer if r in rounds_of}
+        levels = sorted({len((rounds_of.get(r) or {}).get("last_round", {}).get("tree", [])) for rounds_of in per_peer})
         per_round.append({"round": r - 1, "statuses": {st: round_status.count(st) for st in sorted(set(round_status))},
                           "committed_group_sizes": sizes,
+                          # θ_{r+1} as the checkpoints hold it (after any adoption): the target is 1
+                          "distinct_models": len(models),
+                          "tree_levels_above_the_group": levels,
                           "adopted_a_larger_groups_model": sum(syncs.count(r) for _, syncs in logs)})
     # float32 copies: θ_r, the local weights, their gradients, AdamW's two moments, the int8 residual
     model_state = numel * 4 * 6
