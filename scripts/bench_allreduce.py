@@ -87,7 +87,7 @@ def bench_spec(peers: int) -> Any:
     no compression: both systems move the same 40 MB of float32 (the preset's default is int8)."""
     from swarmfold.spec import preset
 
-    return preset("tiny").replace(name="bench-allreduce", averaging={
+    return preset("tiny").replace(name="bench-allreduce", round={"mode": "steps"}, averaging={
         "compression": "none", "aggregation": "mean",
         "group_size": peers, "min_group_size": peers, "matchmaking_timeout": 60.0, "join_timeout": 10.0,
         "allreduce_timeout": 120.0, "commit_timeout": 30.0, "max_attempts": 1, "record_ttl": 300.0})

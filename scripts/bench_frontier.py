@@ -76,11 +76,13 @@ def make_setup(args: argparse.Namespace) -> bc.Setup:
     if args.smoke:
         shard_paths = bc.prepare_shards(args.data, 4, 60_000)
         spec = preset("tiny").replace(data={"seq_len": 32}, inner={"batch_size": 4, "warmup_steps": 2},
+                                      round={"mode": "steps"},  # every arm trains H steps a round
                                       model={"hidden_size": 32, "intermediate_size": 64, "num_layers": 1,
                                              "num_heads": 2, "num_kv_heads": 2})
         return bc.Setup(spec=spec, shard_paths=shard_paths, steps=4, eval_windows=8, eval_every=2)
     shard_paths = bc.prepare_shards(args.data, 4, 3_000_000)
-    spec = preset("tiny").replace(data={"seq_len": args.seq_len}, inner={"batch_size": args.batch_size})
+    spec = preset("tiny").replace(data={"seq_len": args.seq_len}, inner={"batch_size": args.batch_size},
+                                  round={"mode": "steps"})  # every arm trains H steps a round
     return bc.Setup(spec=spec, shard_paths=shard_paths, steps=args.steps, eval_windows=args.eval_windows,
                     eval_every=args.steps)
 

@@ -7,13 +7,14 @@ Run (about 8 minutes on 2 shared cores; writes the JSON and a PNG next to it):
 
 Design (the baseline runs in the same invocation, first, on the same shards and seeds):
 
-1. **steps arm**: the tiny preset as shipped (H = 25, matchmaking_timeout 15 s, every other
-   averaging setting the preset's), `--steps-rounds` rounds. Peers 0..N-2 run at full power,
+1. **steps arm**: the tiny preset with `[round] mode = "steps"` set explicitly (the presets'
+   default is time mode now; H = 25, matchmaking_timeout 15 s, every other averaging setting
+   the preset's), `--steps-rounds` rounds. Peers 0..N-2 run at full power,
    peer N-1 has `power = "light"` in its workdir's settings.toml (a 0.25 duty cycle: it rests
    three times as long as each step took, so it trains at 25% speed).
-2. **time arm**: the same spec with `[round] mode = "time"`, `inner_steps` = H (the cap),
-   `min_steps` = 1, and `seconds` = the median training seconds per round of the fast peers in
-   the steps arm (their steady rounds), so that a fast peer trains about the H steps it trained
+2. **time arm**: the same spec with `[round] mode = "time"` set explicitly, `inner_steps` = H
+   (the cap), `min_steps` = 1, and `seconds` = the median training seconds per round of the fast
+   peers in the steps arm (their steady rounds; not the preset's round.seconds), so that a fast peer trains about the H steps it trained
    there. It runs enough rounds to train at least the steps arm's token budget.
 
 Same token budget: the budget is the tokens the whole steps arm trained (every peer's
@@ -63,7 +64,8 @@ TARGET_SHARE = 0.95
 def base_spec(args: argparse.Namespace) -> Any:
     from swarmfold.spec import preset
 
-    spec = preset("tiny").replace(name="bench-hetero", round={"inner_steps": args.h})
+    # the steps arm: steps mode set here, not inherited (the presets default to time mode)
+    spec = preset("tiny").replace(name="bench-hetero", round={"inner_steps": args.h, "mode": "steps"})
     if args.smoke:  # seconds per round: only the plumbing is checked
         spec = spec.replace(data={"seq_len": 32}, inner={"batch_size": 4, "warmup_steps": 1},
                             averaging={"matchmaking_timeout": 10.0})

@@ -118,7 +118,7 @@ def prepare(workdir: Path, preset_name: str, n: int, steps: int, threads: int) -
     from swarmfold.peer.model import num_parameters
     from swarmfold.spec import preset
 
-    spec = preset(preset_name)
+    spec = preset(preset_name).replace(round={"mode": "steps"})  # the base trains H steps a round: reproducible
     stamp = workdir / "prepared.json"
     info = {"preset": preset_name, "spec_hash": spec.spec_hash, "contributions": n, "steps": steps}
     if stamp.is_file() and json.loads(stamp.read_text()).get("key") == info:

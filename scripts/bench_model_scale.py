@@ -57,7 +57,7 @@ def bench_spec(smoke: bool) -> Any:
     name = "small" if smoke else "base"
     return preset(name).replace(
         name=f"bench-model-scale-{name}", data={"seq_len": 64},
-        inner={"batch_size": 2, "micro_batch_size": 1, "warmup_steps": 1}, round={"inner_steps": 2},
+        inner={"batch_size": 2, "micro_batch_size": 1, "warmup_steps": 1}, round={"inner_steps": 2, "mode": "steps"},
         averaging={"min_group_size": 2, "matchmaking_timeout": 60.0, "allreduce_timeout": 300.0,
                    "commit_timeout": 60.0, "record_ttl": 300.0},
         network={"state_sync_timeout": 600.0})

@@ -102,7 +102,8 @@ def _round_and_outer(args: argparse.Namespace, spec: Spec) -> Spec:
     """--h and --outer-* replace the preset's H and outer optimizer (for the sweeps)."""
     outer = {k: v for k, v in (("kind", args.outer_kind), ("lr", args.outer_lr), ("momentum", args.outer_momentum))
              if v is not None}
-    return spec.replace(round={"inner_steps": args.h or spec.round.inner_steps}, outer=outer)
+    # steps mode: the swarm and its references train exactly H steps a round, on the same batches
+    return spec.replace(round={"inner_steps": args.h or spec.round.inner_steps, "mode": "steps"}, outer=outer)
 
 
 def _shards(args: argparse.Namespace, max_bytes: int) -> list[Path]:

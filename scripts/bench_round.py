@@ -58,7 +58,7 @@ TARGET = 0.95
 def bench_spec(*, peers: int, inner_steps: int, smoke: bool, min_group_size: int | None) -> Any:
     from swarmfold.spec import preset
 
-    spec = preset("tiny").replace(name="bench-round", round={"inner_steps": inner_steps})
+    spec = preset("tiny").replace(name="bench-round", round={"inner_steps": inner_steps, "mode": "steps"})
     if smoke:  # seconds per round: only the plumbing is checked (every peer waits for the others)
         spec = spec.replace(data={"seq_len": 32}, inner={"batch_size": 4, "warmup_steps": 1},
                             averaging={"matchmaking_timeout": 10.0, "min_group_size": peers})

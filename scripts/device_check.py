@@ -58,7 +58,7 @@ def check_spec(device_type: str, precision: str = "fp32") -> Spec:
         shape = {"hidden_size": 256, "intermediate_size": 704, "num_layers": 4, "num_heads": 4, "num_kv_heads": 2}
         data, inner = {"seq_len": 128}, {"batch_size": 16, "warmup_steps": 5}
     return base.replace(model=shape, data=data, inner=dict(inner, precision=precision),
-                        round={"inner_steps": 5}, averaging=NET)
+                        round={"inner_steps": 5, "mode": "steps"}, averaging=NET)  # H steps: bitwise checks
 
 
 def sha256(path: Path) -> str:

@@ -46,7 +46,7 @@ LEVELS = ("full", "medium", "light")
 
 def bench_spec(steps: int) -> Spec:
     return preset("tiny").replace(data={"seq_len": 64}, inner={"batch_size": 8, "warmup_steps": 5},
-                                  round={"inner_steps": steps})
+                                  round={"inner_steps": steps, "mode": "steps"})
 
 
 def measure(peer: LocalPeer, power: str) -> dict[str, float]:

@@ -84,7 +84,7 @@ def soak_spec(peers: int) -> Any:
     from swarmfold.spec import preset
 
     return preset("tiny").replace(
-        name="soak", data={"seq_len": 64}, inner={"batch_size": 8, "warmup_steps": 5}, round={"inner_steps": 10},
+        name="soak", data={"seq_len": 64}, inner={"batch_size": 8, "warmup_steps": 5}, round={"inner_steps": 10, "mode": "steps"},
         averaging={"min_group_size": 2, "group_size": peers, "matchmaking_timeout": 5.0, "join_timeout": 3.0,
                    "allreduce_timeout": 10.0, "commit_timeout": 5.0})
 

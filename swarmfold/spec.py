@@ -124,11 +124,14 @@ ROUND_MODES = ("steps", "time")
 class RoundSpec:
     inner_steps: int = _doc("H: inner steps between two averagings (25: see docs/results.md); in time mode, "
                             "the most steps a peer may train in one round (its weight's cap)", default=25)
-    mode: str = _doc("'steps': every peer trains inner_steps steps a round; 'time': each trains as many as fit "
-                     "in round.seconds (at least min_steps, at most inner_steps), weighted by its tokens",
+    mode: str = _doc("'time' (what the presets write): each peer trains as many steps as fit in round.seconds (at "
+                     "least min_steps, at most inner_steps), weighted by its tokens; 'steps': every peer trains "
+                     "inner_steps steps a round (the old default, and what a spec file without this line gets)",
                      default="steps")
     seconds: float = _doc("time mode: seconds a peer trains each round before it averages, measured on its own "
-                          "monotonic clock (rests of a low power level included; peers' clocks are never compared)", default=0.0)
+                          "monotonic clock (rests of a low power level included; peers' clocks are never compared); "
+                          "the presets: about inner_steps steps of a CPU laptop (docs/results.md, section 10.1)",
+                          default=0.0)
     min_steps: int = _doc("time mode: the fewest steps a peer trains in a round, however slow it is", default=1)
     max_tokens_per_round: int = _doc(
         "cap on the weight (tokens) one peer may claim for a round; 0 = H * batch * seq_len",
@@ -307,6 +310,17 @@ class SpecError(UserError):
 
 # ---- presets -------------------------------------------------------------------------
 
+# Time mode's round length per preset: about H inner steps of a CPU laptop peer at the daemon's
+# default 2 threads, so that such a peer trains ~H steps, a faster one reaches the cap H and a slower
+# one trains fewer and still counts. tiny and small are measured (scripts/measure_step_time.py);
+# base and 1b are too slow to train here and derived from small's FLOP rate (docs/results.md, 10.1).
+PRESET_ROUND_SECONDS = {"tiny": 4.0, "small": 53.0, "base": 19_000.0, "1b": 150_000.0}
+
+
+def _time_round(name: str, inner_steps: int) -> RoundSpec:
+    return RoundSpec(inner_steps=inner_steps, mode="time", seconds=PRESET_ROUND_SECONDS[name], min_steps=1)
+
+
 def preset(name: str) -> Spec:
     """The model sizes, with byte-level tokens (257-token vocabulary):
 
@@ -319,15 +333,19 @@ def preset(name: str) -> Spec:
     `base` and `1b` are sized for a 24 GB GPU: micro-batches of 8 and 1 sequences of 1024
     tokens keep the activations within it (`swarmfold init` prints the estimate; see
     docs/foundation.md, "Memory").
+
+    Every preset runs time-boxed rounds (`[round] mode = "time"`, `seconds` from
+    PRESET_ROUND_SECONDS, at most H steps); `.replace(round={"mode": "steps"})` is the old
+    default, where every peer trains exactly H steps.
     """
     if name == "tiny":
-        return Spec()
+        return Spec(round=_time_round(name, 25))
     if name == "small":
         return Spec(
             model=ModelSpec(hidden_size=384, intermediate_size=1024, num_layers=6, num_heads=6, num_kv_heads=6),
             data=DataSpec(seq_len=256),
             inner=InnerSpec(lr=1e-3, batch_size=16, warmup_steps=50),
-            round=RoundSpec(inner_steps=25),
+            round=_time_round(name, 25),
         )
     if name == "base":
         return Spec(
@@ -335,7 +353,7 @@ def preset(name: str) -> Spec:
                             tie_embeddings=True),
             data=DataSpec(seq_len=1024),
             inner=InnerSpec(lr=6e-4, batch_size=32, micro_batch_size=8, warmup_steps=100),
-            round=RoundSpec(inner_steps=100),
+            round=_time_round(name, 100),
             averaging=AveragingSpec(allreduce_timeout=300.0, commit_timeout=60.0, matchmaking_timeout=30.0,
                                     record_ttl=300.0),
             network=NetworkSpec(state_sync_timeout=900.0),
@@ -346,7 +364,7 @@ def preset(name: str) -> Spec:
                             rope_theta=500000.0, tie_embeddings=True),
             data=DataSpec(seq_len=1024),
             inner=InnerSpec(lr=3e-4, batch_size=32, micro_batch_size=1, warmup_steps=100),
-            round=RoundSpec(inner_steps=100),
+            round=_time_round(name, 100),
             averaging=AveragingSpec(allreduce_timeout=900.0, commit_timeout=120.0, matchmaking_timeout=60.0,
                                     record_ttl=600.0, max_message_bytes=1024 * 2**20),
             network=NetworkSpec(state_sync_timeout=3600.0),

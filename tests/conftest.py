@@ -42,9 +42,11 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 
 def fast_spec(**overrides: dict) -> Spec:
-    """The tiny preset, cut down so a round takes well under a second on one core."""
+    """The tiny preset, cut down so a round takes well under a second on one core; in steps mode (every
+    peer trains exactly H steps), so that rounds are deterministic and the swarm equals `simulate` bit
+    for bit. A time-mode test passes round={"mode": "time", "seconds": ...}."""
     base = {"data": {"seq_len": 64}, "inner": {"batch_size": 8, "warmup_steps": 5},
-            "round": {"inner_steps": 5}}
+            "round": {"inner_steps": 5, "mode": "steps"}}
     for k, v in overrides.items():
         base.setdefault(k, {}).update(v)
     return preset("tiny").replace(**base)

@@ -68,7 +68,7 @@ def make_pretrained(folder: Path, arch: str, seed: int = 0) -> Path:
 
 def small_training(spec: Spec) -> Spec:
     return spec.replace(data={"seq_len": 32}, inner={"batch_size": 4, "warmup_steps": 2},
-                        round={"inner_steps": 3})
+                        round={"inner_steps": 3, "mode": "steps"})  # H steps: the swarm equals simulate
 
 
 def assert_same_logits(export_dir: Path, ours: torch.nn.Module, vocab: int) -> None:
@@ -89,6 +89,8 @@ def test_init_records_architecture_tokenizer_and_weights_hash(tmp_path: Path) ->
     spec = load_spec(out)
     saved = json.loads((folder / "config.json").read_text())
     assert spec.model.architecture == "llama" and spec.pretrained
+    # time mode, its round the tiny preset's scaled by training FLOPs per step (rounded up to a second)
+    assert spec.round.mode == "time" and spec.round.seconds >= 1.0 and spec.round.seconds == int(spec.round.seconds)
     recorded = spec.hf_config_dict()
     assert {k: v for k, v in saved.items() if k not in ("transformers_version", "architectures")} == recorded
     assert spec.tokenizer.kind == "hf" and Path(spec.tokenizer.path) == folder.resolve() and spec.tokenizer.sha256

@@ -22,12 +22,22 @@ from conftest import fast_spec, write_spec
 from swarm_helpers import log_tail, model_hashes, peer_script, start_peer, wait_exit, wait_ready
 
 from swarmfold.averaging.identity import load_or_create_identity
+from swarmfold.cli import main
 from swarmfold.peer.contribute import threads_set
 from swarmfold.peer.data import Shard
 from swarmfold.peer.roundlog import ROUND_LOG, RoundLogError, append_round, read_rounds, steps_from
 from swarmfold.peer.simulate import simulate
 from swarmfold.peer.tokenizer import load_tokenizer
-from swarmfold.spec import Spec, SpecError, validate
+from swarmfold.spec import (
+    PRESET_ROUND_SECONDS,
+    PRESETS,
+    Spec,
+    SpecError,
+    load_spec,
+    preset,
+    spec_from_dict,
+    validate,
+)
 
 NET = {"matchmaking_timeout": 10.0, "join_timeout": 4.0, "allreduce_timeout": 10.0, "commit_timeout": 4.0}
 TIME = {"mode": "time", "seconds": 2.0, "min_steps": 1, "inner_steps": 400}
@@ -53,6 +63,47 @@ def test_time_mode_is_validated_and_steps_mode_hashes_as_before() -> None:
         with pytest.raises(SpecError, match=words):
             fast_spec(round=bad)
     assert validate(fast_spec(round=TIME)) == []
+
+
+# the presets' swarm ids since time mode became their default (the steps-mode ids are pinned in
+# test_lr_schedule.py); a change here forks every swarm made from a preset: say so in docs/results.md
+TIME_PRESET_HASHES = {
+    "tiny": "8f011ad69bffb2f7c0ecb5a069db339a37b8538b284a0bee7a839e59e21616b4",
+    "small": "945d4735d676608f997cc4c55c2114a0c1213d022a61eb1fb1d827653e527bfb",
+    "base": "8986335274ce18b70d4b6dc483eb128218b8960a0a19eaec9c9fbedc2771144e",
+    "1b": "bdbcadf41ade8db326cd39e2ce6148a4bd1a0239a34d4e3e9938ffba8997065f",
+}
+TINY_STEPS_HASH = "0d6d56bcc023a84f90305b00095c21f97c35ef41f9ac6a6c6d648e7396bdb8af"  # as before time rounds
+
+
+def test_presets_default_to_time_mode_and_a_file_without_mode_is_steps_mode(tmp_path: Path) -> None:
+    for name in PRESETS:
+        spec = preset(name)
+        assert (spec.round.mode, spec.round.seconds, spec.round.min_steps) == ("time", PRESET_ROUND_SECONDS[name], 1)
+        assert spec.spec_hash == TIME_PRESET_HASHES[name]
+        assert spec_from_dict(spec.to_dict()).spec_hash == spec.spec_hash
+        assert spec.round_min_steps == 1 and spec.token_cap == spec.round.inner_steps * spec.tokens_per_step
+    # a spec file written before time rounds existed (no mode, seconds or min_steps) keeps its meaning
+    # and its swarm id: steps mode
+    raw = preset("tiny").to_dict()
+    for key in ("mode", "seconds", "min_steps"):
+        raw["round"].pop(key)
+    assert spec_from_dict(raw).round.mode == "steps"
+    path = tmp_path / "old.toml"
+    path.write_text("[round]\ninner_steps = 25\n")  # the tiny preset's other fields are the spec defaults
+    loaded = load_spec(path)
+    assert loaded.round.mode == "steps" and loaded.round_min_steps == loaded.round.inner_steps
+    assert loaded.spec_hash == preset("tiny").replace(round={"mode": "steps"}).spec_hash == TINY_STEPS_HASH
+
+
+def test_init_writes_time_mode_and_mode_steps_gives_the_old_default(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["init", "--preset", "small", "--out", str(tmp_path / "t.toml")]) == 0
+    assert load_spec(tmp_path / "t.toml").spec_hash == preset("small").spec_hash
+    assert main(["init", "--preset", "small", "--mode", "steps", "--out", str(tmp_path / "s.toml")]) == 0
+    steps = load_spec(tmp_path / "s.toml")
+    assert steps.round.mode == "steps" and steps.spec_hash == preset("small").replace(round={"mode": "steps"}).spec_hash
+    capsys.readouterr()
 
 
 def test_round_logs_merge_and_refuse_what_does_not_fit(tmp_path: Path) -> None:

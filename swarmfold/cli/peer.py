@@ -58,6 +58,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--from-pretrained", type=Path, default=None, metavar="PATH",
                    help="a local Hugging Face model folder (config.json, *.safetensors, its tokenizer): "
                         "the swarm's genesis is its weights")
+    p.add_argument("--mode", choices=["time", "steps"], default=None,
+                   help="[round] mode: 'time' (the presets: each peer trains for round.seconds, at most H steps) "
+                        "or 'steps' (every peer trains exactly H steps: reproducible alone, the old default)")
     p.add_argument("--out", required=True, type=Path, help="where to write the TOML spec")
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
     p.set_defaults(handler=cmd_init)
@@ -142,12 +145,30 @@ def cmd_init(args: argparse.Namespace) -> int:
         spec = spec_from_pretrained(args.from_pretrained, spec)
         source = f"genesis {spec.model.architecture} from {spec.model.pretrained_path}, " \
                  f"weights sha256 {spec.model.pretrained_sha256[:16]}…, training settings of preset {args.preset}"
+        if spec.round.mode == "time":
+            spec = _scaled_round_seconds(preset(args.preset), spec)
+            source += f", round.seconds {spec.round.seconds:g} (the preset's, scaled by training FLOPs per step)"
+    if args.mode is not None:
+        spec = spec.replace(round={"mode": args.mode})
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(args.out, to_toml(spec))
     print(f"wrote {args.out} ({source}, swarm id {spec.swarm_id})")
     for line in _memory_lines(spec):
         print(line)
     return ExitCode.OK
+
+
+def _scaled_round_seconds(base: Spec, spec: Spec) -> Spec:
+    """A pretrained start's time-mode round: the preset's round.seconds (about H steps of its own model
+    on a CPU laptop) times the ratio of the two models' training FLOPs per step, rounded up to a second."""
+    import math
+
+    from swarmfold.peer.memory import train_flops_per_step
+    from swarmfold.peer.tokenizer import load_tokenizer
+
+    b, t = load_tokenizer(base.tokenizer), load_tokenizer(spec.tokenizer)
+    ratio = train_flops_per_step(spec, t.vocab_size, t.eos_id) / train_flops_per_step(base, b.vocab_size, b.eos_id)
+    return spec.replace(round={"seconds": float(math.ceil(base.round.seconds * ratio))})
 
 
 def _memory_lines(spec: Spec) -> list[str]:

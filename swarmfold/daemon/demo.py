@@ -128,8 +128,10 @@ class _References:
 
 
 def demo_spec(peers: int) -> Spec:
-    """The tiny preset, with every peer required in every group so the demo averages all of them."""
-    return preset("tiny").replace(name="swarmfold-demo",
+    """The tiny preset, with every peer required in every group so the demo averages all of them; in
+    steps mode (the presets run time mode), because the references train on exactly the swarm's
+    batches: H steps per peer and round."""
+    return preset("tiny").replace(name="swarmfold-demo", round={"mode": "steps"},
                                   averaging={"group_size": max(8, peers), "min_group_size": peers,
                                              "matchmaking_timeout": 30.0, "join_timeout": 10.0,
                                              "allreduce_timeout": 60.0, "commit_timeout": 20.0})

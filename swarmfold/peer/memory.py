@@ -88,3 +88,17 @@ def estimate(spec: Spec, vocab_size: int, eos_id: int, *, activation_checkpointi
         host += 4 * p
     return MemoryEstimate(parameters=p, device_bytes=train_state + activations + GiB // 2, host_bytes=host,
                           cpu_bytes=train_state + activations + host, activation_bytes=activations)
+
+
+def train_flops_per_step(spec: Spec, vocab_size: int, eos_id: int) -> float:
+    """Training FLOPs of one inner step, roughly: tokens per step x (6 N + 12 L d T) (PaLM, appendix B).
+
+    N counts the parameters that take part in a matmul for every token: all but the input
+    embedding (a tied output head is that same tensor and still multiplies, so it stays in);
+    L layers, d the width, T the sequence length. Used to carry a measured step time from one
+    model to another (scripts/measure_step_time.py, `swarmfold init --from-pretrained`)."""
+    d, _inner, layers, vocab = _shape(spec, vocab_size)
+    cfg = spec.hf_config_dict()
+    tied = bool(cfg.get("tie_word_embeddings", True)) if cfg else spec.model.tie_embeddings
+    n = count_parameters(spec, vocab_size, eos_id) - (0 if tied else vocab * d)
+    return spec.tokens_per_step * (6.0 * n + 12.0 * layers * d * spec.data.seq_len)
