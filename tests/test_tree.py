@@ -1,4 +1,5 @@
-"""The averaging tree (averaging/tree.py): pure, in-process, no network."""
+"""The averaging trees, pure, in-process, no network: the live delegate tree's reference
+(inprocess.reduce_tree) and cost model (treecost.py), and the span-partial alternative (tree.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,14 @@ import torch
 
 from swarmfold.averaging import codec
 from swarmfold.averaging.aggregate import Contribution, weighted_mean
-from swarmfold.averaging.base import AverageRequest, butterfly_bytes, partition_groups
+from swarmfold.averaging.base import (
+    AverageRequest,
+    butterfly_bytes,
+    delegates_of,
+    group_id_for,
+    partition_groups,
+    tree_depth,
+)
 from swarmfold.averaging.inprocess import reduce_in_process, reduce_tree
 from swarmfold.averaging.tree import (
     build_tree,
@@ -22,6 +30,13 @@ from swarmfold.averaging.tree import (
     reduce_tree_in_process,
     run_tree,
     tree_mean,
+)
+from swarmfold.averaging.treecost import (
+    DOWNLOADS,
+    delegate_costs,
+    delegate_costs_of,
+    delegate_levels,
+    tree_records,
 )
 from swarmfold.cli import build_parser
 from swarmfold.peer.simulate import simulate
@@ -255,3 +270,64 @@ def test_bench_tree_counts_and_checks_in_process(tmp_path: Path) -> None:
     assert rows[8]["tree"]["models"] == 1 and rows[8]["today"]["models"] == 2
     assert rows[20]["today"]["fraction_reaching_model"] == 4 / 20
     assert rows[20]["tree"]["bit_identical_to_reference"] and rows[20]["tree"]["messages_match_cost_model"]
+    live = rows[20]["live"]  # 20 peers, G = 4: 5 groups of 4, delegates in groups of 2 and 3, then a top of 2
+    assert live["groups_per_level"] == [5, 2, 1] and live["depth"] == 3 and live["models"] == 1
+    assert live["one_identical_aggregate"] and live["levels_match_reduce_tree"]
+    assert live["butterfly_bytes_match_reduce_tree"] and "downloads" in live["by_level"]
+    # 8 peers, G = 4: two groups whose delegates meet in a group of two (fan-out 3 + 1)
+    assert rows[8]["live"]["groups_per_level"] == [2, 1] and rows[8]["live"]["fan_out"]["max"] == 4
+
+
+# ---- the live delegate tree's cost model (averaging/treecost.py) ------------------------
+
+
+@pytest.mark.parametrize(("n", "g", "compression"), [(5, 3, "none"), (9, 3, "int8"), (20, 4, "none"),
+                                                     (20, 3, "fp16"), (7, 2, "none"),
+                                                     (5, 2, "int8")])
+def test_delegate_cost_model_matches_reduce_tree(n: int, g: int, compression: str) -> None:
+    deltas = _deltas(n, seed=100 + n * g)
+    reqs = _requests(deltas)
+    out = reduce_tree(reqs, swarm_id="s", compression=compression, rule="mean", trim_fraction=0.0, group_size=g)
+    # one model: every peer holds the same aggregate, committed
+    agg = out[min(out)].aggregate
+    assert agg is not None and {r.status for r in out.values()} == {"committed"}
+    assert all(torch.equal(r.aggregate, agg) for r in out.values())  # type: ignore[arg-type]
+    levels = delegate_levels(list(deltas), g)
+    assert len(levels) == 1 + tree_depth(len(delegates_of(sorted(deltas), g)), g)
+    # the model's groups above each peer's own are the levels reduce_tree records, with their group ids
+    records = tree_records(levels)
+    for p, r in out.items():
+        assert [(lv["level"], lv["included"]) for lv in r.tree] == records[p]
+        assert [lv["group_id"] for lv in r.tree] == [group_id_for("s", 3, 0, ms, level=lv) for lv, ms in records[p]]
+    # the butterfly bytes are the ones reduce_tree counts (it counts no downloads)
+    costs = delegate_costs_of(list(deltas), g, NUMEL, compression)
+    for p, c in costs.items():
+        butterflies = sum(v["bytes_sent"] for k, v in c.by_level.items() if k != DOWNLOADS)
+        assert butterflies == out[p].bytes_sent
+        received = sum(v["bytes_received"] for k, v in c.by_level.items() if k != DOWNLOADS)
+        assert received == out[p].bytes_received
+    # every peer outside the top group downloads F once (raw float32); the top group's members none
+    top = set(levels[-1][0])
+    for p, c in costs.items():
+        got = c.by_level.get(DOWNLOADS, {}).get("bytes_received", 0)
+        assert got == (0 if p in top else 4 * NUMEL)
+
+
+def test_delegate_costs_count_each_level_and_the_downloads() -> None:
+    n, g, numel = 1024, 8, 16 * 1024
+    costs = delegate_costs(n, g, numel, "none")
+    levels = delegate_levels(sorted(costs), g)
+    assert [len(lv) for lv in levels] == [128, 16, 2, 1]
+    first = costs[min(costs)]  # the delegate at every level: 7 + 7 + 7 + 1 peers
+    assert first.fan_out == 22 and first.fan_in == 22
+    expected = 3 * butterfly_bytes(numel, 8, 0, "none") + butterfly_bytes(numel, 2, 0, "none") + 21 * 4 * numel
+    assert first.bytes_sent == expected
+    assert first.messages_sent == 3 * 14 + 2 + 21
+    last = costs[max(costs)]  # a plain member of a group of 8: today's butterfly and one download
+    assert last.fan_out == 7 and last.messages_sent == 14
+    assert last.bytes_sent == butterfly_bytes(numel, 8, 7, "none") and last.bytes_received == last.bytes_sent + 4 * numel
+    # N <= G: today's one group, no downloads
+    one = delegate_costs(5, 8, numel, "int8")
+    assert all(c.bytes_sent == butterfly_bytes(numel, 5, i, "int8") and DOWNLOADS not in c.by_level
+               for i, c in enumerate(one.values()))
+    assert delegate_costs(1, 8, numel, "none")[f"p{0:06d}"].messages_sent == 0

@@ -1,9 +1,16 @@
-"""The averaging tree for more ready peers than one group holds (N > G): design, not yet live.
+"""The span-partial averaging tree for N > G: an ALTERNATIVE design, not the live one.
 
-Today the live swarm cuts the ready peers of a round into independent groups, and the smaller
-groups' models are later dropped. The tree combines every group into one model per round,
-with a per-peer fan-out bounded by about 2G whatever N is. This module is pure and
-in-process: `simulate --tree` and the benchmark use it, the live protocol does not (yet).
+The live tree is the delegate tree: climb.py runs it in the swarm, and
+`inprocess.reduce_tree` is its in-process reference (what `simulate` uses); its per-peer
+cost model is averaging/treecost.py. Each group commits its own aggregate first, and its
+delegate carries it up one level, recursively.
+
+This module is the other design: every level-1 group's float64 span partials are combined
+at span leaders before anything commits. It sends fewer bytes (no float32 F downloads, at
+most about 2G peers and 3.25 Δ a peer at G = 8) but needs every group's partial before any
+group can commit, so one slow or failed group holds up the round for all. It is pure and
+in-process, kept for comparison: `scripts/bench_tree.py` measures it (the "tree" arm)
+beside the live delegate tree ("live") and today's independent groups ("today").
 
 Shape. The sorted ready set of round r is cut by `base.partition_groups` into
 K1 = ceil(N/G) level-1 groups of near-equal size (sizes differ by at most one), in sorted
@@ -358,13 +365,13 @@ def run_tree(tree: Tree, deltas: Mapping[str, tuple[torch.Tensor, float]], compr
     return TreeRun(aggregate=assembled, messages=messages)
 
 
-# ---- the in-process round (what simulate calls for N > G) -----------------------------
+# ---- the in-process round of this design (simulate uses inprocess.reduce_tree instead) ---
 
 
 def reduce_tree_in_process(requests: dict[str, AverageRequest], *, swarm_id: str, compression: str,
                            group_size: int, dead: Collection[str] = ()) -> dict[str, AverageResult]:
-    """One round of the tree over every ready peer, whole vectors at once (the reference the
-    live tree would have to equal). N <= G is today's single group (`reduce_in_process`), bit
+    """One round of the span-partial tree over every ready peer, whole vectors at once (the
+    reference a span-by-span run of this design must equal). N <= G is today's single group (`reduce_in_process`), bit
     for bit. Peers in `dead` died during the round: their level-1 groups are taken out of the
     tree, the other members of those groups roll back, and the rest commit one model. Dead
     peers get no result."""
