@@ -87,6 +87,7 @@ def test_bench_scale_smoke(tmp_path: Path) -> None:
     assert res["exit_codes"] == [0, 0]
     assert res["statuses"] == {"committed": 2}
     assert res["per_round"] == [{"round": 0, "statuses": {"committed": 2}, "committed_group_sizes": [2],
+                                 "distinct_models": 1, "tree_levels_above_the_group": [0],
                                  "adopted_a_larger_groups_model": 0}]
     assert res["every_group_committed_the_same_hash"] is True
     assert res["pss_peak_mib_per_peer"]["mean"] > res["model_and_optimizer_state_mib"] > 0

@@ -224,6 +224,8 @@ def test_reduce_tree_is_one_group_for_n_up_to_g_and_levels_of_groups_above(compr
     plain = reduce_in_process(small, **opts)
     for p, r in reduce_tree(small, group_size=3, **opts).items():
         assert torch.equal(r.aggregate, plain[p].aggregate) and not r.tree
+    alone = reduce_tree(reqs, group_size=1, **opts)  # G = 1: every peer alone, no level above
+    assert all(r.status == "alone" and not r.tree and torch.equal(r.aggregate, reqs[p].delta) for p, r in alone.items())
     out = reduce_tree(reqs, group_size=2, **opts)  # 7 peers, G = 2: 4 groups, 2 groups of delegates, a root
     tops = {tuple(r.aggregate.tolist()) for r in out.values()}
     assert len(tops) == 1 and {r.status for r in out.values()} == {"committed"}

@@ -84,7 +84,7 @@ def delegates_of(peer_ids: list[str], group_size: int, clients: frozenset[str] |
     into is its first member that can reduce (not in client mode; the first member if none can). One
     group, or none: no next level ([])."""
     groups = partition_groups(peer_ids, group_size)
-    if len(groups) <= 1:
+    if len(groups) <= 1 or group_size < 2:  # G = 1 averages nothing: every peer is alone, no level above
         return []
     return [next((p for p in g if p not in clients), g[0]) for g in groups]
 
@@ -107,7 +107,7 @@ def tree_level(level: int, group_id: str, included: list[str], weights: dict[str
 def tree_depth(n: int, group_size: int) -> int:
     """Levels of the tree above level 1 for `n` next-level members (0 for n <= 1)."""
     levels = 0
-    while n > 1:
+    while n > 1 and group_size >= 2:
         n = math.ceil(n / group_size) if n > group_size else 1
         levels += 1
     return levels

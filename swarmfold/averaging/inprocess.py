@@ -71,10 +71,11 @@ def _climb(requests: dict[str, AverageRequest], *, level: int, group_size: int, 
     out: dict[str, AverageResult] = {}
     for g in groups:
         out.update(reduce_in_process({p: requests[p] for p in g}, level=level, **opts))
-    if len(groups) <= 1:
+    delegates = delegates_of(sorted(requests), group_size)
+    if not delegates:  # one group, or G = 1 (every peer alone)
         return out
     up: dict[str, AverageRequest] = {}
-    for d in delegates_of(sorted(requests), group_size):
+    for d in delegates:
         r, req = out[d], requests[d]
         weight = 0.0
         for p in sorted(r.included):  # the order climb._sums adds them in
@@ -83,7 +84,7 @@ def _climb(requests: dict[str, AverageRequest], *, level: int, group_size: int, 
         up[d] = AverageRequest(round=req.round, delta=r.aggregate, weight=weight, model_sha256=req.model_sha256,
                                steps=sum(r.steps.values()), level=level + 1)
     above = _climb(up, level=level + 1, group_size=group_size, **opts)
-    for d, g in zip(delegates_of(sorted(requests), group_size), groups, strict=True):
+    for d, g in zip(delegates, groups, strict=True):
         top = above[d]  # its `tree` holds the levels above its own group at level + 1
         real = top.status == "committed" and len(top.members) > 1  # not a group of one carried further up
         levels = ([tree_level(level + 1, top.group_id, top.included, top.weights, top.steps)] if real else []) \
