@@ -60,3 +60,35 @@ def test_five_peers_in_groups_of_three_commit_one_model_equal_to_simulate(
             (level,) = v["tree"]  # one level above the groups: their two delegates
             assert level["level"] == 2 and level["included"] == sorted(g[0] for g in groups), (w, r, v)
             assert level["weights"][mine[0]] == sum(v["weights"].values())
+
+
+def test_a_member_killed_in_the_bigger_group_leaves_every_survivor_on_one_model(
+        tmp_path: Path, shards: list[Path], procs: list[subprocess.Popen]) -> None:
+    """The group of three loses a member mid-send in round 1: it redoes its attempt among the two
+    survivors, whose retry still carries the round's delegates, so its delegate joins the level above
+    and all four survivors commit one model (tests/peers/patient_peer.py is also a crashing peer)."""
+    spec = fast_spec(averaging={**NET, "group_size": 3})
+    spec_path = write_spec(spec, tmp_path / "spec.toml")
+    rounds = 2
+    data = [shards[i % len(shards)] for i in range(N)]
+    workdirs = [tmp_path / f"peer-{i}" for i in range(N)]
+    ids = [load_or_create_identity(w / "identity.key").peer_id for w in workdirs]  # known before they start
+    victim = ids.index(max(ids))  # in the group of three (the largest ids), not its delegate
+    script = peer_script("patient_peer")
+    for i in range(N):
+        env = {"SWARMFOLD_TEST_PEERS": str(N), **({"SWARMFOLD_TEST_FAULT": "send@1"} if i == victim else {})}
+        initial = None if i == 0 else wait_ready(workdirs[0])["maddrs"][:1]
+        start_peer(procs, workdirs[i], spec_path, data[i], rounds=rounds, env=env, script=script, initial=initial)
+    survivors = [i for i in range(N) if i != victim]
+    for i in survivors:
+        assert wait_exit(procs[i], workdirs[i]) == 0, log_tail(workdirs[i])
+    procs[victim].wait(timeout=30)
+    after = {i: model_hashes(workdirs[i]) for i in survivors}
+    for r in (1, 2):
+        assert len({after[i][r] for i in survivors}) == 1, (r, after, [log_tail(workdirs[i]) for i in survivors])
+    big = sorted(ids)[2:]
+    for i in survivors:
+        v = last_rounds(workdirs[i])[2]
+        assert v["status"] == "committed" and len(v["tree"]) == 1, (i, v)
+        if ids[i] in big:
+            assert sorted(v["included"]) == sorted(set(big) - {ids[victim]}) and v["attempts"] == 2, (i, v)

@@ -41,7 +41,7 @@ import torch
 from hivemind.dht.crypto import RSASignatureValidator
 
 from swarmfold.averaging.allreduce import AllReduce
-from swarmfold.averaging.base import AverageRequest, AverageResult
+from swarmfold.averaging.base import AverageRequest, AverageResult, delegate_of
 from swarmfold.averaging.climb import Climb
 from swarmfold.averaging.commit import Commit, judge
 from swarmfold.averaging.directory import Directory
@@ -82,6 +82,10 @@ class _Tally:
     rejected: dict[str, str] = field(default_factory=dict)
     sent: int = 0
     received: int = 0
+    # the tree (N > G): the next level's delegates as the round's first group learnt them, and that
+    # group's members; a retry among the survivors gathers too few peers to see the other groups
+    delegates: list[str] = field(default_factory=list)
+    delegates_from: frozenset[str] = frozenset()
 
     def for_cause(self) -> set[str]:
         """Peers left out for a rejected contribution (not merely for being slow or unreachable)."""
@@ -94,6 +98,17 @@ class _Tally:
         self.received += e.bytes_received
         members = set(group.members) if group is not None else (e.expected or set())
         self.expected = members - self.excluded - {me}
+        if group is not None and group.delegates and not self.delegates:
+            self.delegates, self.delegates_from = list(group.delegates), frozenset(group.members)
+
+    def keep_tree(self, out: AverageResult, me: str) -> AverageResult:
+        """A retry's outcome still belongs in the round's tree: the delegates the first attempt learnt,
+        with this group's delegate now (its old one may be the peer that failed)."""
+        if out.delegates or not self.delegates or out.status not in ("committed", "alone"):
+            return out
+        mine = delegate_of(out.included, set(out.clients)) if out.status == "committed" else me
+        out.delegates = sorted((set(self.delegates) - self.delegates_from) | {mine})
+        return out
 
     def common(self, attempts: int) -> dict[str, Any]:
         return dict(attempts=attempts, timings=self.timings, rejected=self.rejected, bytes_sent=self.sent,
@@ -249,9 +264,9 @@ class Swarm:
                 finally:
                     tally.timings["matchmaking"] += time.perf_counter() - t0
                 if isinstance(outcome, NoGroup):
-                    return self._no_group(req, outcome, tally.common(attempt + 1))
+                    return tally.keep_tree(self._no_group(req, outcome, tally.common(attempt + 1)), self.peer_id)
                 group = outcome
-                return await self._attempt(req, group, attempt, tally)
+                return tally.keep_tree(await self._attempt(req, group, attempt, tally), self.peer_id)
             except AveragingError as e:
                 failed = e if isinstance(e, AttemptFailed) else AttemptFailed(str(e), set())  # e.g. the DHT
                 if self._stopping.is_set():

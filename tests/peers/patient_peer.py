@@ -5,6 +5,7 @@ Peers of a test start a few seconds apart; a real swarm's first round sorts that
 (peers that came late join the next round), but a test that compares every round with `simulate`
 needs every peer in round 0's matchmaking. Waiting on the DHT's state, not on a clock, gives it
 that. Run like `swarmfold run`: `python -m peers.patient_peer run ...` (swarm_helpers.peer_script).
+It is also a crashing peer: SWARMFOLD_TEST_FAULT=PHASE@R kills it as tests/peers/crashing_peer.py says.
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ import sys
 import time
 
 from peers._main import run_peer
+from peers.crashing_peer import CrashingSwarm
 from swarmfold.averaging.base import AverageRequest, AverageResult
-from swarmfold.averaging.swarm import Swarm
 
 logger = logging.getLogger("patient")
 
 
-class PatientSwarm(Swarm):
+class PatientSwarm(CrashingSwarm):
     def average(self, request: AverageRequest) -> AverageResult:
         want = int(os.environ.get("SWARMFOLD_TEST_PEERS", "0"))
         deadline = time.monotonic() + 120
