@@ -63,8 +63,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -279,7 +280,14 @@ class PeerCost:
 
 
 def peer_costs(tree: Tree, messages: Sequence[Message]) -> dict[str, PeerCost]:
-    costs = {p: PeerCost() for p in tree.members}
+    return tally_costs(tree.members, messages, lambda m: m.level)
+
+
+def tally_costs(peers: Sequence[str], messages: Sequence[Any], level_of: Callable[[Any], int]
+                ) -> dict[str, PeerCost]:
+    """Per peer: fan-out / fan-in (distinct peers it sends to / receives from), messages and bytes, in
+    total and by `level_of(message)`; each message has `sender`, `receiver` and `nbytes`."""
+    costs = {p: PeerCost() for p in sorted(peers)}
     outs: dict[str, set[str]] = {p: set() for p in costs}
     ins: dict[str, set[str]] = {p: set() for p in costs}
     for m in messages:
@@ -290,9 +298,10 @@ def peer_costs(tree: Tree, messages: Sequence[Message]) -> dict[str, PeerCost]:
         s.bytes_sent += m.nbytes
         r.messages_received += 1
         r.bytes_received += m.nbytes
+        key = level_of(m)
         for c, k in ((s, "sent"), (r, "received")):
-            lv = c.by_level.setdefault(m.level, {"messages_sent": 0, "bytes_sent": 0,
-                                                 "messages_received": 0, "bytes_received": 0})
+            lv = c.by_level.setdefault(key, {"messages_sent": 0, "bytes_sent": 0,
+                                             "messages_received": 0, "bytes_received": 0})
             lv[f"messages_{k}"] += 1
             lv[f"bytes_{k}"] += m.nbytes
     for p, c in costs.items():

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from swarmfold.averaging import codec
 from swarmfold.averaging.base import delegates_of, partition_groups
-from swarmfold.averaging.tree import PeerCost
+from swarmfold.averaging.tree import PeerCost, tally_costs
 
 DOWNLOADS = 0  # the by_level key of the F downloads
 F_BYTES_PER_ELEMENT = 4  # F travels as raw float32 (climb.py)
@@ -103,28 +103,9 @@ def delegate_plan(levels: list[list[list[str]]], numel: int, compression: str) -
 
 
 def costs_of(peers: Sequence[str], sends: Sequence[Send]) -> dict[str, PeerCost]:
-    """Per peer: fan-out / fan-in (distinct peers it sends to / receives from), messages and bytes,
-    by level (butterflies at their level, downloads under DOWNLOADS)."""
-    costs = {p: PeerCost() for p in sorted(peers)}
-    outs: dict[str, set[str]] = {p: set() for p in costs}
-    ins: dict[str, set[str]] = {p: set() for p in costs}
-    for m in sends:
-        s, r = costs[m.sender], costs[m.receiver]
-        outs[m.sender].add(m.receiver)
-        ins[m.receiver].add(m.sender)
-        s.messages_sent += 1
-        s.bytes_sent += m.nbytes
-        r.messages_received += 1
-        r.bytes_received += m.nbytes
-        key = DOWNLOADS if m.kind == "download" else m.level
-        for c, k in ((s, "sent"), (r, "received")):
-            lv = c.by_level.setdefault(key, {"messages_sent": 0, "bytes_sent": 0,
-                                             "messages_received": 0, "bytes_received": 0})
-            lv[f"messages_{k}"] += 1
-            lv[f"bytes_{k}"] += m.nbytes
-    for p, c in costs.items():
-        c.fan_out, c.fan_in = len(outs[p]), len(ins[p])
-    return costs
+    """Per peer: fan-out / fan-in, messages and bytes, by level (butterflies at their level, downloads
+    under DOWNLOADS)."""
+    return tally_costs(peers, sends, lambda m: DOWNLOADS if m.kind == "download" else m.level)
 
 
 def delegate_costs_of(peer_ids: Sequence[str], group_size: int, numel: int, compression: str
