@@ -15,10 +15,11 @@ LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 
 
 def start_peer(workdir: Path, spec_path: Path, shard: Path, rounds: int, initial: list[str], *, keep: int,
-               netns: str | None = None, host: str = LOOPBACK, announce: str | None = None) -> subprocess.Popen:
+               netns: str | None = None, host: str = LOOPBACK, announce: str | None = None,
+               extra: list[str] | None = None) -> subprocess.Popen:
     """One peer with one thread and no control API, in its own session (killed whole by kill_all);
     its output goes to workdir/peer.log. `netns`: run it inside that network namespace;
-    `announce`: the address it announces (an EmulatedLink's port for it)."""
+    `announce`: the address it announces (an EmulatedLink's port for it); `extra`: more `run` arguments."""
     workdir.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "swarmfold", "run", "--spec", str(spec_path), "--data", str(shard),
            "--workdir", str(workdir), "--host-maddrs", host, "--rounds", str(rounds), "--threads", "1",
@@ -27,6 +28,7 @@ def start_peer(workdir: Path, spec_path: Path, shard: Path, rounds: int, initial
         cmd += ["--initial-peers", *initial]
     if announce:
         cmd += ["--announce-maddrs", announce]
+    cmd += extra or []
     if netns:
         cmd = ["ip", "netns", "exec", netns, *cmd]
     log = open(workdir / "peer.log", "ab")

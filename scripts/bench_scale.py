@@ -7,8 +7,10 @@ Run (a few minutes per size on a 2-core machine):
 
 For each N it starts N real `swarmfold run` processes (each with its hivemind DHT child and
 p2pd daemon) on 127.0.0.1 with the tiny model, one stdlib shard each, and
-averaging.min_group_size = min(N, G) so that every round waits for a full group (and
-join_timeout 10 s, see bench_spec). It samples
+averaging.min_group_size = N up to G (every round waits for all of them) and 2 beyond
+(join_timeout 10 s, see bench_spec). The peers launch together (`run --wait-for-peers N`:
+none trains round 0 before all N are in the swarm); --staggered starts each one's round 0
+as soon as it is up, as volunteers joining one by one would. It samples
 the resident memory of every peer's whole process tree (the peer, its DHT process and p2pd)
 while they run, and reads each peer's checkpoints afterwards: the model hash of every
 round and what happened in it (group, members, timings, bytes).
@@ -211,7 +213,7 @@ def analyse(workdirs: list[Path], peer_ids: list[str], sampler: MemorySampler, p
 
 
 def run_size(n: int, *, rounds: int, root: Path, h: int, timeout: float, netns: list[str] | None = None,
-             hosts: list[str] | None = None) -> dict[str, Any]:
+             hosts: list[str] | None = None, launch: bool = True) -> dict[str, Any]:
     base = root / f"n{n}{'-netns' if netns else ''}"
     shutil.rmtree(base, ignore_errors=True)
     shards = write_stdlib_shards(n, base / "data", max_bytes_per_shard=150_000)
@@ -220,15 +222,18 @@ def run_size(n: int, *, rounds: int, root: Path, h: int, timeout: float, netns: 
     spec_path.write_text(to_toml(spec))
     workdirs = [base / f"peer-{i}" for i in range(n)]
     procs: list[subprocess.Popen] = []
+    # a coordinated launch: no peer trains round 0 before all n are in the swarm (--wait-for-peers), so
+    # that round 0 measures the protocol at n, not n processes importing torch minutes apart on 2 cores
+    extra = ["--wait-for-peers", str(n)] if launch else []
     t0 = time.monotonic()
     try:
         host0 = hosts[0] if hosts else LOOPBACK
-        procs.append(start_peer(workdirs[0], spec_path, shards[0], rounds, [], keep=100,
+        procs.append(start_peer(workdirs[0], spec_path, shards[0], rounds, [], keep=100, extra=extra,
                                 netns=netns[0] if netns else None, host=host0))
         info0 = wait_ready(workdirs[0], procs[0], 300)
         initial = [a for a in info0["maddrs"] if "/127.0.0.1/" in a or (hosts and hosts[0].split("/")[2] in a)][:1]
         for i in range(1, n):
-            procs.append(start_peer(workdirs[i], spec_path, shards[i], rounds, initial, keep=100,
+            procs.append(start_peer(workdirs[i], spec_path, shards[i], rounds, initial, keep=100, extra=extra,
                                     netns=netns[i] if netns else None, host=hosts[i] if hosts else LOOPBACK))
         sampler = MemorySampler([p.pid for p in procs])
         sampler.start()
@@ -261,7 +266,7 @@ def run_size(n: int, *, rounds: int, root: Path, h: int, timeout: float, netns: 
             res["unfinished_peers"] = {str(i): log_tail(workdirs[i], 6) for i in stuck}
         res.update(peers=n, exit_codes=codes, startup_seconds=round(startup, 1),
                    total_seconds=round(time.monotonic() - t0, 1), group_size=spec.averaging.group_size,
-                   min_group_size=spec.averaging.min_group_size, inner_steps=h)
+                   min_group_size=spec.averaging.min_group_size, inner_steps=h, launch_wait=launch)
         return res
     finally:
         kill_all(procs)
@@ -335,6 +340,9 @@ def main() -> int:
     ap.add_argument("--netns", action="store_true", help="also run 4 peers with 50 ms RTT, 100 Mbit/s links")
     ap.add_argument("--timeout", type=float, default=600.0,
                     help="seconds a size may take after its peers joined; stragglers are stopped and reported")
+    ap.add_argument("--staggered", action="store_true",
+                    help="no coordinated launch: each peer starts round 0 as soon as it is up (without "
+                         "--wait-for-peers), as a swarm that volunteers join one by one does")
     ap.add_argument("--out", type=Path, default=Path("results/scale.json"))
     args = ap.parse_args()
 
@@ -346,11 +354,13 @@ def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="swarmfold-scale-"))
     os.environ.setdefault("SWARMFOLD_CACHE", str(root / "cache"))
     report: dict[str, Any] = {"setup": {"sizes": args.sizes, "rounds": args.rounds, "inner_steps": args.inner_steps,
-                                        "cores": os.cpu_count(), "threads_per_peer": 1}, "loopback": {}}
+                                        "cores": os.cpu_count(), "threads_per_peer": 1,
+                                        "launch_wait": not args.staggered}, "loopback": {}}
     try:
         for n in args.sizes:
             print(f"N = {n} ...", flush=True)
-            res = run_size(n, rounds=args.rounds, root=root, h=args.inner_steps, timeout=args.timeout)
+            res = run_size(n, rounds=args.rounds, root=root, h=args.inner_steps, timeout=args.timeout,
+                           launch=not args.staggered)
             report["loopback"][str(n)] = res
             print(json.dumps(res), flush=True)
         if args.netns:
@@ -362,7 +372,7 @@ def main() -> int:
                 try:
                     names, hosts = netns_up(4, 25, "100mbit")
                     res = run_size(4, rounds=args.rounds, root=root, h=args.inner_steps, timeout=args.timeout,
-                                   netns=names, hosts=hosts)
+                                   netns=names, hosts=hosts, launch=not args.staggered)
                     report["netns"] = {"rtt_ms": 50, "rate": "100mbit", **res}
                     print(json.dumps(res), flush=True)
                 finally:

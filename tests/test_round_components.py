@@ -45,7 +45,7 @@ from swarmfold.averaging.messages import (
     parse_matchmaking,
 )
 from swarmfold.averaging.protocol import VOTE, Phase, Rejected
-from swarmfold.averaging.records import PeerRecord
+from swarmfold.averaging.records import Declaration, PeerRecord
 from swarmfold.averaging.timeouts import RoundTimeouts
 from swarmfold.spec import SpecError, spec_from_dict
 
@@ -193,7 +193,7 @@ def _commits(members: list[str]) -> tuple[dict[str, Commit], Membership]:
     for p in members + ["x"]:
         m = Membership()
         m.register(_group(members))
-        out[p] = Commit(FakeNet(p, handlers), m, t, on_enter=lambda phase, r: None)
+        out[p] = Commit(FakeNet(p, handlers), m, t, on_enter=lambda phase, r, level: None)
         handlers[p] = {VOTE: out[p].on_vote}
     return out, m
 
@@ -262,7 +262,7 @@ def _matchmaker(me: str) -> Matchmaker:
     spec = fast_spec(averaging={"group_size": 3})
     return Matchmaker(FakeNet(me, {}), None, spec, RoundTimeouts.from_spec(spec),  # type: ignore[arg-type]
                       client_mode=False, maddrs=lambda: [], stopping=threading.Event(),
-                      on_phase=lambda p, d: None, on_enter=lambda p, r: None)
+                      on_phase=lambda p, d: None, on_enter=lambda p, r, level: None)
 
 
 def test_a_follower_accepts_one_proposal_and_a_final_list_that_matches_it() -> None:
@@ -321,7 +321,7 @@ def test_a_reducer_refuses_parts_for_groups_it_is_not_in_at_once() -> None:
         m = Membership()
         net = FakeNet("a", {})
         ar = AllReduce(net, Directory.__new__(Directory), m, spec, RoundTimeouts.from_spec(spec),
-                       make_part=lambda *a: {}, on_enter=lambda p, r: None, loop=asyncio.get_running_loop())
+                       make_part=lambda *a: {}, on_enter=lambda p, r, level: None, loop=asyncio.get_running_loop())
         ar.dir.denied = set()
         t0 = asyncio.get_running_loop().time()
         assert await ar._reducer_for("x", "f" * 32) is None  # a stranger: refused without waiting
@@ -406,7 +406,7 @@ def _waiting_outcome(recs: list[tuple[str, int]], *, for_cause: set[str] = froze
 
     mm = Matchmaker(FakeNet("me", {}), _RecordsOnly("me", spec, records), spec, RoundTimeouts.from_spec(spec),
                     client_mode=False, maddrs=lambda: [], stopping=stopping, on_phase=on_phase,
-                    on_enter=lambda p, r: None)
+                    on_enter=lambda p, r, level: None)
     req = AverageRequest(round=3, delta=torch.zeros(4), weight=1.0, model_sha256="m", steps=1)
     out = asyncio.run(mm.matchmake(req, 0, set(for_cause), set(), set(for_cause)))
     assert isinstance(out, NoGroup)
@@ -427,6 +427,29 @@ def test_one_peer_ahead_does_not_end_a_round_others_are_still_at() -> None:
 def test_a_peer_rejected_for_cause_does_not_count_as_the_swarm() -> None:
     assert _waiting_outcome([("attacker", 4)], for_cause={"attacker"}) == (False, 3)
     assert _waiting_outcome([("attacker", 4), ("a", 4)], for_cause={"attacker"}) == (True, 1)
+
+
+def test_late_peers_do_not_pair_up_at_a_round_the_swarm_has_left() -> None:
+    """Two late peers meet in round 3's waiting room (a group of min_group_size 2 could form) while three
+    are past round 3: they give the round up for the catch-up instead of committing a model of their
+    own that the swarm would throw away. "me" would lead that pair; its net answers nobody, so a
+    proposal would raise here."""
+    spec = fast_spec(averaging={"min_group_size": 2, "group_size": 3, "matchmaking_timeout": 0.05},
+                     network={"poll_interval": 0.01})
+    records = [PeerRecord(peer_id=p, round=r, model_sha256="m", outer_sha256="o", spec_hash=spec.spec_hash,
+                          client_mode=False, maddrs=[], state="training")
+               for p, r in [("zz-late", 3), ("a", 4), ("b", 4), ("c", 4)]]
+
+    class WaitingRoom(_RecordsOnly):
+        async def declared(self, round_idx: int, attempt: int, waiting: bool, level: int = 1) -> dict[str, Any]:
+            return {"zz-late": Declaration("zz-late", "m", False, [])} if waiting else {}
+
+    mm = Matchmaker(FakeNet("me", {}), WaitingRoom("me", spec, records), spec, RoundTimeouts.from_spec(spec),
+                    client_mode=False, maddrs=lambda: [], stopping=threading.Event(), on_phase=lambda p, d: None,
+                    on_enter=lambda p, r, level: None)
+    req = AverageRequest(round=3, delta=torch.zeros(4), weight=1.0, model_sha256="m", steps=1)
+    out = asyncio.run(asyncio.wait_for(mm.matchmake(req, 0, set(), set(), set()), 30))
+    assert out == NoGroup(moved_on=True)
 
 
 def test_a_handler_cancelled_at_shutdown_ends_quietly() -> None:

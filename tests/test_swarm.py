@@ -9,12 +9,14 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 from conftest import fast_spec, write_spec
+from daemon_helpers import wait_status
 from swarm_helpers import (
     connected_swarms,
     last_rounds,
@@ -263,6 +265,37 @@ def test_a_late_peer_joins_the_peers_already_waiting(tmp_path: Path, shards: lis
     hashes = {model_hashes(w)[1] for w in [*early, late]}
     assert len(hashes) == 1, "all three committed round 0 together"
     assert all(len(last_rounds(w)[1]["included"]) == 3 for w in [*early, late])
+
+
+def test_a_launch_waits_for_its_peers_and_meets_in_round_0(tmp_path: Path, shards: list[Path],
+                                                           procs: list[subprocess.Popen]) -> None:
+    """--wait-for-peers 3: the first peer trains nothing until it sees all three (its status says it
+    waits with no token trained: in matchmaking it would have trained round 0 already), and then the
+    three meet in round 0's group, so that every round equals `simulate` of the three from genesis."""
+    spec = fast_spec(averaging=NET)  # min_group_size 1: without the wait, the first would go alone
+    spec_path = write_spec(spec, tmp_path / "spec.toml")
+    rounds = 2
+    workdirs = [tmp_path / f"peer-{i}" for i in range(3)]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start_peer(procs, workdirs[0], spec_path, shards[0], rounds=rounds,
+               extra=["--wait-for-peers", "3", "--api-port", str(port)])
+    first = wait_ready(workdirs[0])["maddrs"][:1]
+    snap = wait_status(workdirs[0], "the launch wait", lambda s: s.get("state") == "waiting", timeout=120)
+    assert snap["tokens_total"] == 0 and not model_hashes(workdirs[0]).get(1), "it trained before its peers came"
+    for i in (1, 2):
+        start_peer(procs, workdirs[i], spec_path, shards[i], rounds=rounds, initial=first,
+                   extra=["--wait-for-peers", "3"])
+    for p, w in zip(procs, workdirs, strict=True):
+        assert wait_exit(p, w) == 0, log_tail(w)
+    ids = _ids(workdirs)
+    simulate(spec, [[s] for s in shards[:3]], rounds=rounds, threads=1, out=tmp_path / "sim", peer_ids=ids,
+             keep_checkpoints=1000)
+    want = {r: h for r, h in model_hashes(tmp_path / "sim" / "peer-0").items() if r > 0}
+    assert set(want) == set(range(1, rounds + 1))
+    for w in workdirs:
+        assert {r: h for r, h in model_hashes(w).items() if r > 0} == want, last_rounds(w)
 
 
 def test_state_download_is_checked_against_the_published_hash(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@ delegates join them into one model; every peer equals `simulate` bit for bit."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -92,3 +93,51 @@ def test_a_member_killed_in_the_bigger_group_leaves_every_survivor_on_one_model(
         assert v["status"] == "committed" and len(v["tree"]) == 1, (i, v)
         if ids[i] in big:
             assert sorted(v["included"]) == sorted(set(big) - {ids[victim]}) and v["attempts"] == 2, (i, v)
+
+
+@pytest.mark.parametrize(("phase", "whose"), [("matchmaking", "three"), ("send", "two"), ("reduce", "three"),
+                                              ("commit", "two")])
+def test_a_delegate_killed_in_each_phase_of_the_level_above_leaves_every_survivor_on_one_model(
+        phase: str, whose: str, tmp_path: Path, shards: list[Path], procs: list[subprocess.Popen]) -> None:
+    """Round 1's level 2 (the two groups' delegates) loses one of them in `phase`: the delegate of the
+    group of three, or of the group of two (which leads level 2). The other delegate's level-2 round
+    fails or finds nobody and its top is its own group's aggregate (or, killed in commit, the top that
+    both made); the dead delegate's group mates, unable to reach it, ask the other delegate for the
+    round's top. All four survivors end round 1 on one model, and the ones whose aggregate did not
+    reach that model are not credited with its tokens."""
+    spec = fast_spec(averaging={**NET, "group_size": 3})
+    spec_path = write_spec(spec, tmp_path / "spec.toml")
+    rounds = 2
+    data = [shards[i % len(shards)] for i in range(N)]
+    workdirs = [tmp_path / f"peer-{i}" for i in range(N)]
+    ids = [load_or_create_identity(w / "identity.key").peer_id for w in workdirs]
+    groups = partition_groups(sorted(ids), 3)
+    two, three = (g for g in sorted(groups, key=len))
+    victim_id = (three if whose == "three" else two)[0]  # each group's delegate is its first member
+    victim = ids.index(victim_id)
+    script = peer_script("patient_peer")
+    for i in range(N):
+        env = {"SWARMFOLD_TEST_PEERS": str(N), **({"SWARMFOLD_TEST_FAULT": f"{phase}@1@2"} if i == victim else {})}
+        initial = None if i == 0 else wait_ready(workdirs[0])["maddrs"][:1]
+        start_peer(procs, workdirs[i], spec_path, data[i], rounds=rounds, env=env, script=script, initial=initial)
+    survivors = [i for i in range(N) if i != victim]
+    for i in survivors:
+        assert wait_exit(procs[i], workdirs[i]) == 0, log_tail(workdirs[i])
+    procs[victim].wait(timeout=30)
+    assert "fault injection" in (workdirs[victim] / "peer.log").read_text(), log_tail(workdirs[victim])
+    after = {i: model_hashes(workdirs[i]) for i in survivors}
+    for r in (1, 2):
+        assert len({after[i][r] for i in survivors}) == 1, (r, after, [log_tail(workdirs[i]) for i in survivors])
+    orphans = [i for i in survivors if ids[i] in (three if whose == "three" else two)]
+    for i in survivors:
+        v = last_rounds(workdirs[i])[2]
+        assert v["status"] == "committed" and v["included"] == sorted(
+            next(g for g in groups if ids[i] in g)), (i, v)  # level 1 of round 1 committed whole
+        if phase != "commit":  # the dead delegate never carried its group up
+            assert victim_id not in json.dumps(v.get("tree", [])), (i, v)
+            if i in orphans:
+                assert v["tree"] and v["tree"][0]["included"] == [(two if whose == "three" else three)[0]], (i, v)
+    credit = {i: json.loads((workdirs[i] / "checkpoints" / "round-000002" / "meta.json").read_text())["credit"]
+              for i in survivors}
+    if phase != "commit":  # the orphans' round-1 tokens did not reach the model they now hold; the rest did
+        assert all((credit[i]["wasted"] > 0) == (i in orphans) for i in survivors), credit

@@ -197,4 +197,7 @@ def test_a_cheater_is_caught_by_replay_excluded_and_denied(tmp_path: Path, shard
     for w in honest:
         got = {r: json.loads((w / "checkpoints" / f"round-{r:06d}" / "meta.json").read_text())["model_sha256"]
                for r in range(1, rounds + 1)}
-        assert got == want, "the honest peers hold exactly what the two of them alone would have trained"
+        rounds_seen = {r: {k: i.get(k) for k in ("status", "included", "attempts", "reason")}
+                       for r, i in sorted(last_rounds(w).items())}
+        assert got == want, ("the honest peers hold exactly what the two of them alone would have trained",
+                             w.name, [r for r in want if got.get(r) != want[r]], rounds_seen, log_tail(w, 60))

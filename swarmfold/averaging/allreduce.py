@@ -208,7 +208,7 @@ def take_result(raw: dict[str, Any], collector: SpanCollector, group: Group, spa
 
 class AllReduce:
     def __init__(self, net: Net, directory: Directory, membership: Membership, spec: Spec, timeouts: RoundTimeouts,
-                 *, make_part: MakePart, on_enter: Callable[[Phase, int], None],
+                 *, make_part: MakePart, on_enter: Callable[[Phase, int, int], None],
                  loop: asyncio.AbstractEventLoop, verifier: SwarmVerifier | None = None):
         self.net = net
         self.dir = directory
@@ -257,7 +257,7 @@ class AllReduce:
         def after_send() -> None:
             if not sent_first.is_set():
                 sent_first.set()
-                self.on_enter(Phase.SEND, req.round)
+                self.on_enter(Phase.SEND, req.round, req.level)
 
         async def send_to(j: int, reducer: str) -> SpanOutcome | None:
             lo, hi = spans[j]
@@ -389,7 +389,7 @@ class AllReduce:
         deadline = self.loop.time() + self.tt.allreduce
         if not await red.until(red.accounted, deadline):
             self._time_out(red, round_idx, set(red.exp.members - set(red.parts) - set(red.rejected)), "contribution")
-        self.on_enter(Phase.REDUCE, round_idx)
+        self.on_enter(Phase.REDUCE, round_idx, red.level)
         if self.verifier is not None and self.verifier.fraction > 0 and red.level == 1:
             # the replay judges whole spans, exactly as they would enter the average: wait for them first
             if not await red.until(red.complete_parts, deadline):

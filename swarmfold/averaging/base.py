@@ -52,6 +52,9 @@ class AverageResult:
     delegates: list[str] = field(default_factory=list)  # the next level's expected members (empty: no tree)
     clients: list[str] = field(default_factory=list)  # members in client mode (they cannot be delegates)
     digest: str = ""  # what the group's commit votes agreed on (commit.digest)
+    # False when the tree's top that this peer applied does not hold its group's aggregate (its delegate
+    # died before carrying it up, and another delegate gave the round's top): its tokens did not count
+    reached_top: bool = True
 
 
 class Averager(Protocol):

@@ -16,7 +16,12 @@ The other members ask their delegate (TREE) for what the levels above made of th
 group: the top level's aggregate F, with one record per level (base.tree_level), or
 "fallback" when a level above failed, and they then apply the highest aggregate that
 committed (A_g at worst: never a mix within a group, as every member gets the same answer
-from the same delegate). A member whose delegate died applies A_g.
+from the same delegate). A member whose delegate cannot be reached (it died, before or
+during the level above or after it) asks the round's other delegates, in sorted order, for
+the top their groups reached: the level above, missing the dead delegate, retried without
+it (its atomic commit leaves no mix), so the group's members end on the swarm's one model
+even though their own aggregate did not reach it, unless the delegate had carried it up
+before it died. Only when no delegate answers does a member apply A_g.
 
 The canonical order of the sum is the tree's: sorted members within a group (float64,
 aggregate.aggregate), the decoded group aggregate, then sorted delegates within their
@@ -60,6 +65,9 @@ from swarmfold.averaging.transport import SMALL_MESSAGE, Net
 logger = logging.getLogger(__name__)
 
 MAX_SERVED = 8  # groups whose top-level aggregate a delegate keeps serving (a few rounds' worth)
+# requests at once from members of other groups (whose delegate is gone) that a delegate serves: a
+# round's dead delegate leaves at most G - 1 of them, so this bounds a flood, not the honest case
+MAX_FOREIGN = 16
 RunLevel = Callable[[AverageRequest, set[str]], Awaitable[AverageResult]]
 
 
@@ -72,6 +80,7 @@ class Top:
     levels: list[dict] = field(default_factory=list)
     bytes_sent: int = 0
     bytes_received: int = 0
+    foreign: bool = False  # another group's delegate gave it, and it does not hold our group's aggregate
 
 
 def _sums(req: AverageRequest, res: AverageResult) -> tuple[float, int]:
@@ -94,6 +103,9 @@ class Climb:
         self.group_size = group_size
         self.peer_id = net.peer_id
         self.served: OrderedDict[str, asyncio.Future[Top | None]] = OrderedDict()
+        # (round, θ_r's hash) -> the same answer as our level-1 group's, for members of other groups
+        self.round_tops: OrderedDict[tuple[int, str], asyncio.Future[Top | None]] = OrderedDict()
+        self._foreign = asyncio.Semaphore(MAX_FOREIGN)
         self._changed = asyncio.Event()
 
     # ---- after a level's outcome ------------------------------------------------------------------
@@ -102,6 +114,8 @@ class Climb:
         if not res.delegates or res.status not in ("committed", "alone"):
             return res
         top = await self.resolve(req, res, run_level)
+        if top is not None and top.levels and all(not lv["group_id"] for lv in top.levels) and not top.foreign:
+            top = Top(top.aggregate, [], top.bytes_sent, top.bytes_received)  # we were alone above: our own
         if top is None or not top.levels:
             why = "the levels above failed" if res.status == "committed" else "no level above formed"
             logger.warning("[%s] round %d: %s; keeping group %s's own aggregate", self.peer_id[-8:], req.round,
@@ -111,7 +125,7 @@ class Climb:
                            bytes_received=res.bytes_received + (top.bytes_received if top else 0))
         out = replace(res, aggregate=top.aggregate, tree=top.levels, bytes_sent=res.bytes_sent + top.bytes_sent,
                       bytes_received=res.bytes_received + top.bytes_received,
-                      reason=f"tree of {len(top.levels) + 1} levels")
+                      reason=f"tree of {len(top.levels) + 1} levels", reached_top=not top.foreign)
         if res.status == "alone":  # a group of one whose Δ went up: it committed at the level above
             first = top.levels[0]
             out = replace(out, status="committed", group_id=first["group_id"], members=[self.peer_id],
@@ -126,9 +140,9 @@ class Climb:
         me = self.peer_id
         delegate = delegate_of(res.included, set(res.clients)) if res.status == "committed" else me
         if delegate != me:
-            return await self._ask(delegate, res.group_id, req.delta.numel(),
-                                   self.tt.tree_wait(tree_depth(len(res.delegates), self.group_size)))
-        fut = self._serve(res.group_id) if res.status == "committed" else None
+            return await self._from_delegates(req, res, delegate)
+        key = (req.round, req.model_sha256) if req.level == 1 else None
+        fut = self._serve(res.group_id, key) if res.status == "committed" else None
         top: Top | None = None
         try:
             top = await self._carry(req, res, run_level)
@@ -136,6 +150,24 @@ class Climb:
             if fut is not None and not fut.done():
                 fut.set_result(top)
         return top
+
+    async def _from_delegates(self, req: AverageRequest, res: AverageResult, delegate: str) -> Top | None:
+        """A member's answer: from its group's delegate; if that one gives none (gone), from the round's
+        other delegates in sorted order, the first that has a top."""
+        bound = self.tt.tree_wait(tree_depth(len(res.delegates), self.group_size))
+        ask = TreeRequest(group_id=res.group_id, round=req.round, base=req.model_sha256)
+        top = await self._ask(delegate, ask, req.delta.numel(), bound)
+        if top is not None:
+            return top
+        for other in sorted(set(res.delegates) - {delegate, self.peer_id}):
+            logger.info("[%s] round %d: asking delegate %s for the round's top instead", self.peer_id[-8:],
+                        req.round, other[-8:])
+            top = await self._ask(other, ask, req.delta.numel(), bound)
+            if top is not None and top.levels:
+                # our delegate may have carried our group up before it died: then the top holds it
+                top.foreign = delegate not in top.levels[0]["included"]
+                return top
+        return None
 
     async def _carry(self, req: AverageRequest, res: AverageResult, run_level: RunLevel) -> Top | None:
         """We are our group's delegate: run the level above with the group's aggregate."""
@@ -158,6 +190,10 @@ class Climb:
             if higher is None or not higher.levels:
                 return Top(res.aggregate, [], sent, received) if res.aggregate is not None else None
             top = higher
+        elif r.status == "alone":  # no other delegate came (dead or cut off): the top is our part alone,
+            # which members of other groups whose delegate is gone apply too (one model for the survivors)
+            top = Top(res.aggregate, [tree_level(up.level, "", [self.peer_id], {self.peer_id: weight},
+                                                 {self.peer_id: steps})])
         else:
             logger.warning("[%s] round %d: tree level %d: %s", self.peer_id[-8:], req.round, up.level,
                            r.reason or r.status)
@@ -167,9 +203,10 @@ class Climb:
         return top
 
     # ---- a member asks its delegate --------------------------------------------------------------
-    async def _ask(self, delegate: str, group_id: str, numel: int, bound: float) -> Top | None:
+    async def _ask(self, delegate: str, ask: TreeRequest, numel: int, bound: float) -> Top | None:
+        """The delegate's answer (a Top without levels: "fallback"), or None when it gave none."""
         try:
-            return await asyncio.wait_for(self._fetch(delegate, group_id, numel), bound)
+            return await asyncio.wait_for(self._fetch(delegate, ask, numel), bound)
         except TimeoutError:
             logger.warning("[%s] no answer from delegate %s within %.0fs", self.peer_id[-8:], delegate[-8:], bound)
         except (AveragingError, wire.WireError, ConnectionError, OSError, Rejected) as e:
@@ -177,11 +214,12 @@ class Climb:
                            delegate[-8:], e)
         return None
 
-    async def _fetch(self, delegate: str, group_id: str, numel: int) -> Top | None:
+    async def _fetch(self, delegate: str, ask: TreeRequest, numel: int) -> Top | None:
+        group_id = ask.group_id
         reader, writer = await self.net.open(delegate, TREE)
         wire.widen(reader, writer)
         try:
-            sent = await wire.send(writer, TreeRequest(group_id=group_id).to_wire())
+            sent = await wire.send(writer, ask.to_wire())
             raw, received = await wire.recv(reader, SMALL_MESSAGE)
             head = TreeResult.from_wire(raw)
             if head.group_id != group_id:
@@ -213,22 +251,28 @@ class Climb:
             wire.close(writer)
 
     # ---- a delegate serves its group -------------------------------------------------------------
-    def _serve(self, group_id: str) -> asyncio.Future[Top | None]:
+    def _serve(self, group_id: str, key: tuple[int, str] | None) -> asyncio.Future[Top | None]:
         fut: asyncio.Future[Top | None] = asyncio.get_running_loop().create_future()
         self.served[group_id] = fut
+        if key is not None:
+            self.round_tops[key] = fut
         while len(self.served) > MAX_SERVED:
             _, old = self.served.popitem(last=False)
             if not old.done():
                 old.set_result(None)
+        while len(self.round_tops) > MAX_SERVED:
+            self.round_tops.popitem(last=False)
         self._changed.set()
         self._changed = asyncio.Event()
         return fut
 
-    async def _served(self, group_id: str) -> asyncio.Future[Top | None] | None:
-        """The answer for `group_id`, waiting a commit window for it (members commit a little apart)."""
+    async def _served(self, table: OrderedDict[Any, asyncio.Future[Top | None]], key: Any
+                      ) -> asyncio.Future[Top | None] | None:
+        """The answer under `key` (a group id in `served`, or a round in `round_tops`), waiting a commit
+        window for it (members commit a little apart)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.tt.commit + self.tt.leader_grace
-        while group_id not in self.served:
+        while key not in table:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return None
@@ -236,7 +280,7 @@ class Climb:
                 await asyncio.wait_for(self._changed.wait(), remaining)
             except TimeoutError:
                 pass
-        return self.served[group_id]
+        return table[key]
 
     async def on_tree(self, info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         sender = str(info.peer_id)
@@ -247,10 +291,19 @@ class Climb:
             except Rejected as r:
                 logger.info("bad tree request from %s: %s", sender[-8:], r.label)
                 return
-            fut = await self._served(req.group_id) if self.membership.is_member(sender, req.group_id) else None
             # the delegate resolves it within its own bounds, whatever happens above: this is a safety net
             bound = self.tt.tree_wait(MAX_TREE_LEVELS)
-            top = await asyncio.wait_for(asyncio.shield(fut), bound) if fut is not None else None
+            if self.membership.is_member(sender, req.group_id):
+                fut = await self._served(self.served, req.group_id)
+                top = await asyncio.wait_for(asyncio.shield(fut), bound) if fut is not None else None
+            elif self._foreign.locked():
+                logger.info("[%s] declined a tree request from %s: %d already served", self.peer_id[-8:],
+                            sender[-8:], MAX_FOREIGN)
+                top = None
+            else:  # a member of another group of the round, whose own delegate is gone
+                async with self._foreign:
+                    fut = await self._served(self.round_tops, (req.round, req.base))
+                    top = await asyncio.wait_for(asyncio.shield(fut), bound) if fut is not None else None
             await self._send(writer, req.group_id, top)
         except (wire.WireError, ConnectionError, TimeoutError) as e:
             logger.info("tree exchange with %s failed: %s", sender[-8:], e)

@@ -86,7 +86,7 @@ def judge(group: Group, me: str, results: list[SpanOutcome | None]) -> Judgement
 
 class Commit:
     def __init__(self, net: Net, membership: Membership, timeouts: RoundTimeouts, *,
-                 on_enter: Callable[[Phase, int], None]):
+                 on_enter: Callable[[Phase, int, int], None]):
         self.net = net
         self.membership = membership
         self.tt = timeouts
@@ -130,7 +130,7 @@ class Commit:
                 logger.info("vote to %s failed: %s", peer[-8:], e)
             if first:
                 first = False
-                self.on_enter(Phase.COMMIT, round_idx)
+                self.on_enter(Phase.COMMIT, round_idx, group.level)
 
         casting = asyncio.gather(*(cast(p) for p in others))
         loop = asyncio.get_running_loop()

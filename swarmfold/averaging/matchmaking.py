@@ -59,8 +59,8 @@ class Group:
 
 @dataclass(frozen=True)
 class NoGroup:
-    """Matchmaking ended without a group: the window closed (`moved_on` False), or too few peers are
-    left at this round while enough are past it (`moved_on` True: the catch-up will follow them).
+    """Matchmaking ended without a group: the window closed (`moved_on` False), or enough peers are
+    past this round and no fewer than are still at it (`moved_on` True: the catch-up will follow them).
     `delegates`: the next tree level's members, when this peer's gather held more than one group's
     worth of peers (it is then a group of one that carries its own Δ up)."""
 
@@ -107,6 +107,7 @@ class _Attempt:
     proposal_event: asyncio.Event = field(default_factory=asyncio.Event)
     final: asyncio.Future | None = None  # the leader's Final or Cancel
     gathered: frozenset[str] = frozenset()  # the peers of our last gather (the tree's delegates come from it)
+    left_behind: bool = False  # our last gather ended because the swarm is past this round
     clients: frozenset[str] = frozenset()  # those of them in client mode
 
     def here(self, m: Propose | Final | Cancel) -> bool:
@@ -146,7 +147,7 @@ class Membership:
 class Matchmaker:
     def __init__(self, net: Net, directory: Directory, spec: Spec, timeouts: RoundTimeouts, *,
                  client_mode: bool, maddrs: Callable[[], list[str]], stopping: threading.Event,
-                 on_phase: Callable[[str, str], None], on_enter: Callable[[Phase, int], None]):
+                 on_phase: Callable[[str, str], None], on_enter: Callable[[Phase, int, int], None]):
         self.net = net
         self.dir = directory
         self.spec = spec
@@ -178,8 +179,7 @@ class Matchmaker:
         a = await self._begin(_Attempt(round=req.round, attempt=attempt, base=req.model_sha256,
                                        excluded=set(excluded), distrusted=distrusted, level=req.level),
                               self.tt.declaration_ttl(attempt))
-        if req.level == 1:
-            self.on_enter(Phase.MATCHMAKING, req.round)
+        self.on_enter(Phase.MATCHMAKING, req.round, req.level)
         if expected is None:
             expected, _ = await self.dir.expected_peers(req.round, excluded)
         deadline = time.monotonic() + self.tt.gather_window(attempt)
@@ -220,6 +220,8 @@ class Matchmaker:
         try:
             members = await self._gather(a, expected, deadline)
             group = None
+            if a.left_behind:
+                return None, "the swarm is past this round"
             if a.locked_to is not None and a.locked_to != self.peer_id:
                 group = await self._follow(a)
             else:
@@ -255,14 +257,15 @@ class Matchmaker:
         declared too, not at its deadline (which still bounds it)."""
         polls = 0
         gone: set[str] = set()
+        present: set[str] = set()  # peers whose records say they are at this round
         waiting_room = self.avg.min_group_size > 1 and a.level == 1
         expected = set(expected)
         while True:
             declared = await self.dir.declared(a.round, a.attempt, a.waiting, a.level)
             if polls % 5 == 0 and a.level == 1:  # above level 1, the delegates expected are known
-                here, gone = await self.dir.expected_peers(a.round, a.excluded, a.distrusted)  # one DHT read
+                present, gone = await self.dir.expected_peers(a.round, a.excluded, a.distrusted)  # one DHT read
                 if a.attempt == 0 and not a.waiting:
-                    expected |= here
+                    expected |= present
             polls += 1
             if waiting_room and not a.waiting and a.locked_to is None:
                 waiting = await self._waiting(a)
@@ -273,7 +276,7 @@ class Matchmaker:
             members.setdefault(self.peer_id, Declaration(self.peer_id, a.base, self.client_mode, self.maddrs()))
             a.gathered = frozenset(members)
             a.clients = frozenset(p for p, d in members.items() if d.client_mode)
-            if self._gathered(a, members, expected, gone, deadline):
+            if self._gathered(a, members, expected, gone, deadline, present):
                 return members
             try:
                 await asyncio.wait_for(a.proposal_event.wait(), self.tt.poll)
@@ -281,16 +284,17 @@ class Matchmaker:
                 pass
 
     def _gathered(self, a: _Attempt, members: dict[str, Declaration], expected: set[str], gone: set[str],
-                  deadline: float) -> bool:
+                  deadline: float, present: set[str]) -> bool:
         others = set(members) - {self.peer_id}
         waiting_room = self.avg.min_group_size > 1 and a.level == 1
         enough = waiting_room and a.waiting and len(members) >= self.avg.min_group_size
-        # too few here and enough already past this round (and no fewer than are at it): stop gathering,
-        # so that the round is rolled back and the catch-up moves us to where they are (instead of
-        # chasing them)
-        left_behind = (waiting_room and len(members) < self.avg.min_group_size
-                       and len(gone) >= max(1, self.avg.min_group_size - 1)
-                       and len(gone) >= len(set(members) | expected))
+        # enough already past this round, and no fewer than are at it (we included): stop gathering,
+        # whether or not a group could form here, so that the round is rolled back and the catch-up
+        # moves us to where they are. Late peers that paired up at a round the swarm has left would
+        # commit a model of their own, which the swarm's next round throws away (an adoption).
+        left_behind = (waiting_room and len(gone) >= max(1, self.avg.min_group_size - 1)
+                       and len(gone) >= len(set(members) | expected | present))
+        a.left_behind = left_behind and a.locked_to is None
         # a full group ends the gather only if no peer we expect is still missing: with more ready peers
         # than one group holds, every one of them must be in the same cut (the tree joins the groups)
         full = len(members) >= self.avg.group_size and not expected - others

@@ -238,10 +238,14 @@ class Vote(Message):
 # ---- the tree: a group's members fetch the top level's aggregate from their delegate -------------------
 @dataclass(frozen=True)
 class TreeRequest(Message):
-    """A member asks its group's delegate for what the levels above made of the group's aggregate."""
+    """A member asks its group's delegate for what the levels above made of the group's aggregate; or,
+    when that delegate is gone, another delegate of the same round for the top that its group reached
+    (the round and θ_r's hash name which round's top)."""
 
     KIND: ClassVar[str] = "tree_request"
     group_id: str  # the member's (level-1) group
+    round: int
+    base: str  # θ_r's sha256, the base every group of the round averaged from
 
 
 TREE_STATUSES = ("committed", "fallback")

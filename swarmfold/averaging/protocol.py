@@ -22,10 +22,11 @@ from swarmfold.averaging.wire import WireError, field
 if TYPE_CHECKING:
     from swarmfold.averaging.messages import PartHeader
 
-PROTOCOL = "swarmfold/6"  # 2: spans stream in chunks; 3: typed messages (averaging/messages.py);
+PROTOCOL = "swarmfold/7"  # 2: spans stream in chunks; 3: typed messages (averaging/messages.py);
 # 4: state sync streams in chunks (averaging/statesync.py); 5: parts declare their inner steps, which the
 # results and the commit digest record (time-boxed rounds); 6: the tree for N > G (matchmaking messages
-# carry their level, the final list the next level's delegates; members fetch the top level's aggregate)
+# carry their level, the final list the next level's delegates; members fetch the top level's aggregate);
+# 7: a member whose delegate is gone asks another delegate for the round's top (tree requests name it)
 HELLO, PROPOSE, REDUCE, VOTE, STATE, TREE = (f"{PROTOCOL}/{name}" for name in
                                              ("hello", "propose", "reduce", "vote", "state", "tree"))
 DATA = f"{PROTOCOL}/data"  # the public data's manifest and files (averaging/datashare.py)

@@ -77,6 +77,7 @@ class _Tally:
     """What a round's attempts have accumulated so far."""
 
     excluded: set[str] = field(default_factory=set)
+    denied: set[str] = field(default_factory=set)  # peers with a deny record against them (a verifying swarm)
     expected: set[str] | None = None
     timings: dict[str, float] = field(default_factory=lambda: {"matchmaking": 0.0, "allreduce": 0.0, "commit": 0.0})
     rejected: dict[str, str] = field(default_factory=dict)
@@ -88,8 +89,10 @@ class _Tally:
     delegates_from: frozenset[str] = frozenset()
 
     def for_cause(self) -> set[str]:
-        """Peers left out for a rejected contribution (not merely for being slow or unreachable)."""
-        return {p for p, why in self.rejected.items() if not why.startswith(Rejection.TIMEOUT.value)}
+        """Peers left out for a rejected contribution or a deny record (not merely for being slow or
+        unreachable): they stay out of the waiting room too, and where they say they are tells nothing
+        about where the swarm is."""
+        return self.denied | {p for p, why in self.rejected.items() if not why.startswith(Rejection.TIMEOUT.value)}
 
     def failed(self, e: AttemptFailed, group: Group | None, me: str) -> None:
         self.excluded |= e.exclude
@@ -224,8 +227,8 @@ class Swarm:
         return s.round, s.theta, s.outer, s.source
 
     # ---- extension points (tests/peers/ subclass these) --------------------------------------------
-    def phase_entered(self, phase: Phase, round_idx: int) -> None:
-        """Called as this peer's round enters `phase` (on the network loop); does nothing here."""
+    def phase_entered(self, phase: Phase, round_idx: int, level: int = 1) -> None:
+        """Called as this peer's round enters `phase` at tree `level` (on the network loop); does nothing here."""
 
     def _make_part(self, group: Group, req: AverageRequest, span_index: int, payload: bytes | memoryview,
                    numel: int) -> dict[str, Any]:
@@ -250,7 +253,8 @@ class Swarm:
         above: its group's delegates, whom `expected` names)."""
         tally = _Tally(expected=expected)
         if self.spec.verify.fraction > 0 and req.level == 1:
-            tally.excluded |= await self.directory.refresh_denied(req.round)
+            tally.denied = await self.directory.refresh_denied(req.round)
+            tally.excluded |= tally.denied
         where = f"round {req.round}" + (f", tree level {req.level}" if req.level > 1 else "")
         attempt = 0
         for attempt in range(self.avg.max_attempts):

@@ -34,6 +34,7 @@ class PeerOptions:
     text_field: str = "text"  # JSONL field / Parquet and Arrow column of the text (peer/data.py DataOptions)
     max_file_mb: float = 16.0  # text and JSONL files larger than this are skipped
     strict_data: bool = False  # refuse the shard at the first file that cannot be used, instead of skipping it
+    wait_for_peers: int = 0  # a launch: train the first round only once this many peers (us included) are seen
 
     def data_options(self) -> Any:
         from swarmfold.peer.data import DataOptions
@@ -101,6 +102,9 @@ def add_peer_arguments(p: argparse.ArgumentParser) -> None:
                    help="address of the control API (default from settings: 127.0.0.1)")
     p.add_argument("--allow-remote-api", action="store_true",
                    help="allow --api-host to be a non-loopback address (e.g. 0.0.0.0 in a container)")
+    p.add_argument("--wait-for-peers", type=int, default=0, metavar="N",
+                   help="a coordinated launch: start the first round only once N peers (this one included) "
+                        "are in the swarm, so that they all meet in its averaging; default 0, start at once")
     p.add_argument("--initial-peers-from", nargs="*", default=[], metavar="URL",
                    help="join the peers whose control API is at URL (e.g. http://peer1:8470), "
                         "waiting for them to come up; for containers, where addresses are not known ahead")
@@ -129,7 +133,8 @@ def options_from_args(args: argparse.Namespace) -> PeerOptions:
                        device=args.device, device_explicit=getattr(args, "device_explicit", False)
                        or "SWARMFOLD_DEVICE" in os.environ,
                        activation_checkpointing=bool(getattr(args, "activation_checkpointing", False)),
-                       text_field=args.text_field, max_file_mb=args.max_file_mb, strict_data=args.strict_data)
+                       text_field=args.text_field, max_file_mb=args.max_file_mb, strict_data=args.strict_data,
+                       wait_for_peers=args.wait_for_peers)
 
 
 def options_to_argv(o: PeerOptions) -> list[str]:
@@ -148,6 +153,8 @@ def options_to_argv(o: PeerOptions) -> list[str]:
         argv += ["--device", o.device]
     if o.activation_checkpointing:
         argv += ["--activation-checkpointing"]
+    if o.wait_for_peers:
+        argv += ["--wait-for-peers", str(o.wait_for_peers)]
     for flag, value in (("--rounds", o.rounds), ("--api-port", o.api_port), ("--api-host", o.api_host)):
         if value is not None:
             argv += [flag, str(value)]

@@ -219,6 +219,30 @@ class PeerRunner:
         logger.info("[%s] no other peer's record visible after %.0fs; starting from our own state",
                     self.peer.peer_id[-8:], timeout)
 
+    def _await_launch(self) -> None:
+        """--wait-for-peers N: a fresh peer (round 0) starts training only once it sees N peers' records,
+        itself included, so that a coordinated launch meets in round 0's averaging instead of splitting
+        into whoever started first and latecomers who then catch up (their first round lost). Waits
+        until stopped; says every few seconds how many it sees."""
+        assert self.swarm is not None and self.peer is not None
+        want = self.options.wait_for_peers
+        if want <= 1 or self.peer.round != 0:
+            return
+        me, last_said, seen = self.peer.peer_id, 0.0, 1
+        while not self.controls.stop.is_set():
+            try:
+                seen = len(set(self.swarm.records()) | {me})
+            except DHT_ERRORS as e:  # the DHT is still settling; look again shortly
+                logger.debug("records not readable yet: %s", e)
+            if seen >= want:
+                logger.info("[%s] %d of %d peers are here; starting round 0", me[-8:], seen, want)
+                return
+            self.status.set_state("waiting", f"launch: {seen} of {want} peers are here (--wait-for-peers)")
+            if time.monotonic() - last_said > 10.0:
+                last_said = time.monotonic()
+                logger.info("[%s] waiting for the launch: %d of %d peers are here", me[-8:], seen, want)
+            self.controls.stop.wait(self.swarm.timeouts.poll)
+
     def _on_phase(self, phase: str, detail: str) -> None:
         self.status.set_state("averaging" if phase != "matchmaking" else "waiting", f"{phase}: {detail}")
 
@@ -246,6 +270,7 @@ class PeerRunner:
     def _loop(self) -> int:
         assert self.peer is not None and self.swarm is not None
         limit = self.options.rounds
+        self._await_launch()
         while not self.controls.stop.is_set():
             if limit is not None and self.peer.round >= limit:
                 logger.info("[%s] reached round %d; stopping", self.peer.peer_id[-8:], self.peer.round)

@@ -215,7 +215,7 @@ class LocalPeer:
             else:
                 self.residual = None
         # else rolled back: θ_r stays, the local weights (and so Δ) carry into the next round
-        included = not result.included or self.peer_id in result.included
+        included = (not result.included or self.peer_id in result.included) and result.reached_top
         self.credit.on_round(result.status, phase.stats.tokens, included=included, theta_sha256=self.theta_sha256)
         self.tokens_total += phase.stats.tokens
         self.counters["bytes_sent"] += result.bytes_sent
