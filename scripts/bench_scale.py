@@ -19,8 +19,9 @@ Reported per N: round wall time (median interval between a peer's checkpoints), 
 matchmaking / all-reduce / commit / training seconds, per round the committed group
 sizes and how many peers then adopted a larger group's model, memory per peer (peak PSS of its
 process tree, which splits pages shared after fork fairly; and peak RSS, which counts
-them in every process; and the PSS beyond the model and optimizer state), and whether
-every member of every group committed the same hash.
+them in every process; and the PSS beyond the model and optimizer state), TCP connections
+per peer to other peers (sampled every second: the peak per peer, its median over peers, and the
+median over all samples), and whether every member of every group committed the same hash.
 
 With --netns (root, `ip netns` and `tc netem` present) it also runs 4 peers in network
 namespaces joined by a bridge, each link with 25 ms one-way delay (50 ms RTT) and
@@ -74,26 +75,39 @@ def bench_spec(n: int, rounds_h: int) -> Any:
 
 
 class MemorySampler(threading.Thread):
-    """Peak resident memory of each peer's process tree (the peer, its DHT child, p2pd)."""
+    """Peak resident memory of each peer's process tree (the peer, its DHT child, p2pd), and its TCP
+    connections to other peers: established sockets of the tree whose far end is not a socket of the
+    same tree (the peer's own processes talk over loopback too), sampled every `conn_every` samples."""
 
-    def __init__(self, pids: list[int], interval: float = 0.5):
+    def __init__(self, pids: list[int], interval: float = 0.5, conn_every: int = 2):
         super().__init__(daemon=True)
-        self.pids, self.interval = pids, interval
+        self.pids, self.interval, self.conn_every = pids, interval, conn_every
         self.peak = {pid: 0 for pid in pids}  # sum of RSS (pages shared by forked children counted twice)
         self.peak_pss = {pid: 0 for pid in pids}  # sum of PSS (shared pages split among their users)
+        self.conns: dict[int, list[int]] = {pid: [] for pid in pids}  # connection counts, one per sample
         self.stop = threading.Event()
 
+    @staticmethod
+    def _external_connections(procs: list[psutil.Process]) -> int:
+        socks = [c for p in procs for c in p.net_connections(kind="tcp")]
+        own = {c.laddr.port for c in socks if c.laddr}
+        return sum(1 for c in socks if c.status == psutil.CONN_ESTABLISHED and c.raddr and c.raddr.port not in own)
+
     def run(self) -> None:
+        k = 0
         while not self.stop.is_set():
             for pid in self.pids:
                 try:
                     root = psutil.Process(pid)
                     procs = [root, *root.children(recursive=True)]
                     infos = [p.memory_full_info() for p in procs if p.is_running()]
+                    if k % self.conn_every == 0:
+                        self.conns[pid].append(self._external_connections(procs))
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     continue
                 self.peak[pid] = max(self.peak[pid], sum(i.rss for i in infos))
                 self.peak_pss[pid] = max(self.peak_pss[pid], sum(getattr(i, "pss", i.rss) for i in infos))
+            k += 1
             self.stop.wait(self.interval)
 
 
@@ -188,6 +202,7 @@ def analyse(workdirs: list[Path], peer_ids: list[str], sampler: MemorySampler, p
     # float32 copies: θ_r, the local weights, their gradients, AdamW's two moments, the int8 residual
     model_state = numel * 4 * 6
     rss_mib = [sampler.peak[p] / 2**20 for p in pids]
+    conns = [sampler.conns[p] for p in pids]
     pss_mib = [sampler.peak_pss[p] / 2**20 for p in pids]
 
     def med(xs: list[float]) -> float | None:
@@ -205,6 +220,10 @@ def analyse(workdirs: list[Path], peer_ids: list[str], sampler: MemorySampler, p
         "commit_seconds_median": med(timings["commit"]),
         "train_seconds_median": med(timings["train"]),
         "bytes_sent_per_round_median": med([float(b) for b in bytes_sent]),
+        # TCP connections to other peers (libp2p multiplexes every stream to one peer over one)
+        "connections_per_peer": {"peak_max": max((max(c) for c in conns if c), default=0),
+                                 "peak_median": med([float(max(c)) for c in conns if c]),
+                                 "median": med([float(x) for c in conns for x in c])},
         "pss_peak_mib_per_peer": {"mean": round(statistics.mean(pss_mib), 1), "max": round(max(pss_mib), 1)},
         "rss_peak_mib_per_peer": {"mean": round(statistics.mean(rss_mib), 1), "max": round(max(rss_mib), 1)},
         "model_and_optimizer_state_mib": round(model_state / 2**20, 1),

@@ -92,6 +92,8 @@ def test_bench_scale_smoke(tmp_path: Path) -> None:
     assert res["every_group_committed_the_same_hash"] is True
     assert res["pss_peak_mib_per_peer"]["mean"] > res["model_and_optimizer_state_mib"] > 0
     assert res["allreduce_seconds_median"] is not None and res["allreduce_seconds_median"] > 0
+    assert res["launch_wait"] is True  # --wait-for-peers 2
+    assert set(res["connections_per_peer"]) == {"peak_max", "peak_median", "median"}  # sampled, 1-round run
 
 
 @pytest.mark.slow
