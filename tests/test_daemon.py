@@ -539,3 +539,20 @@ def test_api_module_has_no_global_registry_side_effects() -> None:
 
     assert not any(n.startswith("swarmfold_") for n in REGISTRY._names_to_collectors)  # noqa: SLF001
     assert api_mod.is_loopback("127.0.0.2") and api_mod.is_loopback("::1") and not api_mod.is_loopback("10.0.0.1")
+
+
+def test_wait_for_peers_goes_through_start_and_a_bad_count_is_refused(tmp_path: Path) -> None:
+    """`start` hands --wait-for-peers on to the background peer; a negative count is an error naming it."""
+    import argparse
+
+    from swarmfold.daemon.options import add_peer_arguments, options_from_args, options_to_argv
+
+    parser = argparse.ArgumentParser()
+    add_peer_arguments(parser)
+    argv = options_to_argv(PeerOptions(spec=Path("s.toml"), data=["d"], workdir=tmp_path, wait_for_peers=5))
+    assert options_from_args(parser.parse_args(argv)).wait_for_peers == 5
+    assert options_from_args(parser.parse_args(options_to_argv(
+        PeerOptions(spec=Path("s.toml"), data=["d"], workdir=tmp_path)))).wait_for_peers == 0
+    out = subprocess.run([sys.executable, "-m", "swarmfold", "run", "--spec", "s.toml", "--workdir", str(tmp_path),
+                          "--wait-for-peers", "-1"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "--wait-for-peers: must be 0 (do not wait) or more, got -1" in out.stderr

@@ -55,6 +55,16 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
                         "no text field) instead of skipping it")
 
 
+def _peer_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of peers, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (do not wait) or more, got {value}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -102,7 +112,7 @@ def add_peer_arguments(p: argparse.ArgumentParser) -> None:
                    help="address of the control API (default from settings: 127.0.0.1)")
     p.add_argument("--allow-remote-api", action="store_true",
                    help="allow --api-host to be a non-loopback address (e.g. 0.0.0.0 in a container)")
-    p.add_argument("--wait-for-peers", type=int, default=0, metavar="N",
+    p.add_argument("--wait-for-peers", type=_peer_count, default=0, metavar="N",
                    help="a coordinated launch: start the first round only once N peers (this one included) "
                         "are in the swarm, so that they all meet in its averaging; default 0, start at once")
     p.add_argument("--initial-peers-from", nargs="*", default=[], metavar="URL",
