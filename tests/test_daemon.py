@@ -555,4 +555,4 @@ def test_wait_for_peers_goes_through_start_and_a_bad_count_is_refused(tmp_path: 
         PeerOptions(spec=Path("s.toml"), data=["d"], workdir=tmp_path)))).wait_for_peers == 0
     out = subprocess.run([sys.executable, "-m", "swarmfold", "run", "--spec", "s.toml", "--workdir", str(tmp_path),
                           "--wait-for-peers", "-1"], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 2 and "--wait-for-peers: must be 0 (do not wait) or more, got -1" in out.stderr
+    assert out.returncode == 2 and "--wait-for-peers: must be at least 0 (0: do not wait), got -1" in out.stderr

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from swarmfold.daemon.options import add_data_arguments
+from swarmfold.daemon.options import add_data_arguments, int_at_least
 from swarmfold.errors import ExitCode
 from swarmfold.fsutil import write_atomic
 
@@ -23,13 +23,7 @@ logger = logging.getLogger(__name__)
 
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1 (a usage error otherwise, not a traceback)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+    return int_at_least(text, 1)
 
 
 def _add_threads(p: argparse.ArgumentParser) -> None:

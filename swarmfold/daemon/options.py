@@ -55,14 +55,19 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
                         "no text field) instead of skipping it")
 
 
-def _peer_count(text: str) -> int:
+def int_at_least(text: str, minimum: int, note: str = "") -> int:
+    """argparse type body: an integer >= `minimum` (a usage error naming the bound, not a traceback)."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number of peers, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 (do not wait) or more, got {value}")
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be at least {minimum}{note}, got {value}")
     return value
+
+
+def _peer_count(text: str) -> int:
+    return int_at_least(text, 0, " (0: do not wait)")
 
 
 def _positive_float(text: str) -> float:
