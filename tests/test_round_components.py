@@ -44,7 +44,7 @@ from swarmfold.averaging.messages import (
     Vote,
     parse_matchmaking,
 )
-from swarmfold.averaging.protocol import VOTE, Phase, Rejected
+from swarmfold.averaging.protocol import PROPOSE, VOTE, Phase, Rejected
 from swarmfold.averaging.records import Declaration, PeerRecord
 from swarmfold.averaging.timeouts import RoundTimeouts
 from swarmfold.spec import SpecError, spec_from_dict
@@ -150,7 +150,9 @@ def test_round_timeouts_are_derived_from_the_spec_in_one_place() -> None:
                                 "commit_timeout": 2.0}, network={"dht_timeout": 4.0, "state_sync_timeout": 50.0})
     t = RoundTimeouts.from_spec(spec)
     assert (t.matchmaking, t.join, t.allreduce, t.commit, t.dht, t.state_sync) == (10.0, 3.0, 7.0, 2.0, 4.0, 50.0)
-    assert t.gather_window(0) == 10.0 and t.gather_window(1) == t.retry_window == 6.0
+    assert t.gather_window(0) == 10.0 and t.gather_window(1, survivors=False) == t.lone_retry_window == 6.0
+    # a retry waits for its survivors as long as one may still be inside the failed attempt
+    assert t.gather_window(1) == t.retry_window == t.attempt_budget + 3.0
     assert t.attempt_budget == 3 * 7.0 + 2 * 2.0 + 2 * 3.0  # the bound the round used before, now named
     assert t.span_exchange == 14.0 and t.state_sync_total == 100.0 and t.dht_call > t.dht
     bounds = t.phase_bounds()
@@ -450,6 +452,78 @@ def test_late_peers_do_not_pair_up_at_a_round_the_swarm_has_left() -> None:
     req = AverageRequest(round=3, delta=torch.zeros(4), weight=1.0, model_sha256="m", steps=1)
     out = asyncio.run(asyncio.wait_for(mm.matchmake(req, 0, set(), set(), set()), 30))
     assert out == NoGroup(moved_on=True)
+
+
+class _SharedDeclarations(_RecordsOnly):
+    """Several matchmakers' directory: one in-memory table of declarations, every peer at round 3."""
+
+    def __init__(self, me: str, spec: Any, table: dict[tuple[int, int, bool, int], dict[str, Declaration]],
+                 peers: list[str]):
+        recs = [PeerRecord(peer_id=p, round=3, model_sha256="m", outer_sha256="o", spec_hash=spec.spec_hash,
+                           client_mode=False, maddrs=[], state="training") for p in peers]
+        super().__init__(me, spec, recs)
+        self.table = table
+
+    async def declare(self, decl: Declaration, round_idx: int, attempt: int, waiting: bool, ttl: float,
+                      level: int = 1) -> None:
+        self.table.setdefault((round_idx, attempt, waiting, level), {})[decl.peer_id] = decl
+
+    async def declared(self, round_idx: int, attempt: int, waiting: bool, level: int = 1) -> dict[str, Any]:
+        return dict(self.table.get((round_idx, attempt, waiting, level), {}))
+
+
+def test_a_retry_waits_for_a_survivor_still_finishing_the_failed_attempt() -> None:
+    """The cheater test's lost round (stop 23): after rejecting a member, the fast survivor "b" retried at
+    once, while its leader-to-be "a" (a reducer replaying the members' rounds on loaded cores) was still
+    inside the failed attempt. "b" gathered for 2 x join, waited its grace for a proposal, gave up on "a"
+    and excluded it: both lost the round. Now a retry waits for the survivors it expects for as long as
+    one can still be inside the failed attempt, and both end in one group. "a" comes here after four
+    times the old wait (2 x join to gather + 2 x join of grace)."""
+    spec = fast_spec(averaging={"group_size": 3, "join_timeout": 0.05, "allreduce_timeout": 1.0,
+                                "commit_timeout": 0.2}, network={"poll_interval": 0.01})
+    tt = RoundTimeouts.from_spec(spec)
+    late = 4 * (tt.lone_retry_window + tt.leader_grace)
+    assert late < tt.retry_window
+    handlers: dict[str, dict[str, Any]] = {}
+    table: dict[tuple[int, int, bool, int], dict[str, Declaration]] = {}
+
+    def matchmaker(me: str) -> Matchmaker:
+        mm = Matchmaker(FakeNet(me, handlers), _SharedDeclarations(me, spec, table, ["a", "b"]), spec, tt,
+                        client_mode=False, maddrs=lambda: [], stopping=threading.Event(),
+                        on_phase=lambda p, d: None, on_enter=lambda p, r, level: None)
+        handlers[me] = {PROPOSE: mm.on_propose}
+        return mm
+
+    req = AverageRequest(round=3, delta=torch.zeros(4), weight=1.0, model_sha256="m", steps=1)
+    a, b = matchmaker("a"), matchmaker("b")
+
+    async def slow_survivor() -> Group | NoGroup:
+        await asyncio.sleep(late)  # still replaying in attempt 0
+        return await a.matchmake(req, 1, {"cheater"}, {"b"})
+
+    async def go() -> tuple[Group | NoGroup, Group | NoGroup]:
+        return await asyncio.wait_for(asyncio.gather(slow_survivor(), b.matchmake(req, 1, {"cheater"}, {"a"})), 30)
+
+    ga, gb = asyncio.run(go())
+    assert isinstance(ga, Group) and isinstance(gb, Group), (ga, gb)
+    assert ga.group_id == gb.group_id and ga.members == gb.members == ["a", "b"] and ga.attempt == 1
+
+
+def test_a_retry_does_not_wait_for_a_survivor_whose_record_is_past_the_round() -> None:
+    """A survivor that committed (or gave the round up) publishes its record at a later round: a retry
+    that expected it ends its gather at the next records read instead of at the long retry window."""
+    spec = fast_spec(averaging={"group_size": 3, "join_timeout": 0.05, "allreduce_timeout": 20.0},
+                     network={"poll_interval": 0.01})
+    tt = RoundTimeouts.from_spec(spec)
+    directory = _SharedDeclarations("b", spec, {}, ["b"])
+    directory._recs.append(PeerRecord(peer_id="a", round=4, model_sha256="m2", outer_sha256="o",
+                                      spec_hash=spec.spec_hash, client_mode=False, maddrs=[], state="training"))
+    mm = Matchmaker(FakeNet("b", {}), directory, spec, tt, client_mode=False, maddrs=lambda: [],
+                    stopping=threading.Event(), on_phase=lambda p, d: None, on_enter=lambda p, r, level: None)
+    req = AverageRequest(round=3, delta=torch.zeros(4), weight=1.0, model_sha256="m", steps=1)
+    assert tt.retry_window > 60  # waiting for "a" would time this out
+    out = asyncio.run(asyncio.wait_for(mm.matchmake(req, 1, {"cheater"}, {"a"}), 5))
+    assert out == NoGroup()
 
 
 def test_a_handler_cancelled_at_shutdown_ends_quietly() -> None:

@@ -182,7 +182,7 @@ class Matchmaker:
         self.on_enter(Phase.MATCHMAKING, req.round, req.level)
         if expected is None:
             expected, _ = await self.dir.expected_peers(req.round, excluded)
-        deadline = time.monotonic() + self.tt.gather_window(attempt)
+        deadline = time.monotonic() + self.tt.gather_window(attempt, survivors=bool(expected))
         while True:
             group, what = await self._try_form(a, expected, deadline)
             if group is not None:
@@ -190,6 +190,7 @@ class Matchmaker:
             if self.avg.min_group_size <= 1 or self.stopping.is_set() or a.level > 1:
                 # a group of one: with more than one group's worth of peers about, it is its own delegate
                 mine = delegates_of(sorted(a.gathered | {self.peer_id}), self.avg.group_size, a.clients)
+                self._leave(a)
                 return NoGroup(delegates=tuple(mine) if self.peer_id in mine else ())
             # min_group_size > 1: keep waiting at this round unless the swarm has moved past it
             self.on_phase("matchmaking", f"round {req.round}: waiting for a group of at least "
@@ -198,6 +199,7 @@ class Matchmaker:
                         what, self.avg.min_group_size)
             here, ahead = await self.dir.expected_peers(req.round, excluded, distrusted)
             if len(ahead) >= max(1, self.avg.min_group_size - 1) and len(ahead) >= 1 + len(here):
+                self._leave(a)
                 return NoGroup(moved_on=True)
             # every waiting peer of this round meets in its waiting room, whatever attempt it came from
             a = await self._begin(_Attempt(round=req.round, attempt=attempt, base=req.model_sha256,
@@ -205,6 +207,12 @@ class Matchmaker:
                                   self.tt.waiting_room_ttl)
             deadline = time.monotonic() + self.tt.matchmaking
             expected = set()
+
+    def _leave(self, a: _Attempt) -> None:
+        """We leave this attempt without a group: accept no proposal for it any more. A leader that came
+        late would otherwise count us into a group we are no longer in, and fail its attempt on us."""
+        if a.locked_to is None:
+            a.locked_to = self.peer_id
 
     async def _begin(self, a: _Attempt, ttl: float) -> _Attempt:
         a.final = asyncio.get_running_loop().create_future()
@@ -296,9 +304,12 @@ class Matchmaker:
                        and len(gone) >= len(set(members) | expected | present))
         a.left_behind = left_behind and a.locked_to is None
         # a full group ends the gather only if no peer we expect is still missing: with more ready peers
-        # than one group holds, every one of them must be in the same cut (the tree joins the groups)
-        full = len(members) >= self.avg.group_size and not expected - others
-        return (full or bool(expected and expected <= others) or enough
+        # than one group holds, every one of them must be in the same cut (the tree joins the groups).
+        # An expected peer whose record is past this round (it committed, or gave the round up) will
+        # not come: a retry's long window must not wait for it.
+        awaited = expected - gone
+        full = len(members) >= self.avg.group_size and not awaited - others
+        return (full or bool(expected and awaited <= others) or enough
                 or left_behind or time.monotonic() >= deadline or a.locked_to is not None
                 or self.stopping.is_set())
 

@@ -35,12 +35,28 @@ class RoundTimeouts:
     # ---- derived ------------------------------------------------------------------------------
     @property
     def retry_window(self) -> float:
-        """Attempts after the first gather for 2 x join: the survivors are known and already declared,
-        so they need one request round trip each way, not another full matchmaking window."""
+        """How long a retry gathers while a survivor of the failed attempt has not declared yet.
+
+        The survivors are known by name, and the gather ends as soon as every one of them has
+        declared (or its record is past the round), so this bound counts only when one never
+        comes. It must cover a survivor that is still inside the failed attempt: a reducer
+        replaying the members' rounds on a loaded machine, or a member waiting on a slow
+        reducer, leaves the attempt within its safety net (attempt_budget), and then declares
+        (one join's time to be seen). A shorter window made the fast survivor give up on a slow
+        leader that was merely finishing the attempt, and the round was lost for both."""
+        return self.attempt_budget + self.join
+
+    @property
+    def lone_retry_window(self) -> float:
+        """A retry with no survivor to wait for (the others failed) gathers for 2 x join: a peer of
+        this round that was not in the failed group may still be there to average with."""
         return 2 * self.join
 
-    def gather_window(self, attempt: int) -> float:
-        return self.matchmaking if attempt == 0 else self.retry_window
+    def gather_window(self, attempt: int, *, survivors: bool = True) -> float:
+        """The gather's bound: attempt 0's window, or a retry's (long only while survivors are awaited)."""
+        if attempt == 0:
+            return self.matchmaking
+        return self.retry_window if survivors else self.lone_retry_window
 
     @property
     def leader_grace(self) -> float:
@@ -82,8 +98,9 @@ class RoundTimeouts:
     @property
     def tree_level(self) -> float:
         """One level of the tree above a peer's group (N > G): every attempt's whole matchmaking
-        (window, the leader's two graces) and its all-reduce and commit (the safety net)."""
-        return self.attempts * (self.matchmaking + 2 * self.leader_grace + self.attempt_budget)
+        (its window, the leader's two graces) and its all-reduce and commit (the safety net)."""
+        windows = self.matchmaking + (self.attempts - 1) * self.retry_window
+        return windows + self.attempts * (2 * self.leader_grace + self.attempt_budget)
 
     def tree_wait(self, levels: int) -> float:
         """How long a group's member waits for its delegate to bring the top level's aggregate down:
