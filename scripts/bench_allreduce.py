@@ -633,7 +633,24 @@ def coordinator_main(args: argparse.Namespace) -> int:
         log.info("swarmfold/hivemind: %.2fx after matchmaking, %.2fx whole call (target >= 1.0)",
                  s["ratio_after_matchmaking"], s["ratio_whole_call"])
     log.info("wrote %s and %s", out, out.with_suffix(".png"))
-    return 0 if all(s[x]["repeats_ok"] == args.repeats for x in systems) else 1
+    return exit_code(report, systems, args.repeats)
+
+
+def exit_code(report: dict[str, Any], systems: list[str], repeats: int) -> int:
+    """1 if a swarmfold repeat failed, or hivemind never completed an all-reduce (warm-up included): then
+    there is nothing to compare. A hivemind repeat that failed is in the JSON and logged, and left out
+    of the ratios, but it does not fail the run: hivemind is the baseline, not what is tested here, and
+    its averager is known to fail now and then (DESIGN.md; seen here on loaded cores: a 120 s timeout)."""
+    s = report["summary"]
+    if "swarmfold" in systems and s["swarmfold"]["repeats_ok"] != repeats:
+        return 1
+    if "hivemind" in systems and s["hivemind"]["repeats_ok"] != repeats:
+        failed = [r["repeat"] for r in report["runs"]["hivemind"] if not r["ok"]]
+        logging.getLogger("bench_allreduce").warning("hivemind failed repeat(s) %s (left out of the ratios)",
+                                                     failed)
+        warm = report["warmup"].get("hivemind", {})
+        return 0 if s["hivemind"]["repeats_ok"] or warm.get("ok") else 1
+    return 0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -5,7 +5,8 @@ Run (about 8 minutes on 2 shared cores; writes the JSON and a PNG next to it):
     nice -n 5 .venv/bin/python scripts/bench_hetero.py                       # tiny preset, H = 25, 6 steps rounds
     nice -n 5 .venv/bin/python scripts/bench_hetero.py --smoke --out /tmp/hetero.json   # seconds: the plumbing only
 
-Design (the baseline runs in the same invocation, first, on the same shards and seeds):
+Design (the baseline runs in the same invocation, first, on the same shards and seeds; in both arms
+the peers launch together, `run --wait-for-peers N`, so that no peer trains round 0 before all are in):
 
 1. **steps arm**: the tiny preset with `[round] mode = "steps"` set explicitly (the presets'
    default is time mode now; H = 25, matchmaking_timeout 15 s, every other averaging setting
@@ -92,11 +93,15 @@ def run_arm(root: Path, spec: Any, shards: list[Path], *, rounds: int, timeout: 
     (workdirs[-1] / "settings.toml").write_text('power = "light"\n')
     procs: list[subprocess.Popen] = []
     started, t0 = time.time(), time.monotonic()
+    # a coordinated launch: no peer trains round 0 before all n are in the swarm. Started one after the
+    # other on loaded cores, the first peer finished its rounds alone and exited before the others could
+    # join through it (the smoke test failed so at load 8); and the arms compare modes, not start times
+    extra = ["--wait-for-peers", str(n)]
     try:
-        procs.append(start_peer(workdirs[0], spec_path, shards[0], rounds, [], keep=1000))
+        procs.append(start_peer(workdirs[0], spec_path, shards[0], rounds, [], keep=1000, extra=extra))
         first = wait_ready(workdirs[0], procs[0], 300)["maddrs"][:1]
         for i in range(1, n):
-            procs.append(start_peer(workdirs[i], spec_path, shards[i], rounds, first, keep=1000))
+            procs.append(start_peer(workdirs[i], spec_path, shards[i], rounds, first, keep=1000, extra=extra))
         for w, p in zip(workdirs, procs, strict=True):
             try:
                 code = p.wait(timeout=max(1.0, timeout - (time.monotonic() - t0)))

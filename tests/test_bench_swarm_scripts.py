@@ -32,21 +32,28 @@ def test_bench_allreduce_smoke(tmp_path: Path) -> None:
     report = json.loads(out.read_text())
     summary = report["summary"]
     sf, hm = summary["swarmfold"], summary["hivemind"]
-    assert sf["repeats_ok"] == hm["repeats_ok"] == 1
+    assert sf["repeats_ok"] == 1
     # every swarmfold peer holds the same bits, and they are the weighted mean of the inputs
     assert sf["all_peers_bit_identical_every_repeat"] is True
     assert sf["distinct_results_per_repeat"] == [1]
     assert sf["max_abs_error_vs_float64_mean"] < 1e-6
-    assert hm["max_abs_error_vs_float64_mean"] < 1e-5  # hivemind averages too (its bits may differ by peer)
     row = report["runs"]["swarmfold"][0]
     assert all(p["status"] == "committed" and p["included"] == 4 and p["group_size"] == 4 for p in row["peers"])
     for p in row["peers"]:  # the phases lie inside the call they were measured in
         assert 0 < p["timings"]["allreduce"] and sum(p["timings"].values()) <= p["seconds"]
-    assert all(p["group_size"] == 4 for p in report["runs"]["hivemind"][0]["peers"])
-    for system in (sf, hm):
-        assert system["mbps_after_matchmaking"] >= system["mbps_whole_call"] > 0
-    assert summary["ratio_after_matchmaking"] == pytest.approx(
-        sf["mbps_after_matchmaking"] / hm["mbps_after_matchmaking"])
+    assert sf["mbps_after_matchmaking"] >= sf["mbps_whole_call"] > 0
+    # hivemind is the baseline: its averager may fail a repeat on loaded cores (a 120 s timeout was seen
+    # at load 8), which the script reports and leaves out of the ratios; its plumbing must still have
+    # completed one all-reduce of 4 peers, the warm-up or the repeat
+    hm_runs = [r for r in (report["warmup"]["hivemind"], report["runs"]["hivemind"][0]) if r["ok"]]
+    assert hm_runs and all(p["group_size"] == 4 for p in hm_runs[0]["peers"])
+    if hm["repeats_ok"] == 1:
+        assert hm["max_abs_error_vs_float64_mean"] < 1e-5  # hivemind averages too (its bits may differ by peer)
+        assert hm["mbps_after_matchmaking"] >= hm["mbps_whole_call"] > 0
+        assert summary["ratio_after_matchmaking"] == pytest.approx(
+            sf["mbps_after_matchmaking"] / hm["mbps_after_matchmaking"])
+    else:
+        assert summary["hivemind"]["failed_repeats"] and "ratio_after_matchmaking" not in summary
     assert out.with_suffix(".png").stat().st_size > 10_000
 
 
