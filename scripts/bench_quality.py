@@ -16,6 +16,10 @@ override them).
 English prose, numeric test vectors: `swarmfold.peer.corpus.write_family_shards`) in
 place of stdlib modules, so that the peers' data differ much more.
 
+--inner-optimizer muon trains every arm with Muon for the hidden matrices and AdamW for
+the rest (`inner.optimizer`); --swarm-muon-lr and --dp-muon-lr set the Muon group's lr per
+arm, as --swarm-lr and --dp-lr set AdamW's.
+
 The inner learning rate can differ per arm: --swarm-lr sets it for the arms that train
 with batch B (the swarm arms, the isolated peers and the sequential central worker),
 --dp-lr for the data-parallel arm (batch K·B); each defaults to the preset's lr.
@@ -120,11 +124,16 @@ def arm_inner(args: argparse.Namespace, spec: Spec, steps: int, k: int) -> dict[
     swarm_lr = args.swarm_lr or spec.inner.lr
     dp_lr = args.dp_lr or spec.inner.lr
 
-    def with_len(lr: float, n: int) -> dict[str, Any]:
-        return {"lr": lr, **sched, **({"decay_steps": n} if args.lr_schedule != "constant" else {})}
+    swarm_muon = args.swarm_muon_lr or spec.inner.muon_lr
+    dp_muon = args.dp_muon_lr or spec.inner.muon_lr
 
-    return {"data_parallel": with_len(dp_lr, steps), "sequential": with_len(swarm_lr, k * steps),
-            "isolated": with_len(swarm_lr, steps), "swarm": with_len(swarm_lr, steps)}
+    def with_len(lr: float, n: int, muon_lr: float) -> dict[str, Any]:
+        # every arm runs the same inner optimizer (a fair ratio); AdamW's overrides are as before Muon
+        optim = {"optimizer": "muon", "muon_lr": muon_lr} if args.inner_optimizer == "muon" else {}
+        return {"lr": lr, **sched, **({"decay_steps": n} if args.lr_schedule != "constant" else {}), **optim}
+
+    return {"data_parallel": with_len(dp_lr, steps, dp_muon), "sequential": with_len(swarm_lr, k * steps, swarm_muon),
+            "isolated": with_len(swarm_lr, steps, swarm_muon), "swarm": with_len(swarm_lr, steps, swarm_muon)}
 
 
 def swarm_arms(spec: Spec) -> list[dict[str, Any]]:
@@ -226,6 +235,13 @@ def main() -> int:
                     help="inner lr of the batch-B arms: swarm, isolated, sequential (default: the preset's)")
     ap.add_argument("--dp-lr", type=float, default=0.0,
                     help="inner lr of the data-parallel arm, batch K*B (default: the preset's)")
+    ap.add_argument("--inner-optimizer", default="adamw", choices=["adamw", "muon"],
+                    help="inner.optimizer of every arm: muon = Muon for the hidden matrices, AdamW (at --swarm-lr / "
+                    "--dp-lr) for embeddings, head and norms")
+    ap.add_argument("--swarm-muon-lr", type=float, default=0.0,
+                    help="with --inner-optimizer muon: inner.muon_lr of the batch-B arms (default: the preset's)")
+    ap.add_argument("--dp-muon-lr", type=float, default=0.0,
+                    help="with --inner-optimizer muon: inner.muon_lr of the data-parallel arm (default: the preset's)")
     ap.add_argument("--lr-schedule", default="constant", choices=list(LR_SCHEDULES),
                     help="inner.lr_schedule of every arm, decaying over the run's length")
     ap.add_argument("--min-lr-ratio", type=float, default=0.1, help="floor of cosine and wsd, as a fraction of lr")
@@ -281,7 +297,7 @@ def main() -> int:
     report: dict[str, Any] = {
         "setup": {"mode": mode, "peers": setup.k, "non_iid": args.non_iid, "rounds": setup.steps // h,
                   "inner_per_arm": inner, "swarm_lr": inner["swarm"]["lr"], "dp_lr": inner["data_parallel"]["lr"],
-                  "lr_schedule": args.lr_schedule,
+                  "lr_schedule": args.lr_schedule, "inner_optimizer": args.inner_optimizer,
                   "inner_steps_per_peer": setup.steps, "tokens_total": setup.steps * setup.k
                   * setup.tokens_per_peer_step(), "eval_windows_per_shard": setup.eval_windows,
                   "shards": [str(p) for p in setup.shard_paths], "spec": setup.spec.to_dict(),
@@ -303,6 +319,9 @@ def main() -> int:
     if args.swarm_lr or args.dp_lr or args.lr_schedule != "constant":
         title += (f"\ninner lr swarm {inner['swarm']['lr']:g}, data-parallel {inner['data_parallel']['lr']:g}, "
                   f"schedule {args.lr_schedule}")
+    if args.inner_optimizer == "muon":
+        title += (f"\nMuon for the matrices: muon_lr swarm {inner['swarm']['muon_lr']:g}, "
+                  f"data-parallel {inner['data_parallel']['muon_lr']:g}")
     bc.plot_curves([res[n] for n in order if n in res], out.with_suffix(".png"), title, start)
     for n in order:
         if n in res:

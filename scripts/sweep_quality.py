@@ -5,6 +5,8 @@ Run:
     nice -n 15 .venv/bin/python scripts/sweep_quality.py --grid schedule --swarm-lr 4e-3 --dp-lr 4e-3 \\
         --tag quick -- --quick
     nice -n 15 .venv/bin/python scripts/sweep_quality.py --grid outer --hs 10,25,50 --outer-lrs 0.7,1,1.3 -- --quick
+    nice -n 15 .venv/bin/python scripts/sweep_quality.py --grid muon-lr --muon-lrs 0.02,0.01,0.04 --jobs 1 \\
+        --tag quick -- --quick
 
 Every cell is one `scripts/bench_quality.py` run of one arm: the data-parallel equivalent
 (batch K·B) or the swarm with the preset's defaults (batch B per peer), at one inner lr,
@@ -19,6 +21,8 @@ Grids:
   swarm ÷ data-parallel at the same lr and at each arm's own best;
 - `schedule`: both arms under every schedule of --schedules (the same schedule for both),
   the swarm at --swarm-lr and data-parallel at --dp-lr;
+- `muon-lr`: both arms with `inner.optimizer = "muon"` at every Muon lr of --muon-lrs (AdamW,
+  for embeddings, head and norms, at --swarm-lr and --dp-lr), in that order; paired as inner-lr;
 - `outer`: the swarm at every H of --hs times every outer lr of --outer-lrs (outer SGD, or
   --outer-kind nesterov with --outer-momentum), against data-parallel at --dp-lr.
 
@@ -50,12 +54,18 @@ def floats(text: str) -> list[float]:
 
 
 def cells_of(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """The grid's cells: {key, arm, lr, schedule, h, outer_lr} (h/outer_lr 0 = the preset's)."""
-    def cell(arm: str, lr: float, schedule: str = "constant", h: int = 0, outer_lr: float = 0.0) -> dict[str, Any]:
-        key = f"{arm} lr={lr:g} {schedule}" + (f" H={h} outer_lr={outer_lr:g}" if arm == "swarm" and (h or outer_lr)
-                                               else "")
-        return {"key": key, "arm": arm, "lr": lr, "schedule": schedule, "h": h, "outer_lr": outer_lr}
+    """The grid's cells: {key, arm, lr, schedule, h, outer_lr, muon_lr} (h/outer_lr 0 = the preset's; muon_lr 0 =
+    AdamW alone)."""
+    def cell(arm: str, lr: float, schedule: str = "constant", h: int = 0, outer_lr: float = 0.0,
+             muon_lr: float = 0.0) -> dict[str, Any]:
+        key = (f"{arm} " + (f"muon_lr={muon_lr:g} adamw_lr={lr:g}" if muon_lr else f"lr={lr:g}") + f" {schedule}"
+               + (f" H={h} outer_lr={outer_lr:g}" if arm == "swarm" and (h or outer_lr) else ""))
+        return {"key": key, "arm": arm, "lr": lr, "schedule": schedule, "h": h, "outer_lr": outer_lr,
+                "muon_lr": muon_lr}
 
+    if args.grid == "muon-lr":
+        return [cell(arm, args.dp_lr if arm == "data_parallel" else args.swarm_lr, muon_lr=m)
+                for m in floats(args.muon_lrs) for arm in ("data_parallel", "swarm")]
     if args.grid == "inner-lr":
         return [cell(arm, lr) for lr in floats(args.lrs) for arm in ("data_parallel", "swarm")]
     if args.grid == "schedule":
@@ -71,6 +81,9 @@ def bench_command(args: argparse.Namespace, cell: dict[str, Any], out: Path) -> 
            "--arms", "data_parallel" if cell["arm"] == "data_parallel" else "swarm_default",
            "--lr-schedule", cell["schedule"]]
     cmd += ["--dp-lr" if cell["arm"] == "data_parallel" else "--swarm-lr", repr(cell["lr"])]
+    if cell.get("muon_lr"):
+        cmd += ["--inner-optimizer", "muon",
+                "--dp-muon-lr" if cell["arm"] == "data_parallel" else "--swarm-muon-lr", repr(cell["muon_lr"])]
     if cell["h"]:
         cmd += ["--h", str(cell["h"])]
     if cell["outer_lr"]:
@@ -116,6 +129,8 @@ def summarise(args: argparse.Namespace, done: dict[str, dict[str, Any]]) -> dict
     for s in sw:  # each swarm cell against the data-parallel cell it pairs with
         if args.grid == "inner-lr":
             pair = next((d for d in dp if d["lr"] == s["lr"]), None)
+        elif args.grid == "muon-lr":
+            pair = next((d for d in dp if d["muon_lr"] == s["muon_lr"]), None)
         elif args.grid == "schedule":
             pair = next((d for d in dp if d["schedule"] == s["schedule"]), None)
         else:
@@ -157,11 +172,14 @@ def write(path: Path, report: dict[str, Any]) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--grid", required=True, choices=["inner-lr", "schedule", "outer"])
+    ap.add_argument("--grid", required=True, choices=["inner-lr", "schedule", "outer", "muon-lr"])
+    ap.add_argument("--muon-lrs", default="0.01,0.02,0.04", help="Muon lrs of the muon-lr grid, run in this order")
     ap.add_argument("--lrs", default="1e-3,2e-3,4e-3,8e-3", help="inner lrs of the inner-lr grid")
     ap.add_argument("--schedules", default="constant,cosine,wsd", help="lr schedules of the schedule grid")
-    ap.add_argument("--swarm-lr", type=float, default=2e-3, help="the swarm's inner lr (schedule and outer grids)")
-    ap.add_argument("--dp-lr", type=float, default=2e-3, help="data-parallel's inner lr (schedule and outer grids)")
+    ap.add_argument("--swarm-lr", type=float, default=2e-3,
+                    help="the swarm's inner (AdamW) lr (schedule, outer and muon-lr grids)")
+    ap.add_argument("--dp-lr", type=float, default=2e-3,
+                    help="data-parallel's inner (AdamW) lr (schedule, outer and muon-lr grids)")
     ap.add_argument("--hs", default="10,25,50", help="H values of the outer grid")
     ap.add_argument("--outer-lrs", default="0.7,1.0,1.3", help="outer lrs of the outer grid")
     ap.add_argument("--outer-kind", default="sgd", choices=["sgd", "nesterov"])

@@ -112,9 +112,27 @@ class InnerSpec:
     min_lr_ratio: float = _doc("floor of 'cosine' and 'wsd' as a fraction of lr (0 decays to zero)", default=0.1)
     wsd_decay_fraction: float = _doc("fraction of decay_steps that 'wsd' spends decaying (the rest is stable)",
                                      default=0.2)
+    optimizer: str = _doc(
+        "inner optimizer: 'adamw' (every parameter), or 'muon' (Muon for the hidden weight matrices: attention "
+        "and MLP; AdamW with the settings above for the rest: embeddings, the output head, norms, biases)",
+        default="adamw",
+    )
+    muon_lr: float = _doc("optimizer = 'muon': peak lr of the Muon group (its own scale: 0.02 with "
+                          "muon_adjust_lr = 'original'); the warm-up and schedule above apply to it too", default=0.02)
+    muon_momentum: float = _doc("optimizer = 'muon': Muon's momentum", default=0.95)
+    muon_nesterov: bool = _doc("optimizer = 'muon': Nesterov momentum", default=True)
+    muon_weight_decay: float = _doc("optimizer = 'muon': decoupled weight decay of the Muon group (scaled by "
+                                    "muon_lr: 0.01 x 0.02 decays as much per step as AdamW's 0.1 x 2e-3)",
+                                    default=0.01)
+    muon_adjust_lr: str = _doc("optimizer = 'muon': how Muon scales its lr by matrix shape: 'original' "
+                               "(sqrt(max(1, rows/cols)), Keller Jordan's) or 'match_rms_adamw' (0.2 sqrt(max(rows, "
+                               "cols)), Moonshot's: then muon_lr is on AdamW's scale)", default="original")
 
 
 LR_SCHEDULES = ("constant", "cosine", "wsd")
+INNER_OPTIMIZERS = ("adamw", "muon")
+MUON_ADJUST_LR = ("original", "match_rms_adamw")
+MUON_FIELDS = ("muon_lr", "muon_momentum", "muon_nesterov", "muon_weight_decay", "muon_adjust_lr")
 
 
 ROUND_MODES = ("steps", "time")
@@ -267,6 +285,9 @@ class Spec:
             d["inner"].pop("micro_batch_size")  # the whole batch at once: hashed as before micro-batches
         if d["inner"]["lr_schedule"] == "constant":  # no decay: hashed as before schedules existed
             for key in ("lr_schedule", "decay_steps", "min_lr_ratio", "wsd_decay_fraction"):
+                d["inner"].pop(key)
+        if d["inner"]["optimizer"] == "adamw":  # AdamW everywhere: hashed as before Muon existed
+            for key in ("optimizer", *MUON_FIELDS):
                 d["inner"].pop(key)
         if d["round"]["mode"] == "steps":  # every peer trains H steps: hashed as before time-boxed rounds
             for key in ("mode", "seconds", "min_steps"):
@@ -574,6 +595,9 @@ def validate(s: Spec) -> list[str]:
                  f"inner.wsd_decay_fraction ({i.wsd_decay_fraction}) starts the decay at step {start}, inside "
                  f"the warm-up ({i.warmup_steps} steps); lower it or raise inner.decay_steps")
     need(i.decay_steps >= 0, f"inner.decay_steps: must be >= 0, got {i.decay_steps}")
+    need(i.optimizer in INNER_OPTIMIZERS, f"inner.optimizer: {i.optimizer!r} is unknown; use 'adamw' or 'muon'")
+    if i.optimizer == "muon":
+        _validate_muon(i, need)
 
     r = s.round
     need(r.inner_steps > 0, f"round.inner_steps: must be positive, got {r.inner_steps}; 25 suits the presets")
@@ -640,6 +664,15 @@ def validate(s: Spec) -> list[str]:
 def wsd_decay_start(decay_steps: int, fraction: float) -> int:
     """The inner step where a 'wsd' schedule leaves its stable phase."""
     return decay_steps - max(1, round(fraction * decay_steps))
+
+
+def _validate_muon(i: InnerSpec, need: Any) -> None:
+    need(i.muon_lr > 0 and math.isfinite(i.muon_lr),
+         f"inner.muon_lr: must be positive, got {i.muon_lr}; 0.02 suits muon_adjust_lr = 'original'")
+    need(0 <= i.muon_momentum < 1, f"inner.muon_momentum: must be in [0, 1), got {i.muon_momentum}; 0.95 is typical")
+    need(i.muon_weight_decay >= 0, f"inner.muon_weight_decay: must be >= 0, got {i.muon_weight_decay}")
+    need(i.muon_adjust_lr in MUON_ADJUST_LR,
+         f"inner.muon_adjust_lr: {i.muon_adjust_lr!r} is unknown; use 'original' or 'match_rms_adamw'")
 
 
 def _validate_shape(m: ModelSpec, need: Any) -> None:

@@ -2,7 +2,7 @@
 
 Layout: W/checkpoints/round-NNNNNN/ holds the state at the *start* of round NNNNNN:
   model.safetensors            θ_r, the round's shared weights, by parameter name
-  inner_optimizer.safetensors  this peer's AdamW moments and step counts
+  inner_optimizer.safetensors  this peer's AdamW moments and step counts (and Muon's momentum buffers)
   outer_optimizer.safetensors  the outer optimizer's state (momentum; empty for plain averaging)
   local.safetensors            only when this peer carries a local delta (after a rollback) or
                                a compression residual: its local weights and residual

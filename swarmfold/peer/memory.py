@@ -2,7 +2,9 @@
 
 The count follows the copies a peer holds (docs/foundation.md, "Memory"), for P parameters:
 
-  on the training device   weights 4P, gradients 4P, AdamW's two moments 8P, activations
+  on the training device   weights 4P, gradients 4P, AdamW's two moments 8P, activations;
+                           with inner.optimizer = 'muon', Muon's one momentum buffer 4M for its
+                           M matrix weights and AdamW's 8(P − M) for the rest
   on the CPU, always       θ_r 4P; during averaging Δ 4P and the aggregate 4P; the int8
                            wire form ~1P; the compression residual 4P (int8/fp16);
                            the outer momentum 4P (outer.momentum > 0)
@@ -47,15 +49,26 @@ class MemoryEstimate:
 
 def count_parameters(spec: Spec, vocab_size: int, eos_id: int) -> int:
     """Exact parameter count, from the model built on the meta device (no memory, no init)."""
+    return _counts(spec, vocab_size, eos_id)[0]
+
+
+def _counts(spec: Spec, vocab_size: int, eos_id: int) -> tuple[int, int]:
+    """(all parameters, those Muon trains), from the model built on the meta device."""
     from transformers import AutoModelForCausalLM
 
     from swarmfold.peer.model import _skip_hf_init, build_config
+    from swarmfold.peer.trainer import muon_parameters
 
     config = build_config(spec, vocab_size, eos_id)
     with _skip_hf_init(), torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.tie_weights()
-    return sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in model.parameters()), sum(p.numel() for p in muon_parameters(model))
+
+
+def optimizer_state_bytes(p: int, muon: int, optimizer: str) -> int:
+    """Inner-optimizer state for P parameters, M of them Muon's: AdamW 8 bytes each, Muon 4 (float32)."""
+    return 8 * (p - muon) + 4 * muon if optimizer == "muon" else 8 * p
 
 
 def _shape(spec: Spec, vocab_size: int) -> tuple[int, int, int, int]:
@@ -70,7 +83,7 @@ def _shape(spec: Spec, vocab_size: int) -> tuple[int, int, int, int]:
 
 
 def estimate(spec: Spec, vocab_size: int, eos_id: int, *, activation_checkpointing: bool = False) -> MemoryEstimate:
-    p = count_parameters(spec, vocab_size, eos_id)
+    p, muon = _counts(spec, vocab_size, eos_id)
     d, inner, layers, vocab = _shape(spec, vocab_size)
     tokens = spec.micro_batch * spec.data.seq_len
     act_bytes = 2 if getattr(spec.inner, "precision", "fp32") == "bf16" else 4
@@ -80,7 +93,9 @@ def estimate(spec: Spec, vocab_size: int, eos_id: int, *, activation_checkpointi
     else:
         blocks = layers * per_layer
     activations = blocks + tokens * vocab * 4 * 3
-    train_state = 16 * p  # weights, gradients, AdamW exp_avg and exp_avg_sq, all float32
+    # weights, gradients and the optimizer state, all float32 (Muon's Newton–Schulz temporaries are
+    # bfloat16 copies of one matrix at a time: left out)
+    train_state = 8 * p + optimizer_state_bytes(p, muon, spec.inner.optimizer)
     host = 4 * p + 4 * p + 4 * p + p  # θ_r, Δ, the aggregate, the int8 wire form
     if spec.averaging.compression != "none":
         host += 4 * p  # error-feedback residual

@@ -1,4 +1,4 @@
-"""The inner loop: AdamW with linear warm-up (then a constant, cosine or WSD lr: `lr_at`) and
+"""The inner loop: AdamW (or Muon for the hidden matrices, `inner.optimizer`) with linear warm-up (then a constant, cosine or WSD lr: `lr_at`) and
 global-norm gradient clipping.
 
 One inner step is: forward, float32 cross-entropy on the shifted window, backward,
@@ -16,8 +16,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -80,13 +80,38 @@ def set_activation_checkpointing(model: torch.nn.Module, on: bool) -> None:
         hf.gradient_checkpointing_disable()
 
 
-def make_optimizer(model: torch.nn.Module, inner: InnerSpec) -> torch.optim.AdamW:
-    """AdamW; matrices get weight decay, norms and biases do not."""
-    decay = [p for _, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for _, p in model.named_parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": inner.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+def make_optimizer(model: torch.nn.Module, inner: InnerSpec,
+                   exclude: Collection[torch.nn.Parameter] = ()) -> torch.optim.AdamW:
+    """AdamW over every parameter but `exclude` (those Muon owns); matrices get weight decay, norms and
+    biases do not."""
+    skip = {id(p) for p in exclude}
+    params = [p for p in model.parameters() if id(p) not in skip]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": inner.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=inner.lr, betas=(inner.beta1, inner.beta2), eps=inner.eps)
+
+
+def muon_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters Muon trains: the hidden weight matrices (attention and MLP projections).
+
+    Muon's authors (Keller Jordan; Moonshot's "Muon is Scalable") orthogonalise only the hidden
+    layers' 2-D weights: the input embedding is a lookup table whose rows are updated one token at a
+    time, and the output head maps onto the vocabulary; both, with the norms' gains and any bias,
+    stay on AdamW. Found by identity (not by name), so any causal-LM architecture works, and a tied
+    embedding is left out once.
+    """
+    hf: Any = model
+    embeddings = {id(hf.get_input_embeddings().weight)}
+    head = hf.get_output_embeddings()
+    if head is not None:
+        embeddings.add(id(head.weight))
+    return [p for p in model.parameters() if p.dim() == 2 and id(p) not in embeddings]
+
+
+def make_muon(params: list[torch.nn.Parameter], inner: InnerSpec) -> torch.optim.Muon:
+    return torch.optim.Muon(params, lr=inner.muon_lr, weight_decay=inner.muon_weight_decay,
+                            momentum=inner.muon_momentum, nesterov=inner.muon_nesterov,
+                            adjust_lr_fn=inner.muon_adjust_lr)
 
 
 def lr_at(inner: InnerSpec, step: int, local_step: int | None = None) -> float:
@@ -148,7 +173,8 @@ class StepStats:
 
 
 class InnerTrainer:
-    """Owns the model's AdamW state and the count of inner steps taken (for the lr schedule)."""
+    """Owns the model's inner-optimizer state (AdamW, or Muon + AdamW) and the count of inner steps
+    taken (for the lr schedule)."""
 
     def __init__(self, model: torch.nn.Module, inner: InnerSpec, *, activation_checkpointing: bool = False):
         self.model = model  # already on its training device: the optimizer state is created there
@@ -156,26 +182,40 @@ class InnerTrainer:
         if activation_checkpointing:
             set_activation_checkpointing(model, True)
         self.device = model_device(model)
-        self.optimizer = make_optimizer(model, inner)
+        matrices = muon_parameters(model) if inner.optimizer == "muon" else []
+        self.optimizer = make_optimizer(model, inner, exclude=matrices)
+        self.muon = make_muon(matrices, inner) if matrices else None
+        # the Muon group follows the same warm-up and schedule (lr_at), with muon_lr as its peak
+        self._muon_inner = replace(inner, lr=inner.muon_lr)
         self.step_count = 0
         self._params = [p for p in model.parameters()]
+
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.optimizer] if self.muon is None else [self.optimizer, self.muon]
 
     def step(self, windows: torch.Tensor, swarm_step: int | None = None) -> float:
         """One inner step; `swarm_step` (round × H + the step in the round) sets the lr's decay
         (default: this trainer's own count, the same for a peer that trained every round)."""
-        lr = lr_at(self.inner, self.step_count if swarm_step is None else swarm_step, self.step_count)
+        at = self.step_count if swarm_step is None else swarm_step
+        lr = lr_at(self.inner, at, self.step_count)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        if self.muon is not None:
+            muon_lr = lr_at(self._muon_inner, at, self.step_count)
+            for group in self.muon.param_groups:
+                group["lr"] = muon_lr
         loss = self._forward_backward(windows)
         if self.inner.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self._params, self.inner.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        for opt in self.optimizers:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         self.step_count += 1
         value = float(loss.detach())
         if not math.isfinite(value):
             raise FloatingPointError(f"training loss became {value} at inner step {self.step_count}; "
-                                     "lower inner.lr or raise inner.warmup_steps")
+                                     "lower inner.lr (or inner.muon_lr) or raise inner.warmup_steps")
         return value
 
     def _forward_backward(self, windows: torch.Tensor) -> torch.Tensor:
@@ -224,34 +264,51 @@ class InnerTrainer:
 
     # ---- state as flat named tensors (for safetensors; no pickle) -----------------------
     def state_tensors(self, *, copy: bool = True) -> dict[str, torch.Tensor]:
-        """AdamW's state as CPU float32 tensors, named by parameter: copies, or (copy=False, for a
-        checkpoint written at once) the moments themselves where they already live on the CPU."""
+        """The optimizer state as CPU float32 tensors, named by parameter: AdamW's `.exp_avg`,
+        `.exp_avg_sq`, `.step`, and Muon's `.momentum_buffer` (Muon keeps no step count). Copies, or
+        (copy=False, for a checkpoint written at once) the tensors themselves where already on the CPU."""
         out: dict[str, torch.Tensor] = {}
         names = {id(p): n for n, p in self.model.named_parameters()}
         for p in self._params:
-            st = self.optimizer.state.get(p)
-            if not st:
-                continue
             n = names[id(p)]
-            out[f"{n}.exp_avg"] = st["exp_avg"].detach().to("cpu", copy=copy)
-            out[f"{n}.exp_avg_sq"] = st["exp_avg_sq"].detach().to("cpu", copy=copy)
-            out[f"{n}.step"] = torch.as_tensor(st["step"], dtype=torch.float32, device="cpu").reshape(1).clone()
+            st = self.optimizer.state.get(p)
+            if st:
+                out[f"{n}.exp_avg"] = st["exp_avg"].detach().to("cpu", copy=copy)
+                out[f"{n}.exp_avg_sq"] = st["exp_avg_sq"].detach().to("cpu", copy=copy)
+                out[f"{n}.step"] = torch.as_tensor(st["step"], dtype=torch.float32, device="cpu").reshape(1).clone()
+            mst = self.muon.state.get(p) if self.muon is not None else None
+            if mst:
+                out[f"{n}.momentum_buffer"] = mst["momentum_buffer"].detach().to("cpu", copy=copy)
         return out
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor], step_count: int) -> None:
         names = {id(p): n for n, p in self.model.named_parameters()}
-        self.optimizer.state.clear()
+        muon_owned = {id(p) for g in self.muon.param_groups for p in g["params"]} if self.muon is not None else set()
+        for opt in self.optimizers:
+            opt.state.clear()
+        known: set[str] = set()
         for p in self._params:
             n = names[id(p)]
-            if f"{n}.exp_avg" not in tensors:
+            keys = (f"{n}.momentum_buffer",) if id(p) in muon_owned else (f"{n}.exp_avg", f"{n}.exp_avg_sq",
+                                                                          f"{n}.step")
+            if keys[0] not in tensors:
                 continue
-            ea, eas = tensors[f"{n}.exp_avg"], tensors[f"{n}.exp_avg_sq"]
-            if ea.shape != p.shape or eas.shape != p.shape:
-                raise ValueError(f"inner optimizer state for {n} has shape {tuple(ea.shape)}, "
-                                 f"model has {tuple(p.shape)}; the checkpoint belongs to another spec")
-            self.optimizer.state[p] = {
-                "step": tensors[f"{n}.step"].reshape(()).clone(),  # AdamW keeps its step count on the CPU
-                "exp_avg": ea.to(p.device, copy=True),
-                "exp_avg_sq": eas.to(p.device, copy=True),
-            }
+            known.update(keys)
+            for key in keys[:2]:
+                if tensors[key].shape != p.shape:
+                    raise ValueError(f"inner optimizer state {key} has shape {tuple(tensors[key].shape)}, "
+                                     f"model has {tuple(p.shape)}; the checkpoint belongs to another spec")
+            if id(p) in muon_owned:
+                assert self.muon is not None
+                self.muon.state[p] = {"momentum_buffer": tensors[keys[0]].to(p.device, copy=True)}
+            else:
+                self.optimizer.state[p] = {
+                    "step": tensors[keys[2]].reshape(()).clone(),  # AdamW keeps its step count on the CPU
+                    "exp_avg": tensors[keys[0]].to(p.device, copy=True),
+                    "exp_avg_sq": tensors[keys[1]].to(p.device, copy=True),
+                }
+        stray = sorted(set(tensors) - known)
+        if stray:  # e.g. Muon's buffers offered to AdamW: silently dropping them would change the replay
+            raise ValueError(f"inner optimizer state has {len(stray)} tensors this trainer has no place for "
+                             f"(first: {stray[0]}); the checkpoint was written with another inner.optimizer")
         self.step_count = step_count
