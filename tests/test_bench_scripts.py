@@ -140,3 +140,21 @@ def test_sweep_quality_smoke_resumes(tmp_path: Path) -> None:
     pairs = second["summary"]["pairs"]
     assert len(pairs) == 2 and all(p["swarm_over_data_parallel"] > 0 for p in pairs)
     assert out.with_suffix(".md").read_text().count("\n| swarm lr=") == 2
+
+
+@pytest.mark.slow
+def test_sweep_quality_muon_grid_runs_both_arms_with_muon(tmp_path: Path) -> None:
+    """--grid muon-lr: data-parallel and the swarm both train with Muon at the cell's Muon lr (a fair
+    ratio), AdamW (embeddings, head, norms) at --swarm-lr / --dp-lr."""
+    out = tmp_path / "sweep.json"
+    cmd = [sys.executable, str(REPO / "scripts" / "sweep_quality.py"), "--grid", "muon-lr", "--muon-lrs", "0.01",
+           "--swarm-lr", "3e-3", "--jobs", "1", "--out", str(out), "--", "--smoke", "--data", str(tmp_path / "data")]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    cells = json.loads(out.read_text())["cells"]
+    assert set(cells) == {"data_parallel muon_lr=0.01 adamw_lr=0.002 constant",
+                          "swarm muon_lr=0.01 adamw_lr=0.003 constant"}
+    for c in cells.values():
+        assert c["inner"]["optimizer"] == "muon" and c["inner"]["muon_lr"] == 0.01
+    assert {c["inner"]["lr"] for c in cells.values()} == {2e-3, 3e-3}
+    assert json.loads(out.read_text())["summary"]["pairs"][0]["swarm_over_data_parallel"] > 0

@@ -289,8 +289,8 @@ class InnerTrainer:
         known: set[str] = set()
         for p in self._params:
             n = names[id(p)]
-            keys = (f"{n}.momentum_buffer",) if id(p) in muon_owned else (f"{n}.exp_avg", f"{n}.exp_avg_sq",
-                                                                          f"{n}.step")
+            keys: tuple[str, ...] = ((f"{n}.momentum_buffer",) if id(p) in muon_owned
+                                     else (f"{n}.exp_avg", f"{n}.exp_avg_sq", f"{n}.step"))
             if keys[0] not in tensors:
                 continue
             known.update(keys)
@@ -298,8 +298,7 @@ class InnerTrainer:
                 if tensors[key].shape != p.shape:
                     raise ValueError(f"inner optimizer state {key} has shape {tuple(tensors[key].shape)}, "
                                      f"model has {tuple(p.shape)}; the checkpoint belongs to another spec")
-            if id(p) in muon_owned:
-                assert self.muon is not None
+            if self.muon is not None and id(p) in muon_owned:
                 self.muon.state[p] = {"momentum_buffer": tensors[keys[0]].to(p.device, copy=True)}
             else:
                 self.optimizer.state[p] = {
