@@ -526,6 +526,21 @@ def test_a_retry_does_not_wait_for_a_survivor_whose_record_is_past_the_round() -
     assert out == NoGroup()
 
 
+def test_a_peer_declared_on_another_base_is_not_waited_for() -> None:
+    """A peer that rolled its last round back declares at the same round on its old base: it cannot be in
+    our group this attempt, so the gather does not wait the whole window for it (the hostile-peer test
+    spent 10 s of every other round so, 60 s of its 116)."""
+    spec = fast_spec(averaging={"group_size": 3, "matchmaking_timeout": 60.0}, network={"poll_interval": 0.01})
+    table: dict[tuple[int, int, bool, int], dict[str, Declaration]] = {
+        (3, 0, False, 1): {"a": Declaration("a", "rolled-back-base", False, [])}}
+    mm = Matchmaker(FakeNet("b", {}), _SharedDeclarations("b", spec, table, ["a", "b"]), spec,
+                    RoundTimeouts.from_spec(spec), client_mode=False, maddrs=lambda: [], stopping=threading.Event(),
+                    on_phase=lambda p, d: None, on_enter=lambda p, r, level: None)
+    req = AverageRequest(round=3, delta=torch.zeros(4), weight=1.0, model_sha256="m", steps=1)
+    out = asyncio.run(asyncio.wait_for(mm.matchmake(req, 0, set(), None), 5))  # "a" is expected: its record
+    assert out == NoGroup()
+
+
 def test_a_handler_cancelled_at_shutdown_ends_quietly() -> None:
     """asyncio's stream server (3.11) asks a finished handler task for its exception; a cancelled one
     raised CancelledError inside the loop's callback: an ERROR with a traceback per call in flight at

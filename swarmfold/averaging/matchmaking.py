@@ -284,7 +284,10 @@ class Matchmaker:
             members.setdefault(self.peer_id, Declaration(self.peer_id, a.base, self.client_mode, self.maddrs()))
             a.gathered = frozenset(members)
             a.clients = frozenset(p for p, d in members.items() if d.client_mode)
-            if self._gathered(a, members, expected, gone, deadline, present):
+            # a peer that declared here on another base model (it rolled its last round back, or holds a
+            # split's other model) cannot be in our group this attempt: it is not waited for
+            elsewhere = {pid for pid, d in declared.items() if d.model_sha256 != a.base}
+            if self._gathered(a, members, expected, gone, deadline, present, gone | elsewhere):
                 return members
             try:
                 await asyncio.wait_for(a.proposal_event.wait(), self.tt.poll)
@@ -292,7 +295,7 @@ class Matchmaker:
                 pass
 
     def _gathered(self, a: _Attempt, members: dict[str, Declaration], expected: set[str], gone: set[str],
-                  deadline: float, present: set[str]) -> bool:
+                  deadline: float, present: set[str], not_coming: set[str]) -> bool:
         others = set(members) - {self.peer_id}
         waiting_room = self.avg.min_group_size > 1 and a.level == 1
         enough = waiting_room and a.waiting and len(members) >= self.avg.min_group_size
@@ -305,9 +308,9 @@ class Matchmaker:
         a.left_behind = left_behind and a.locked_to is None
         # a full group ends the gather only if no peer we expect is still missing: with more ready peers
         # than one group holds, every one of them must be in the same cut (the tree joins the groups).
-        # An expected peer whose record is past this round (it committed, or gave the round up) will
-        # not come: a retry's long window must not wait for it.
-        awaited = expected - gone
+        # An expected peer that will not come (its record is past this round: it committed, or gave the
+        # round up; or it declared here on another base) is not waited for, by attempt 0's window or a retry's.
+        awaited = expected - not_coming
         full = len(members) >= self.avg.group_size and not awaited - others
         return (full or bool(expected and awaited <= others) or enough
                 or left_behind or time.monotonic() >= deadline or a.locked_to is not None
