@@ -66,6 +66,7 @@ from swarmfold.averaging.treecost import (
     delegate_plan,
     tree_records,
 )
+from swarmfold.spec import COMPRESSIONS
 
 SIZES = (2, 3, 4, 6, 8, 9, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 ARMS = (("live", "-^"), ("tree", ":o"), ("today", "--s"))
@@ -255,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
     ap.add_argument("--group-size", type=int, default=8)
     ap.add_argument("--numel", type=int, default=16 * 1024)
-    ap.add_argument("--compression", default="none", choices=("none", "fp16", "int8"))
+    ap.add_argument("--compression", default="none", choices=COMPRESSIONS)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("results/bench_tree.json"))
     ap.add_argument("--no-plot", action="store_true")

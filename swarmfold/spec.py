@@ -133,6 +133,8 @@ LR_SCHEDULES = ("constant", "cosine", "wsd")
 INNER_OPTIMIZERS = ("adamw", "muon")
 MUON_ADJUST_LR = ("original", "match_rms_adamw")
 MUON_FIELDS = ("muon_lr", "muon_momentum", "muon_nesterov", "muon_weight_decay", "muon_adjust_lr")
+TOPK_SIZES = (16, 32, 64)  # K of the topk<K> codecs: elements kept of every 1024 (a multiple of 4)
+COMPRESSIONS = ("none", "fp16", "int8") + tuple(f"topk{k}" for k in TOPK_SIZES)
 
 
 ROUND_MODES = ("steps", "time")
@@ -177,8 +179,11 @@ class AveragingSpec:
     commit_timeout: float = _doc("seconds a member waits for the others' digests", default=10.0)
     max_attempts: int = _doc("how many times a round's all-reduce is redone after a failure", default=3)
     max_message_bytes: int = _doc("largest accepted message (bytes), tensor parts included", default=256 * 2**20)
-    compression: str = _doc("pseudo-gradient wire format: none, fp16 or int8 (blockwise absmax, error feedback)",
-                            default="int8")
+    compression: str = _doc(
+        "pseudo-gradient wire format: none, fp16, int8 (blockwise absmax) or topk16/topk32/topk64 (the K largest "
+        "of every 1024 elements, 2-bit values, 10-bit offsets: 32/56/104 bytes per 1024, the aggregate re-sparsified "
+        "the same way); every compressed format keeps what it did not send in an error-feedback residual",
+        default="int8")
     aggregation: str = _doc("how a reducer combines contributions: mean, trimmed_mean or median", default="mean")
     trim_fraction: float = _doc("fraction cut from each end per coordinate by trimmed_mean", default=0.2)
     record_ttl: float = _doc("seconds a published DHT record (round, model hash, metrics) lives", default=120.0)
@@ -631,8 +636,9 @@ def validate(s: Spec) -> list[str]:
         need(getattr(a, name) > 0, f"averaging.{name}: must be a positive number of seconds, got {getattr(a, name)}")
     need(a.max_attempts >= 1, f"averaging.max_attempts: must be >= 1, got {a.max_attempts}")
     need(a.max_message_bytes >= 2**16, f"averaging.max_message_bytes: must be >= 65536, got {a.max_message_bytes}")
-    need(a.compression in ("none", "fp16", "int8"),
-         f"averaging.compression: {a.compression!r} is unknown; use 'none', 'fp16' or 'int8'")
+    need(a.compression in COMPRESSIONS,
+         f"averaging.compression: {a.compression!r} is unknown; use one of {', '.join(COMPRESSIONS)} "
+         "(topk<K> keeps K of every 1024 elements)")
     need(a.aggregation in ("mean", "trimmed_mean", "median"),
          f"averaging.aggregation: {a.aggregation!r} is unknown; use 'mean', 'trimmed_mean' or 'median'")
     need(0 <= a.trim_fraction < 0.5, f"averaging.trim_fraction: must be in [0, 0.5), got {a.trim_fraction}")

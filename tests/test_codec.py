@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import struct
 
 import pytest
 import torch
@@ -120,7 +121,7 @@ def test_decode_rejects_wrong_sizes(name: str) -> None:
         with pytest.raises(ValueError, match="must be"):
             codec.decode(name, bad, NUMEL)
     with pytest.raises(ValueError, match="must be"):
-        codec.decode(name, data, NUMEL + 1)
+        codec.decode(name, data, NUMEL + codec.BLOCK)  # topk sizes go by blocks: one more block
 
 
 def test_encode_rejects_bad_input() -> None:
@@ -172,3 +173,159 @@ def test_int8_simulation_is_deterministic_and_counts_bytes(shards: list) -> None
                                                         for p in peers if p.residual is not None])
     assert runs[0] == runs[1]
     assert len(runs[0]) == 4  # every peer carries a residual
+
+
+# ---- topk<K>: sparse, 2-bit values, 10-bit offsets ---------------------------------------------------
+
+TOPK = [c for c in codec.CODECS if codec.topk_size(c)]
+
+
+def _blocks(y: torch.Tensor) -> torch.Tensor:
+    padded = torch.zeros(codec.num_blocks(y.numel()) * codec.BLOCK)
+    padded[: y.numel()] = y
+    return padded.view(-1, codec.BLOCK)
+
+
+@pytest.mark.parametrize("name", TOPK)
+def test_topk_sizes_are_fixed_per_block(name: str) -> None:
+    k = codec.topk_size(name)
+    per_block = {16: 32, 32: 56, 64: 104}[k]  # two float32 levels + 10-bit offsets + 2-bit codes
+    assert codec.topk_block_bytes(k) == per_block
+    for n in (0, 1, k - 1, codec.BLOCK, NUMEL):  # torch.randn, not _vec: it sets element 7
+        assert codec.encoded_size(name, n) == codec.num_blocks(n) * per_block == len(codec.encode(name, torch.randn(n)))
+    assert codec.encoded_size("topk32", codec.BLOCK) * 18 < codec.encoded_size("int8", codec.BLOCK)
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3, 4, 7, 9])
+def test_topk_spans_are_slices_of_the_whole_vector_encoding(parts: int) -> None:
+    x = _vec(2)
+    whole = codec.encode("topk32", x)
+    per_block = codec.topk_block_bytes(32)
+    pieces = []
+    for lo, hi in codec.spans(NUMEL, parts):
+        part = codec.encode("topk32", x[lo:hi].contiguous())
+        assert part == whole[lo // codec.BLOCK * per_block : (lo // codec.BLOCK + codec.num_blocks(hi - lo)) * per_block]
+        pieces.append(codec.decode("topk32", part, hi - lo))
+    assert torch.equal(torch.cat(pieces), codec.decode("topk32", whole, NUMEL))
+
+
+@pytest.mark.parametrize("name", TOPK)
+def test_topk_keeps_the_k_largest_with_two_exact_levels(name: str) -> None:
+    k = codec.topk_size(name)
+    x = _vec(3)
+    x[codec.BLOCK : 2 * codec.BLOCK] = 0.0  # an all-zero block stays zeros
+    y = codec.roundtrip(name, x)
+    xb, yb = _blocks(x), _blocks(y)
+    assert torch.equal(yb[1], torch.zeros(codec.BLOCK))
+    for b in (0, 2, 3, 4, 5):
+        kept = yb[b] != 0
+        assert int(kept.sum()) == k
+        assert float(xb[b][kept].abs().min()) >= float(xb[b][~kept].abs().max())  # the largest magnitudes
+        assert torch.equal(yb[b].abs().max(), xb[b].abs().max())  # the block's largest element is exact
+        lo = xb[b][kept].abs().min()
+        assert set(yb[b][kept].abs().unique().tolist()) <= {float(lo), float(xb[b].abs().max())}
+        assert torch.equal(torch.sign(yb[b][kept]), torch.sign(xb[b][kept]))
+
+
+def test_topk_ties_go_to_the_lower_offset() -> None:
+    x = torch.full((codec.BLOCK,), 0.5)
+    x[100] = x[900] = 1.0  # above the tie
+    x[3] = -0.5  # same magnitude as the tied rest
+    y = codec.roundtrip("topk16", x)
+    kept = torch.nonzero(y).flatten().tolist()
+    assert kept == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 100, 900]
+    assert float(y[3]) == -0.5 and float(y[100]) == 1.0
+    x[13] = 0.4999  # one of the tied below the tie: the next offset takes its place
+    assert torch.nonzero(codec.roundtrip("topk16", x)).flatten().tolist()[12:14] == [12, 14]
+
+
+def test_topk_short_last_block_and_sparse_blocks() -> None:
+    x = torch.tensor([1.0, -2.0, 3.0])  # fewer elements than K: all are kept
+    y = codec.roundtrip("topk16", x)
+    assert torch.equal(y, torch.tensor([0.0, -3.0, 3.0]))  # the levels are 0 (padding) and 3: 1 rounds to 0
+    z = torch.zeros(2 * codec.BLOCK)
+    z[5], z[1500] = 0.25, -0.75  # a block sparser than K keeps its zeros and its one value exactly
+    assert torch.equal(codec.roundtrip("topk32", z), z)
+
+
+def _hostile(name: str, block: int, at: int, value: bytes, x: torch.Tensor | None = None) -> bytes:
+    data = bytearray(codec.encode(name, _vec(7) if x is None else x))
+    start = block * codec.topk_block_bytes(codec.topk_size(name)) + at
+    data[start : start + len(value)] = value
+    return bytes(data)
+
+
+def test_topk_decode_rejects_hostile_payloads_by_name() -> None:
+    nan, inf = struct.pack("<f", float("nan")), struct.pack("<f", float("inf"))
+    for bad, what in ((_hostile("topk32", 2, 0, nan), "block 2 has levels"),
+                      (_hostile("topk32", 3, 4, inf), "block 3 has levels"),
+                      (_hostile("topk32", 1, 0, struct.pack("<f", -1.0)), "block 1 has levels"),
+                      (_hostile("topk32", 0, 0, struct.pack("<ff", 2.0, 1.0)), "0 <= lo <= hi"),
+                      (_hostile("topk32", 4, 8, b"\x00\x00\x00"), "block 4 has offsets that repeat"),
+                      (_hostile("topk32", 0, 8, b"\xff\x03"), "block 0 has offsets that repeat or are not increasing")):
+        with pytest.raises(ValueError, match=what):
+            codec.decode("topk32", bad, NUMEL)
+    # the last block holds 333 elements: an offset past them points outside the vector
+    last = codec.num_blocks(NUMEL) - 1
+    top = _hostile("topk32", last, 8 + 40 - 2, b"\xff\xff")  # the last offset's top bits: 1020+
+    with pytest.raises(ValueError, match=f"block {last} has offset 10.. past the vector's end"):
+        codec.decode("topk32", top, NUMEL)
+
+
+def test_topk_encode_rejects_non_finite() -> None:
+    x = _vec(8)
+    x[5000] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        codec.encode("topk32", x)
+
+
+def test_topk_error_feedback_sends_everything_eventually() -> None:
+    """Top-k alone never sends the small coordinates; with the residual every one arrives."""
+    n = codec.BLOCK
+    delta = torch.linspace(0.001, 0.002, n)
+    delta[0] = 1.0
+    rounds = 200
+    sent_plain, sent_ef, residual = torch.zeros(n), torch.zeros(n), torch.zeros(n)
+    peaks = []
+    for _ in range(rounds):
+        sent_plain += codec.roundtrip("topk32", delta)
+        with_residual = delta + residual
+        transmitted = codec.roundtrip("topk32", with_residual)
+        residual = with_residual - transmitted
+        sent_ef += transmitted
+        peaks.append(float(residual.abs().max()))
+    assert int((sent_plain == 0).sum()) == n - 32  # without feedback, 992 coordinates never move
+    assert bool((sent_ef > 0).all())
+    # the residual (what is owed) stays bounded while the truth grows: 31 slots a round drain the
+    # inflow sum(delta[1:]), so nothing waits for more than about sum / 31 before it is sent
+    drain = float(delta[1:].sum()) / 31
+    assert max(peaks[100:]) <= 1.5 * drain
+    assert bool((sent_ef[1:] >= 0.5 * delta[1:] * rounds).all())  # even the smallest got most of its due
+    assert max(peaks[150:]) <= max(peaks[50:100]) * 1.05
+
+
+@pytest.mark.parametrize("name", TOPK)
+def test_topk_aggregate_is_re_sparsified_and_the_same_for_every_member(name: str) -> None:
+    reqs = {f"p{i}": AverageRequest(round=0, delta=_vec(10 + i), weight=1.0 + i, model_sha256="x", steps=1)
+            for i in range(4)}
+    out = reduce_in_process(reqs, swarm_id="s", compression=name, rule="mean", trim_fraction=0.2)
+    agg = out["p0"].aggregate
+    assert agg is not None
+    assert all(r.aggregate is not None and torch.equal(r.aggregate, agg) for r in out.values())
+    assert torch.equal(agg, codec.roundtrip(name, agg))  # what a decoder of the reducer's bytes sees
+    assert int((_blocks(agg) != 0).sum(dim=1).max()) <= codec.topk_size(name)
+    for i, pid in enumerate(sorted(reqs)):
+        assert out[pid].bytes_sent == butterfly_bytes(NUMEL, 4, i, name)
+
+
+def test_topk_simulation_is_deterministic_and_carries_residuals(shards: list) -> None:
+    spec = fast_spec(averaging={"compression": "topk32"}, round={"inner_steps": 2})
+    runs = []
+    for _ in range(2):
+        peers, result = simulate(spec, [[s] for s in shards[:2]], rounds=2, threads=1, save_checkpoints=False)
+        for rnd in result.per_round:
+            assert len({v["model_sha256"] for v in rnd.values()}) == 1
+        runs.append([p.theta_sha256 for p in peers] + [hashlib.sha256(p.residual.numpy().tobytes()).hexdigest()
+                                                        for p in peers if p.residual is not None])
+    assert runs[0] == runs[1]
+    assert len(runs[0]) == 4

@@ -123,6 +123,14 @@ def test_cross_field_rules_give_fix_hints() -> None:
     assert "min_group_size" in text
 
 
+def test_compression_names_the_sparse_codecs() -> None:
+    spec = preset("tiny").replace(averaging={"compression": "topk32"})
+    assert spec.averaging.compression == "topk32" and spec.swarm_id != preset("tiny").swarm_id
+    for bad in ("topk33", "topk", "int4"):
+        with pytest.raises(SpecError, match=r"averaging.compression: .* use one of none, fp16, int8, topk16, topk32"):
+            preset("tiny").replace(averaging={"compression": bad})
+
+
 def test_not_valid_toml_and_missing_file(tmp_path: Path) -> None:
     bad = tmp_path / "broken.toml"
     bad.write_text("[model\nhidden_size = 4")

@@ -126,7 +126,7 @@ def test_five_peers_in_groups_of_two_equal_the_written_out_order() -> None:
 
 
 @pytest.mark.parametrize(("n", "g", "compression"), [(5, 2, "int8"), (20, 3, "none"), (20, 3, "int8"),
-                                                     (70, 4, "fp16")])
+                                                     (70, 4, "fp16"), (7, 3, "topk32")])
 def test_span_cutting_and_input_order_do_not_change_the_bits(n: int, g: int, compression: str) -> None:
     deltas = _deltas(n, seed=n * g)
     whole = reduce_tree_in_process(_requests(deltas), swarm_id="s", compression=compression, group_size=g)

@@ -130,16 +130,18 @@ def _cell_halfwidth(compression: str, received: torch.Tensor, replay: torch.Tens
     if compression == "fp16":  # half a unit in the last place of fp16, subnormals included
         mag = torch.maximum(received.abs(), replay.abs()).to(torch.float64)
         return mag * 2.0**-11 + 2.0**-25
-    # int8: half the block's scale; the larger of the two scales, since an honest Δ' has its own absmax
+    # int8: half the block's scale; the larger of the two scales, since an honest Δ' has its own absmax.
+    # topk: a neighbouring Δ' may keep other offsets, so an element may move from 0 to the block's top
+    # level: the whole block's absmax (a weak cross-class check; the same class still compares bits)
     n = replay.numel()
     nb = codec.num_blocks(n)
 
     def scales(x: torch.Tensor) -> torch.Tensor:
         padded = torch.zeros(nb * codec.BLOCK, dtype=torch.float64)
         padded[:n] = x.to(torch.float64)
-        return padded.view(nb, codec.BLOCK).abs().amax(dim=1) / 127.0
+        return padded.view(nb, codec.BLOCK).abs().amax(dim=1) / (1.0 if codec.topk_size(compression) else 127.0)
 
-    half = torch.maximum(scales(received), scales(replay)) / 2
+    half = torch.maximum(scales(received), scales(replay)) / (1 if codec.topk_size(compression) else 2)
     return half.repeat_interleave(codec.BLOCK)[:n]
 
 

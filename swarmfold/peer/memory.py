@@ -5,8 +5,9 @@ The count follows the copies a peer holds (docs/foundation.md, "Memory"), for P 
   on the training device   weights 4P, gradients 4P, AdamW's two moments 8P, activations;
                            with inner.optimizer = 'muon', Muon's one momentum buffer 4M for its
                            M matrix weights and AdamW's 8(P − M) for the rest
-  on the CPU, always       θ_r 4P; during averaging Δ 4P and the aggregate 4P; the int8
-                           wire form ~1P; the compression residual 4P (int8/fp16);
+  on the CPU, always       θ_r 4P; during averaging Δ 4P and the aggregate 4P; the wire
+                           form ~1P (int8; ~0.05P for topk32); the compression residual
+                           4P (every codec but none);
                            the outer momentum 4P (outer.momentum > 0)
 
 On the CPU both lists share one RAM. Activations are estimated per micro-batch from the
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from swarmfold.averaging import codec
 from swarmfold.spec import Spec
 
 GiB = 2**30
@@ -96,7 +98,10 @@ def estimate(spec: Spec, vocab_size: int, eos_id: int, *, activation_checkpointi
     # weights, gradients and the optimizer state, all float32 (Muon's Newton–Schulz temporaries are
     # bfloat16 copies of one matrix at a time: left out)
     train_state = 8 * p + optimizer_state_bytes(p, muon, spec.inner.optimizer)
-    host = 4 * p + 4 * p + 4 * p + p  # θ_r, Δ, the aggregate, the int8 wire form
+    # θ_r, Δ, the aggregate, and the wire form: ~1 byte a parameter for int8 (counted for the
+    # others too, as before), ~0.05 for topk32 (its encoder works on 256 blocks at a time)
+    wire = codec.encoded_size(spec.averaging.compression, p) if codec.topk_size(spec.averaging.compression) else p
+    host = 4 * p + 4 * p + 4 * p + wire
     if spec.averaging.compression != "none":
         host += 4 * p  # error-feedback residual
     if spec.outer.momentum > 0:
