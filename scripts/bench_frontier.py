@@ -16,6 +16,14 @@ The grid is small on purpose: it has to finish on a 2-core machine shared by oth
 runs in the order of `grid()`, most informative first, and --out keeps what finished, so an
 interrupted run resumes where it stopped.
 
+`--grid compression` runs only the compression comparison (issue 12, direction 7): plain
+averaging with int8 beside the sparse topk<K> codecs at the same H, for >= 1000x fewer
+bytes than the per-step fp32 all-reduce. `--quick` is bench_quality's quick scale (200
+steps per peer, seq 64, batch 8: 8 rounds at H = 25):
+
+    nice -n 15 .venv/bin/python scripts/bench_frontier.py --quick --grid compression \
+        --out results/frontier_compress_quick.json
+
 Writes the JSON given by --out and a PNG beside it (the Pareto plot). `--smoke` runs a
 seconds-long version for the tests.
 """
@@ -51,12 +59,22 @@ SCHEDULES = {"warm5-100": [5, 5, 10, 10, 20, 25, 25, 50, 50, 100]}
 Point = tuple[str, str, int | None, str | None]
 
 
-def grid(smoke: bool) -> list[Point]:
+# the compression grid: (codec, H), int8 first at each H as the reference of the same run;
+# bytes vs the per-step fp32 all-reduce ~ 4 H / (bytes per element): int8 ~4 H, topk64 ~39 H,
+# topk32 ~73 H, topk16 ~128 H, topk8 ~205 H
+COMPRESSION_GRID = [("int8", 25), ("topk32", 25), ("topk64", 25), ("topk16", 10), ("topk16", 25),
+                    ("int8", 10), ("topk8", 5), ("topk64", 50), ("topk32", 10), ("int8", 5), ("topk16", 5)]
+
+
+def grid(smoke: bool, which: str = "all") -> list[Point]:
     """(outer, compression, H, schedule) in the order they run: the most informative first."""
     g: list[Point] = []
     if smoke:
         g += [("avg", "none", h, None) for h in (1, 2, 4)]
-        return g + [("avg", "int8", 2, None), ("nest0.7m0.9", "none", 2, None)]
+        return g + [("avg", "int8", 2, None), ("nest0.7m0.9", "none", 2, None)] + (
+            [("avg", "topk32", 2, None)] if which == "compression" else [])
+    if which == "compression":
+        return [("avg", c, h, None) for c, h in COMPRESSION_GRID]
     g += [("avg", "none", h, None) for h in (10, 50, 100, 25, 5, 30, 20, 1)]
     g += [("avg", "int8", h, None) for h in (10, 50, 100, 30, 25, 5)]
     g += [(o, "none", h, None) for h in (10, 50) for o in ("sgd1.5", "nest0.5m0.5", "nest0.7m0.9")]
@@ -83,8 +101,9 @@ def make_setup(args: argparse.Namespace) -> bc.Setup:
     shard_paths = bc.prepare_shards(args.data, 4, 3_000_000)
     spec = preset("tiny").replace(data={"seq_len": args.seq_len}, inner={"batch_size": args.batch_size},
                                   round={"mode": "steps"})  # every arm trains H steps a round
-    return bc.Setup(spec=spec, shard_paths=shard_paths, steps=args.steps, eval_windows=args.eval_windows,
-                    eval_every=args.steps)
+    steps = args.steps or (200 if args.quick else 300)
+    return bc.Setup(spec=spec, shard_paths=shard_paths, steps=steps, eval_windows=args.eval_windows,
+                    eval_every=steps)
 
 
 def run_configs(configs: list[dict[str, Any]], params: dict[str, Any], done: dict[str, Any], jobs: int,
@@ -127,6 +146,7 @@ def summarize(done: dict[str, Any], baselines: dict[str, Any]) -> dict[str, Any]
     front = pareto(rows)
     within = [(b, loss, n) for b, loss, n in rows if loss <= 1.02 * dp_loss]
     at_100x = [(loss, n) for b, loss, n in rows if dp_bytes / b >= 100]
+    at_1000x = [(loss, n) for b, loss, n in rows if dp_bytes / b >= 1000]
     return {
         "pareto_front": [{"name": n, "bytes_sent_per_peer": b, "mean_val_loss": loss,
                           "bytes_reduction_vs_allreduce": dp_bytes / b, "ratio_to_data_parallel_loss": loss / dp_loss}
@@ -135,6 +155,8 @@ def summarize(done: dict[str, Any], baselines: dict[str, Any]) -> dict[str, Any]
         "largest_reduction_within_1.02": (max((dp_bytes / b, n) for b, _, n in within) if within else None),
         "best_at_100x_fewer_bytes": (min(at_100x) if at_100x else None),
         "best_at_100x_ratio_to_data_parallel": (min(at_100x)[0] / dp_loss if at_100x else None),
+        "best_at_1000x_fewer_bytes": (min(at_1000x) if at_1000x else None),
+        "best_at_1000x_ratio_to_data_parallel": (min(at_1000x)[0] / dp_loss if at_1000x else None),
     }
 
 
@@ -164,7 +186,8 @@ def plot(done: dict[str, Any], baselines: dict[str, Any], summary: dict[str, Any
     fig, ax = plt.subplots(figsize=(9, 6))
     markers = {"avg": "o", "sgd1.5": "s", "nest0.5m0.5": "^", "nest0.7m0.9": "v"}
     for outer, marker in markers.items():
-        for comp, color in (("none", "tab:blue"), ("int8", "tab:orange")):
+        for comp, color in (("none", "tab:blue"), ("int8", "tab:orange"), ("topk64", "tab:green"),
+                            ("topk32", "tab:purple"), ("topk16", "tab:brown"), ("topk8", "tab:olive")):
             pts = [(r["bytes_sent_per_peer"], r["mean_val_loss"], r["config"]) for r in done.values()
                    if r["config"]["outer_name"] == outer and r["config"]["compression"] == comp]
             if not pts:
@@ -188,6 +211,8 @@ def plot(done: dict[str, Any], baselines: dict[str, Any], summary: dict[str, Any
     ax.axhline(baselines["isolated"]["mean_val_loss"], color="red", ls=":", lw=1,
                label=f"isolated peers (own shard) {baselines['isolated']['mean_val_loss']:.3f}")
     ax.axvline(dp["bytes_sent_per_peer"] / 100, color="gray", ls="-.", lw=0.8, label="100x fewer bytes")
+    ax.axvline(dp["bytes_sent_per_peer"] / 1000, color="gray", ls=":", lw=0.8, label="1000x fewer bytes")
+    ax.axhline(1.05 * dp["mean_val_loss"], color="olive", ls=":", lw=1, label="1.05 x data-parallel")
     ax.set_xscale("log")
     ax.set_xlabel("bytes sent per peer over the run (log)")
     ax.set_ylabel("final validation loss (mean over shards)")
@@ -203,7 +228,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("results/frontier.json"))
     ap.add_argument("--data", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "swarmfold-bench-shards")
-    ap.add_argument("--steps", type=int, default=300, help="inner steps per peer (default 300)")
+    ap.add_argument("--steps", type=int, default=0, help="inner steps per peer (default 300; --quick 200)")
+    ap.add_argument("--quick", action="store_true", help="bench_quality's quick scale: 200 steps per peer")
+    ap.add_argument("--grid", choices=("all", "compression"), default="all",
+                    help="all: H x outer x int8/none; compression: int8 beside the topk<K> codecs at the same H")
     ap.add_argument("--seq-len", type=int, default=64, help="tokens per sequence (default 64, the preset has 128)")
     ap.add_argument("--batch-size", type=int, default=8, help="sequences per inner step (default 8, the preset has 16)")
     ap.add_argument("--eval-windows", type=int, default=128, help="validation windows per shard (fixed subset)")
@@ -237,7 +265,7 @@ def main() -> int:
         bc.timed(lambda: iso)
         baselines["isolated"] = iso.to_json(dp.bytes_per_peer)
         save()
-    configs = [config(o, c, h=h, schedule=sched) for o, c, h, sched in grid(args.smoke)]
+    configs = [config(o, c, h=h, schedule=sched) for o, c, h, sched in grid(args.smoke, args.grid)]
     run_configs(configs, params, done, args.jobs, save)
     summary = summarize(done, baselines)
     state = {"setup": {"params": params, "environment": bc.environment(),

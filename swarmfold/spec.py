@@ -133,7 +133,7 @@ LR_SCHEDULES = ("constant", "cosine", "wsd")
 INNER_OPTIMIZERS = ("adamw", "muon")
 MUON_ADJUST_LR = ("original", "match_rms_adamw")
 MUON_FIELDS = ("muon_lr", "muon_momentum", "muon_nesterov", "muon_weight_decay", "muon_adjust_lr")
-TOPK_SIZES = (16, 32, 64)  # K of the topk<K> codecs: elements kept of every 1024 (a multiple of 4)
+TOPK_SIZES = (8, 16, 32, 64)  # K of the topk<K> codecs: elements kept of every 1024 (a multiple of 4)
 COMPRESSIONS = ("none", "fp16", "int8") + tuple(f"topk{k}" for k in TOPK_SIZES)
 
 
@@ -180,8 +180,8 @@ class AveragingSpec:
     max_attempts: int = _doc("how many times a round's all-reduce is redone after a failure", default=3)
     max_message_bytes: int = _doc("largest accepted message (bytes), tensor parts included", default=256 * 2**20)
     compression: str = _doc(
-        "pseudo-gradient wire format: none, fp16, int8 (blockwise absmax) or topk16/topk32/topk64 (the K largest "
-        "of every 1024 elements, 2-bit values, 10-bit offsets: 32/56/104 bytes per 1024, the aggregate re-sparsified "
+        "pseudo-gradient wire format: none, fp16, int8 (blockwise absmax) or topk8/16/32/64 (the K largest "
+        "of every 1024 elements, 2-bit values, 10-bit offsets: 20/32/56/104 bytes per 1024, the aggregate re-sparsified "
         "the same way); every compressed format keeps what it did not send in an error-feedback residual",
         default="int8")
     aggregation: str = _doc("how a reducer combines contributions: mean, trimmed_mean or median", default="mean")

@@ -189,7 +189,7 @@ def _blocks(y: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("name", TOPK)
 def test_topk_sizes_are_fixed_per_block(name: str) -> None:
     k = codec.topk_size(name)
-    per_block = {16: 32, 32: 56, 64: 104}[k]  # two float32 levels + 10-bit offsets + 2-bit codes
+    per_block = {8: 20, 16: 32, 32: 56, 64: 104}[k]  # two float32 levels + 10-bit offsets + 2-bit codes
     assert codec.topk_block_bytes(k) == per_block
     for n in (0, 1, k - 1, codec.BLOCK, NUMEL):  # torch.randn, not _vec: it sets element 7
         assert codec.encoded_size(name, n) == codec.num_blocks(n) * per_block == len(codec.encode(name, torch.randn(n)))
