@@ -318,6 +318,25 @@ def test_topk_aggregate_is_re_sparsified_and_the_same_for_every_member(name: str
         assert out[pid].bytes_sent == butterfly_bytes(NUMEL, 4, i, name)
 
 
+def test_topk_residual_keeps_what_the_aggregate_dropped(shards: list) -> None:
+    """topk: Δ − C(Δ) on the coordinates the group applied, all of Δ on those its aggregate dropped."""
+    spec = fast_spec(averaging={"compression": "topk16"}, round={"inner_steps": 2})
+    peers = [LocalPeer(spec, [s], peer_id=f"p{i}", threads=1) for i, s in enumerate(shards[:2])]
+    phases = {p.peer_id: p.train_phase() for p in peers}
+    results = reduce_in_process({p.peer_id: p.request(phases[p.peer_id]) for p in peers}, swarm_id=spec.swarm_id,
+                                compression="topk16", rule="mean", trim_fraction=0.2)
+    for p in peers:
+        p.finish_round(phases[p.peer_id], results[p.peer_id])
+        delta, agg = phases[p.peer_id].delta, results[p.peer_id].aggregate
+        assert agg is not None and p.residual is not None
+        sent = codec.roundtrip("topk16", delta)
+        applied = agg != 0
+        assert torch.equal(p.residual[applied], (delta - sent)[applied])
+        assert torch.equal(p.residual[~applied], delta[~applied])
+        dropped = (sent != 0) & ~applied  # sent by this member, dropped by the group's top 16
+        assert int(dropped.sum()) > 0 and torch.equal(p.residual[dropped], delta[dropped])
+
+
 def test_topk_simulation_is_deterministic_and_carries_residuals(shards: list) -> None:
     spec = fast_spec(averaging={"compression": "topk32"}, round={"inner_steps": 2})
     runs = []

@@ -211,6 +211,11 @@ class LocalPeer:
             compression = self.spec.averaging.compression
             if result.compressed and compression != "none":
                 sent = codec.roundtrip(compression, phase.delta)  # what the others received
+                if codec.topk_size(compression):
+                    # the aggregate is re-sparsified: what I sent on a coordinate that it dropped was applied
+                    # by nobody, so it stays mine. Over the members this re-queues exactly the dropped part
+                    # of the mean (error feedback for the return path), from bits every replay has.
+                    sent.masked_fill_(result.aggregate == 0, 0.0)
                 self.residual = torch.sub(phase.delta, sent, out=sent)  # Δ − decode(encode(Δ)), in place
             else:
                 self.residual = None
