@@ -53,6 +53,22 @@ def _public_spec(shard: Path, **averaging: object) -> Spec:
 
 # ---- fast checks ------------------------------------------------------------------------------------
 
+def test_judge_span_topk() -> None:
+    """Same class: bits. Another class: honest drift passes; inflating, zeroing or flipping a span fails
+    (a 1% scale stays inside topk's wide cells: only the same class catches that)."""
+    g = torch.Generator().manual_seed(0)
+    replay = torch.randn(5000, generator=g) * 1e-3
+    sent = codec.roundtrip("topk32", replay)
+    assert judge_span(sent, replay, compression="topk32", bitwise=True, tolerance=1e-4).passed
+    assert not judge_span(codec.roundtrip("topk32", replay * 1.01), replay, compression="topk32", bitwise=True,
+                          tolerance=1e-4).passed
+    drifted = codec.roundtrip("topk32", replay * (1 + 1e-6))
+    assert judge_span(drifted, replay, compression="topk32", bitwise=False, tolerance=1e-4).passed
+    for cheat in (codec.roundtrip("topk32", replay * 3), torch.zeros(5000), codec.roundtrip("topk32", -replay)):
+        bad = judge_span(cheat, replay, compression="topk32", bitwise=False, tolerance=1e-4)
+        assert not bad.passed and bad.distance is not None and bad.distance > 1e-2, bad.reason
+
+
 @pytest.mark.parametrize("compression", ["none", "fp16", "int8"])
 def test_judge_span_bitwise_and_by_tolerance(compression: str) -> None:
     g = torch.Generator().manual_seed(0)

@@ -130,19 +130,34 @@ def _cell_halfwidth(compression: str, received: torch.Tensor, replay: torch.Tens
     if compression == "fp16":  # half a unit in the last place of fp16, subnormals included
         mag = torch.maximum(received.abs(), replay.abs()).to(torch.float64)
         return mag * 2.0**-11 + 2.0**-25
-    # int8: half the block's scale; the larger of the two scales, since an honest Δ' has its own absmax.
-    # topk: a neighbouring Δ' may keep other offsets, so an element may move from 0 to the block's top
-    # level: the whole block's absmax (a weak cross-class check; the same class still compares bits)
+    if codec.topk_size(compression):
+        return _topk_halfwidth(compression, replay)
+    # int8: half the block's scale; the larger of the two scales, since an honest Δ' has its own absmax
     n = replay.numel()
     nb = codec.num_blocks(n)
 
     def scales(x: torch.Tensor) -> torch.Tensor:
         padded = torch.zeros(nb * codec.BLOCK, dtype=torch.float64)
         padded[:n] = x.to(torch.float64)
-        return padded.view(nb, codec.BLOCK).abs().amax(dim=1) / (1.0 if codec.topk_size(compression) else 127.0)
+        return padded.view(nb, codec.BLOCK).abs().amax(dim=1) / 127.0
 
-    half = torch.maximum(scales(received), scales(replay)) / (1 if codec.topk_size(compression) else 2)
+    half = torch.maximum(scales(received), scales(replay)) / 2
     return half.repeat_interleave(codec.BLOCK)[:n]
+
+
+def _topk_halfwidth(compression: str, replay: torch.Tensor) -> torch.Tensor:
+    """topk: an honest Δ' may swap the elements at the selection's edge (a sent value of lo
+    where the replay dropped one, or 0 where it kept one of magnitude lo), and rounds a kept
+    value to lo or hi: per block max(lo, (hi − lo) / 2) of the replay's own levels, plus
+    1e-3 of hi for a drifted Δ'. From the replay alone, so a sender cannot widen it."""
+    k = codec.topk_size(compression)
+    n = replay.numel()
+    nb = codec.num_blocks(n)
+    padded = torch.zeros(nb * codec.BLOCK, dtype=torch.float64)
+    padded[:n] = replay.to(torch.float64).abs()
+    top = padded.view(nb, codec.BLOCK).topk(k, dim=1).values  # values only, so the order of ties is moot
+    lo, hi = top[:, -1], top[:, 0]
+    return (torch.maximum(lo, (hi - lo) / 2) + hi * 1e-3).repeat_interleave(codec.BLOCK)[:n]
 
 
 def denied_from_values(values: Iterable[Any], *, swarm_id: str, max_ttl: float, quorum: int,
