@@ -61,9 +61,10 @@ Point = tuple[str, str, int | None, str | None]
 
 # the compression grid: (codec, H), int8 first at each H as the reference of the same run;
 # bytes vs the per-step fp32 all-reduce ~ 4 H / (bytes per element): int8 ~4 H, topk64 ~39 H,
-# topk32 ~73 H, topk16 ~128 H, topk8 ~205 H
+# topk32 ~73 H, topk16 ~128 H, topk8 ~205 H, sign1 ~31 H
 COMPRESSION_GRID = [("int8", 25), ("topk32", 25), ("topk64", 25), ("topk16", 10), ("topk16", 25),
-                    ("int8", 10), ("topk8", 5), ("topk64", 50), ("topk32", 10), ("int8", 5), ("topk16", 5)]
+                    ("int8", 10), ("topk8", 5), ("topk64", 50), ("topk32", 10), ("int8", 5), ("topk16", 5),
+                    ("sign1", 40), ("sign1", 25), ("sign1", 50)]
 
 
 def grid(smoke: bool, which: str = "all") -> list[Point]:
@@ -187,7 +188,7 @@ def plot(done: dict[str, Any], baselines: dict[str, Any], summary: dict[str, Any
     markers = {"avg": "o", "sgd1.5": "s", "nest0.5m0.5": "^", "nest0.7m0.9": "v"}
     for outer, marker in markers.items():
         for comp, color in (("none", "tab:blue"), ("int8", "tab:orange"), ("topk64", "tab:green"),
-                            ("topk32", "tab:purple"), ("topk16", "tab:brown"), ("topk8", "tab:olive")):
+                            ("topk32", "tab:purple"), ("topk16", "tab:brown"), ("topk8", "tab:olive"), ("sign1", "tab:red")):
             pts = [(r["bytes_sent_per_peer"], r["mean_val_loss"], r["config"]) for r in done.values()
                    if r["config"]["outer_name"] == outer and r["config"]["compression"] == comp]
             if not pts:

@@ -134,7 +134,7 @@ INNER_OPTIMIZERS = ("adamw", "muon")
 MUON_ADJUST_LR = ("original", "match_rms_adamw")
 MUON_FIELDS = ("muon_lr", "muon_momentum", "muon_nesterov", "muon_weight_decay", "muon_adjust_lr")
 TOPK_SIZES = (8, 16, 32, 64)  # K of the topk<K> codecs: elements kept of every 1024 (a multiple of 4)
-COMPRESSIONS = ("none", "fp16", "int8") + tuple(f"topk{k}" for k in TOPK_SIZES)
+COMPRESSIONS = ("none", "fp16", "int8") + tuple(f"topk{k}" for k in TOPK_SIZES) + ("sign1",)
 
 
 ROUND_MODES = ("steps", "time")
@@ -182,7 +182,8 @@ class AveragingSpec:
     compression: str = _doc(
         "pseudo-gradient wire format: none, fp16, int8 (blockwise absmax) or topk8/16/32/64 (the K largest "
         "of every 1024 elements, 2-bit values, 10-bit offsets: 20/32/56/104 bytes per 1024, the aggregate re-sparsified "
-        "the same way); every compressed format keeps what it did not send in an error-feedback residual",
+        "the same way) or sign1 (a sign bit per element and a mean magnitude per 1024: 132 bytes); every "
+        "compressed format keeps what it did not send in an error-feedback residual",
         default="int8")
     aggregation: str = _doc("how a reducer combines contributions: mean, trimmed_mean or median", default="mean")
     trim_fraction: float = _doc("fraction cut from each end per coordinate by trimmed_mean", default=0.2)

@@ -348,3 +348,32 @@ def test_topk_simulation_is_deterministic_and_carries_residuals(shards: list) ->
                                                         for p in peers if p.residual is not None])
     assert runs[0] == runs[1]
     assert len(runs[0]) == 4
+
+
+# ---- sign1: one bit per element and the block's mean magnitude ----------------------------------------
+
+def test_sign1_sends_signs_and_the_exact_mean_magnitude() -> None:
+    x = _vec(3)
+    x[codec.BLOCK : 2 * codec.BLOCK] = 0.0  # an all-zero block stays zeros
+    y = codec.roundtrip("sign1", x)
+    assert len(codec.encode("sign1", x)) == codec.encoded_size("sign1", NUMEL) == 6 * 132
+    assert torch.equal(y[codec.BLOCK : 2 * codec.BLOCK], torch.zeros(codec.BLOCK))
+    for b, (lo, hi) in enumerate(codec.spans(NUMEL, codec.num_blocks(NUMEL))):
+        if b == 1:
+            continue
+        mean = float(x[lo:hi].double().abs().sum() / (hi - lo))  # the last block's mean is over its 333
+        assert set(y[lo:hi].abs().unique().tolist()) == {float(torch.tensor(mean, dtype=torch.float32))}
+        assert torch.equal(y[lo:hi] < 0, x[lo:hi] < 0)
+    # spans are byte slices of the whole encoding
+    whole = codec.encode("sign1", x)
+    for lo, hi in codec.spans(NUMEL, 4):
+        b0, nb = lo // codec.BLOCK, codec.num_blocks(hi - lo)
+        assert codec.encode("sign1", x[lo:hi].contiguous()) == whole[132 * b0 : 132 * (b0 + nb)]
+
+
+def test_sign1_decode_rejects_a_bad_scale_by_block() -> None:
+    data = bytearray(codec.encode("sign1", _vec(7)))
+    for value in (float("nan"), float("inf"), -1.0):
+        data[3 * 132 : 3 * 132 + 4] = struct.pack("<f", value)
+        with pytest.raises(ValueError, match="sign1 block 3 has scale"):
+            codec.decode("sign1", bytes(data), NUMEL)

@@ -127,7 +127,7 @@ def test_compression_names_the_sparse_codecs() -> None:
     spec = preset("tiny").replace(averaging={"compression": "topk32"})
     assert spec.averaging.compression == "topk32" and spec.swarm_id != preset("tiny").swarm_id
     for bad in ("topk33", "topk", "int4"):
-        with pytest.raises(SpecError, match=r"averaging.compression: .* use one of none, fp16, int8, topk8, topk16, topk32"):
+        with pytest.raises(SpecError, match=r"averaging.compression: .* use one of none, fp16, int8, topk8, topk16, topk32, topk64, sign1"):
             preset("tiny").replace(averaging={"compression": bad})
 
 

@@ -26,9 +26,17 @@ the weighted mean): a fixed size, and the coordinates that most members push the
 are the ones kept. topk32 is 56 bytes per 1024 elements (18x fewer than int8), topk16 32.
 `decode` rejects non-finite or disordered levels and offsets that repeat, go backwards or
 point past the vector's end, naming the block.
+
+sign1 layout (dense, EF-signSGD style): per block a float32 scale, the block's mean
+magnitude (summed exactly in integers), then one sign bit per element (1 = negative):
+132 bytes per 1024 elements, every element sent as ±scale. The aggregate goes back the
+same way; what it loses there is not fed back.
 """
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -38,7 +46,9 @@ from swarmfold.spec import COMPRESSIONS, TOPK_SIZES
 BLOCK = 1024
 CODECS = COMPRESSIONS
 _OFFSET_BITS = 10  # in-block offsets: BLOCK = 2**10
-_TOPK_GROUP = 256  # blocks a topk encoder works on at once
+_TOPK_GROUP = 256  # blocks a topk or sign1 encoder works on at once
+_SIGN_BLOCK_BYTES = 4 + BLOCK // 8  # sign1: a float32 scale and one bit per element
+_FIXED = 2.0**40  # sign1's exact mean: magnitudes as 40-bit fractions of the block's absmax
 
 
 def encoded_size(codec: str, numel: int) -> int:
@@ -48,6 +58,8 @@ def encoded_size(codec: str, numel: int) -> int:
         return 2 * numel
     if codec == "int8":
         return numel + 4 * num_blocks(numel)
+    if codec == "sign1":
+        return num_blocks(numel) * _SIGN_BLOCK_BYTES
     k = topk_size(codec)
     if k:
         return num_blocks(numel) * topk_block_bytes(k)
@@ -89,9 +101,11 @@ def encode(codec: str, x: torch.Tensor) -> bytes:
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
         q = torch.round(blocks / safe[:, None]).clamp_(-127, 127).to(torch.int8)
         return scale.numpy().tobytes() + q.reshape(-1)[:n].numpy().tobytes()
+    if codec == "sign1":
+        return _encode_grouped(codec, x.numpy(), _encode_sign_blocks)
     k = topk_size(codec)
     if k:
-        return _encode_topk(k, x.numpy())
+        return _encode_grouped(codec, x.numpy(), functools.partial(_encode_topk_blocks, k))
     raise ValueError(f"unknown codec {codec!r}; use one of {', '.join(CODECS)}")
 
 
@@ -104,6 +118,8 @@ def decode(codec: str, data: bytes, numel: int) -> torch.Tensor:
         return torch.from_numpy(np.frombuffer(data, dtype=np.float32).copy())
     if codec == "fp16":
         return torch.from_numpy(np.frombuffer(data, dtype=np.float16).copy()).to(torch.float32)
+    if codec == "sign1":
+        return torch.from_numpy(_decode_sign(data, numel))
     k = topk_size(codec)
     if k:
         return torch.from_numpy(_decode_topk(codec, k, data, numel))
@@ -162,12 +178,12 @@ def _unpack_bits(packed: np.ndarray, k: int, bits: int) -> np.ndarray:
     return (planes.astype(np.int64) << np.arange(bits)).sum(axis=2)
 
 
-def _encode_topk(k: int, x: np.ndarray) -> bytes:
+def _encode_grouped(codec: str, x: np.ndarray, encode_blocks: Callable[[np.ndarray], bytes]) -> bytes:
     if not bool(np.isfinite(x).all()):
-        raise ValueError(f"encode: topk{k} needs finite values; the vector holds NaN or Inf")
-    # a few hundred blocks at a time: the selection's temporaries stay small for any model size
+        raise ValueError(f"encode: {codec} needs finite values; the vector holds NaN or Inf")
+    # a few hundred blocks at a time: the temporaries stay small for any model size
     step = _TOPK_GROUP * BLOCK
-    return b"".join(_encode_topk_blocks(k, x[lo:lo + step]) for lo in range(0, x.size, step))
+    return b"".join(encode_blocks(x[lo:lo + step]) for lo in range(0, x.size, step))
 
 
 def _encode_topk_blocks(k: int, x: np.ndarray) -> bytes:
@@ -213,6 +229,39 @@ def _decode_topk(codec: str, k: int, data: bytes, numel: int) -> np.ndarray:
     values = np.where(codes & 1, -values, values)
     out = np.zeros((nb, BLOCK), dtype=np.float32)
     np.put_along_axis(out, offsets, values, axis=1)
+    return out.reshape(-1)[:numel].copy()
+
+
+def _encode_sign_blocks(x: np.ndarray) -> bytes:
+    """sign1: per block the mean magnitude (float32), then one sign bit per element.
+
+    The mean is summed exactly, in integers (each magnitude as a 40-bit fraction of the block's
+    absmax, a correctly rounded division and a floor), so its bits do not depend on the order
+    of a float sum, which differs between CPUs' vector units."""
+    blocks = _padded_blocks(x, 0.0)
+    mag = np.abs(blocks).astype(np.float64)
+    top = mag.max(axis=1)
+    safe = np.where(top > 0, top, 1.0)
+    fixed = np.floor(mag / safe[:, None] * _FIXED).astype(np.int64).sum(axis=1)
+    count = np.full(blocks.shape[0], float(BLOCK))
+    count[-1] = x.size - (blocks.shape[0] - 1) * BLOCK
+    scale = (fixed.astype(np.float64) * top / _FIXED / count).astype("<f4")
+    signs = np.packbits((blocks < 0).astype(np.uint8), axis=1, bitorder="little")
+    return np.concatenate([scale.view(np.uint8).reshape(-1, 4), signs], axis=1).tobytes()
+
+
+def _decode_sign(data: bytes, numel: int) -> np.ndarray:
+    nb = num_blocks(numel)
+    if nb == 0:
+        return np.zeros(0, dtype=np.float32)
+    raw = np.frombuffer(data, dtype=np.uint8).reshape(nb, _SIGN_BLOCK_BYTES)
+    scale = np.ascontiguousarray(raw[:, :4]).view("<f4").astype(np.float32)[:, 0]
+    bad = ~(np.isfinite(scale) & (scale >= 0))
+    if bad.any():
+        b = int(np.argmax(bad))
+        raise ValueError(f"decode: sign1 block {b} has scale {scale[b]!r}; it must be finite and >= 0")
+    negative = np.unpackbits(np.ascontiguousarray(raw[:, 4:]), axis=1, bitorder="little").astype(bool)
+    out = np.where(negative, -scale[:, None], scale[:, None]).astype(np.float32)
     return out.reshape(-1)[:numel].copy()
 
 

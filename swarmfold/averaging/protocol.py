@@ -32,7 +32,7 @@ HELLO, PROPOSE, REDUCE, VOTE, STATE, TREE = (f"{PROTOCOL}/{name}" for name in
 DATA = f"{PROTOCOL}/data"  # the public data's manifest and files (averaging/datashare.py)
 
 DTYPE_OF_CODEC = {"none": "float32", "fp16": "float16", "int8": "int8-absmax",
-                  **{name: f"{name}-2bit" for name in codec.CODECS if codec.topk_size(name)}}
+                  **{name: f"{name}-2bit" for name in codec.CODECS if codec.topk_size(name)}, "sign1": "sign1-mean"}
 
 # Elements per streamed chunk of a span: 512 KiB of float32, 128 KiB of int8 (hivemind streams
 # 512 KB parts too). A multiple of codec.BLOCK, so chunking never changes a codec's bits.
