@@ -1,4 +1,4 @@
-"""Wire formats for pseudo-gradients and aggregates: none (fp32), fp16, int8 blockwise absmax, top-k sparse.
+"""Wire formats for pseudo-gradients and aggregates: none (fp32), fp16, int8 absmax, top-k sparse, sign.
 
 Every codec works on blocks of BLOCK elements, and the all-reduce cuts the flat vector
 into spans whose boundaries are multiples of BLOCK. So encoding a span gives exactly the
@@ -23,14 +23,15 @@ element of every block arrives exact and a block sparser than K keeps its zeros 
 is not sent (the other elements, the rounding to lo/hi) stays in the sender's error-feedback
 residual. The aggregate goes back in the same format (the reducer re-selects the top K of
 the weighted mean): a fixed size, and the coordinates that most members push the same way
-are the ones kept. topk32 is 56 bytes per 1024 elements (18x fewer than int8), topk16 32.
+are the ones kept; what it drops goes back into the members' residuals (LocalPeer.finish_round,
+docs/results.md section 11). topk32 is 56 bytes per 1024 elements (18x fewer than int8), topk16 32.
 `decode` rejects non-finite or disordered levels and offsets that repeat, go backwards or
 point past the vector's end, naming the block.
 
 sign1 layout (dense, EF-signSGD style): per block a float32 scale, the block's mean
 magnitude (summed exactly in integers), then one sign bit per element (1 = negative):
 132 bytes per 1024 elements, every element sent as ±scale. The aggregate goes back the
-same way; what it loses there is not fed back.
+same way; what it loses there is not fed back. `decode` rejects a non-finite or negative scale.
 """
 
 from __future__ import annotations
