@@ -151,6 +151,7 @@ def train(spec: Path, data: Path, workdir: Path, rounds: int) -> None:
     assert proc.returncode == 0, proc.stderr
 
 
+@pytest.mark.slow  # three `swarmfold train` processes
 def test_resumed_muon_run_equals_an_unbroken_one(tmp_path: Path, shards: list[Path]) -> None:
     """Muon's momentum buffers go through the checkpoint: 1 round, stop, then on to 2 == 2 straight."""
     spec = write_spec(muon_spec(), tmp_path / "spec.toml")
