@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from swarmfold.peer.corpus import write_stdlib_shards
-from swarmfold.spec import Spec, preset, to_toml
+from swarmfold.spec import Spec, SpecError, preset, spec_from_dict, to_toml
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -50,6 +50,15 @@ def fast_spec(**overrides: dict) -> Spec:
     for k, v in overrides.items():
         base.setdefault(k, {}).update(v)
     return preset("tiny").replace(**base)
+
+
+def inner_spec_errors(fields: dict[str, object]) -> list[str]:
+    """The validation errors of the tiny preset with `fields` set in [inner] (it must have some)."""
+    d = preset("tiny").to_dict()
+    d["inner"].update(fields)
+    with pytest.raises(SpecError) as exc:
+        spec_from_dict(d)
+    return list(exc.value.errors)
 
 
 @pytest.fixture
