@@ -117,12 +117,14 @@ class InnerSpec:
         "and MLP; AdamW with the settings above for the rest: embeddings, the output head, norms, biases)",
         default="adamw",
     )
-    muon_lr: float = _doc("optimizer = 'muon': peak lr of the Muon group (its own scale: 0.02 with "
-                          "muon_adjust_lr = 'original'); the warm-up and schedule above apply to it too", default=0.02)
+    muon_lr: float = _doc("optimizer = 'muon': peak lr of the Muon group, on its own scale (muon_adjust_lr = "
+                          "'original'; 0.01 measured best for the tiny preset, docs/results.md section 12; 0.02 is "
+                          "the usual start for larger models); the warm-up and schedule above apply to it too",
+                          default=0.01)
     muon_momentum: float = _doc("optimizer = 'muon': Muon's momentum", default=0.95)
     muon_nesterov: bool = _doc("optimizer = 'muon': Nesterov momentum", default=True)
     muon_weight_decay: float = _doc("optimizer = 'muon': decoupled weight decay of the Muon group (scaled by "
-                                    "muon_lr: 0.01 x 0.02 decays as much per step as AdamW's 0.1 x 2e-3)",
+                                    "muon_lr: at muon_lr 0.02, 0.01 decays as much per step as AdamW's 0.1 x 2e-3)",
                                     default=0.01)
     muon_adjust_lr: str = _doc("optimizer = 'muon': how Muon scales its lr by matrix shape: 'original' "
                                "(sqrt(max(1, rows/cols)), Keller Jordan's) or 'match_rms_adamw' (0.2 sqrt(max(rows, "
@@ -675,7 +677,7 @@ def wsd_decay_start(decay_steps: int, fraction: float) -> int:
 
 def _validate_muon(i: InnerSpec, need: Any) -> None:
     need(i.muon_lr > 0 and math.isfinite(i.muon_lr),
-         f"inner.muon_lr: must be positive, got {i.muon_lr}; 0.02 suits muon_adjust_lr = 'original'")
+         f"inner.muon_lr: must be positive, got {i.muon_lr}; 0.01-0.02 suit muon_adjust_lr = 'original'")
     need(0 <= i.muon_momentum < 1, f"inner.muon_momentum: must be in [0, 1), got {i.muon_momentum}; 0.95 is typical")
     need(i.muon_weight_decay >= 0, f"inner.muon_weight_decay: must be >= 0, got {i.muon_weight_decay}")
     need(i.muon_adjust_lr in MUON_ADJUST_LR,
