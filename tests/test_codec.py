@@ -72,21 +72,28 @@ def test_int8_error_is_at_most_half_a_step_per_block() -> None:
     assert torch.equal(y[codec.BLOCK : 2 * codec.BLOCK], torch.zeros(codec.BLOCK))
 
 
+def _send_repeatedly(name: str, delta: torch.Tensor, rounds: int) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """`delta` sent `rounds` times through codec `name`: the sum of what arrived without feedback, with
+    error feedback (the residual added to the next send), and the residual's peak after each send."""
+    sent_plain, sent_ef, residual = torch.zeros_like(delta), torch.zeros_like(delta), torch.zeros_like(delta)
+    peaks = []
+    for _ in range(rounds):
+        sent_plain += codec.roundtrip(name, delta)
+        with_residual = delta + residual
+        transmitted = codec.roundtrip(name, with_residual)
+        residual = with_residual - transmitted
+        sent_ef += transmitted
+        peaks.append(float(residual.abs().max()))
+    return sent_plain, sent_ef, peaks
+
+
 def test_error_feedback_keeps_the_accumulated_error_bounded() -> None:
     """Small coordinates next to an outlier round to zero every time; only error feedback sends them."""
     n = codec.BLOCK
     delta = torch.full((n,), 0.003)
     delta[0] = 1.0  # step = 1/127 = 0.0079, so 0.003 rounds to 0 without feedback
     rounds = 50
-    sent_plain = torch.zeros(n)
-    sent_ef = torch.zeros(n)
-    residual = torch.zeros(n)
-    for _ in range(rounds):
-        sent_plain += codec.roundtrip("int8", delta)
-        with_residual = delta + residual
-        transmitted = codec.roundtrip("int8", with_residual)
-        residual = with_residual - transmitted
-        sent_ef += transmitted
+    sent_plain, sent_ef, _ = _send_repeatedly("int8", delta, rounds)
     truth = delta * rounds
     err_plain = float((sent_plain - truth)[1:].abs().max())
     err_ef = float((sent_ef - truth)[1:].abs().max())
@@ -94,13 +101,20 @@ def test_error_feedback_keeps_the_accumulated_error_bounded() -> None:
     assert err_ef <= 1.0 / 127 / 2 + 1e-6  # at most half a step, however many rounds
 
 
-def test_local_peer_carries_the_compression_residual(shards: list) -> None:
-    """The round code keeps Δ − C(Δ) after a compressed round and adds it to the next Δ."""
-    spec = fast_spec(averaging={"compression": "int8"}, round={"inner_steps": 2})
+def _one_compressed_round(shards: list, compression: str) -> tuple[list[LocalPeer], dict, dict]:
+    """Two peers train one 2-step round and reduce it in process with `compression`: (peers, their train
+    phases, their averaging results), before either applies its result."""
+    spec = fast_spec(averaging={"compression": compression}, round={"inner_steps": 2})
     peers = [LocalPeer(spec, [s], peer_id=f"p{i}", threads=1) for i, s in enumerate(shards[:2])]
     phases = {p.peer_id: p.train_phase() for p in peers}
     results = reduce_in_process({p.peer_id: p.request(phases[p.peer_id]) for p in peers}, swarm_id=spec.swarm_id,
-                                compression="int8", rule="mean", trim_fraction=0.2)
+                                compression=compression, rule="mean", trim_fraction=0.2)
+    return peers, phases, results
+
+
+def test_local_peer_carries_the_compression_residual(shards: list) -> None:
+    """The round code keeps Δ − C(Δ) after a compressed round and adds it to the next Δ."""
+    peers, phases, results = _one_compressed_round(shards, "int8")
     for p in peers:
         assert results[p.peer_id].compressed
         p.finish_round(phases[p.peer_id], results[p.peer_id])
@@ -285,15 +299,7 @@ def test_topk_error_feedback_sends_everything_eventually() -> None:
     delta = torch.linspace(0.001, 0.002, n)
     delta[0] = 1.0
     rounds = 200
-    sent_plain, sent_ef, residual = torch.zeros(n), torch.zeros(n), torch.zeros(n)
-    peaks = []
-    for _ in range(rounds):
-        sent_plain += codec.roundtrip("topk32", delta)
-        with_residual = delta + residual
-        transmitted = codec.roundtrip("topk32", with_residual)
-        residual = with_residual - transmitted
-        sent_ef += transmitted
-        peaks.append(float(residual.abs().max()))
+    sent_plain, sent_ef, peaks = _send_repeatedly("topk32", delta, rounds)
     assert int((sent_plain == 0).sum()) == n - 32  # without feedback, 992 coordinates never move
     assert bool((sent_ef > 0).all())
     # the residual (what is owed) stays bounded while the truth grows: 31 slots a round drain the
@@ -320,11 +326,7 @@ def test_topk_aggregate_is_re_sparsified_and_the_same_for_every_member(name: str
 
 def test_topk_residual_keeps_what_the_aggregate_dropped(shards: list) -> None:
     """topk: Δ − C(Δ) on the coordinates the group applied, all of Δ on those its aggregate dropped."""
-    spec = fast_spec(averaging={"compression": "topk16"}, round={"inner_steps": 2})
-    peers = [LocalPeer(spec, [s], peer_id=f"p{i}", threads=1) for i, s in enumerate(shards[:2])]
-    phases = {p.peer_id: p.train_phase() for p in peers}
-    results = reduce_in_process({p.peer_id: p.request(phases[p.peer_id]) for p in peers}, swarm_id=spec.swarm_id,
-                                compression="topk16", rule="mean", trim_fraction=0.2)
+    peers, phases, results = _one_compressed_round(shards, "topk16")
     for p in peers:
         p.finish_round(phases[p.peer_id], results[p.peer_id])
         delta, agg = phases[p.peer_id].delta, results[p.peer_id].aggregate
