@@ -74,16 +74,17 @@ class EmulatedLink:
 
     `ports[i]` holds peer i's `host_maddr` (where it listens) and `announce_maddr` (the
     emulator's port for it, which it announces), so that every connection between peers
-    crosses the link. `stop()` ends it and returns its counters (bytes per peer, connections)
-    with the CPU seconds it used."""
+    crosses the link. With `data`, each peer also has its own address 127.0.1.(i+1) and the ports of
+    its direct streams (`data_port`, where it listens; `announce_data`, the emulator's port for them).
+    `stop()` ends it and returns its counters (bytes per peer, connections) with the CPU seconds it used."""
 
-    def __init__(self, link: str, peers: int, root: Path, *, timeout: float = 30.0):
+    def __init__(self, link: str, peers: int, root: Path, *, timeout: float = 30.0, data: bool = False):
         root.mkdir(parents=True, exist_ok=True)
         self.ports_path, self.stats_path = root / "link-ports.json", root / "link-stats.json"
         self.log = root / "linkemu.log"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "swarmfold.devtools.linkemu", "--link", link, "--peers", str(peers),
-             "--ports", str(self.ports_path), "--stats", str(self.stats_path)],
+             "--ports", str(self.ports_path), "--stats", str(self.stats_path), *(["--data"] if data else [])],
             stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + timeout
         while not self.ports_path.exists():

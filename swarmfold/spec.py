@@ -230,6 +230,11 @@ class NetworkSpec:
                                      default=120.0)
     poll_interval: float = _doc("seconds between two reads of the matchmaking declarations while gathering a "
                                 "group (a local setting, not part of the swarm id)", default=0.2)
+    direct_streams: bool = _doc("accept the all-reduce's tensor bytes on a direct TCP connection beside libp2p "
+                                "(authenticated through libp2p, integrity-checked; falls back to libp2p when the "
+                                "address cannot be reached). Off: every byte goes through libp2p", default=True)
+    data_port: int = _doc("TCP port of the direct streams, on libp2p's listen address (0: any free port; forward "
+                          "it, and pass --announce-data, to be reachable from outside a NAT)", default=0)
 
 
 @dataclass(kw_only=True)
@@ -664,6 +669,11 @@ def validate(s: Spec) -> list[str]:
         value = getattr(s.network, name)
         need(isinstance(value, (int, float)) and value > 0,
              f"network.{name}: must be a positive number of seconds, got {value}")
+    port = s.network.data_port
+    need(isinstance(port, int) and not isinstance(port, bool) and 0 <= port <= 65535,
+         f"network.data_port: must be a TCP port between 0 and 65535 (0: any free port), got {port}")
+    need(isinstance(s.network.direct_streams, bool),
+         f"network.direct_streams: must be true or false, got {s.network.direct_streams!r}")
     for addr in s.network.bootstrap_peers:
         need(addr.startswith("/") and "/p2p/" in addr,
              f"network.bootstrap_peers: {addr!r} is not a full multiaddr; expected /ip4/HOST/tcp/PORT/p2p/PEER_ID")

@@ -174,3 +174,34 @@ def test_a_closed_upstream_is_counted_not_fatal() -> None:
         with dial(node) as s:
             assert s.recv(1) == b""  # the emulator closes the connection it could not forward
         assert emu.stats.failed_upstream_connects == 1
+
+
+def test_a_nodes_direct_streams_cross_its_link_and_are_charged_to_it_by_source_ip() -> None:
+    """A node on its own loopback address with direct-stream ports: a connection to its announced data
+    port reaches its real data port on its address, and one dialled from a node's address, from any port,
+    is that node's upload."""
+    emu = LinkEmulator(LinkSpec.parse("rtt=20ms"))
+    client = emu.add_node("client", ip="127.0.1.1", data=True)
+    server = emu.add_node("server", ip="127.0.1.2", data=True)
+    assert server.host_maddr.startswith("/ip4/127.0.1.2/tcp/") and server.announce_data.startswith("127.0.0.1:")
+    sink = socket.create_server((server.ip, server.data_port))
+    got = bytearray()
+
+    def serve() -> None:
+        conn, _ = sink.accept()
+        with conn:
+            while data := conn.recv(1 << 16):
+                got.extend(data)
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    payload = os.urandom(100_000)
+    with emu:
+        with socket.create_connection(("127.0.0.1", server.data_announce_port), source_address=(client.ip, 0)) as s:
+            s.sendall(payload)
+        thread.join(timeout=10)
+        assert bytes(got) == payload
+        assert emu.stats.unattributed_connections == 0
+        assert client.stats.bytes_up == len(payload) and server.stats.bytes_down == len(payload)
+    sink.close()
+    with pytest.raises(ValueError, match="address of its own"):
+        LinkEmulator(LinkSpec()).add_node("x", data=True)

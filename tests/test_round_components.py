@@ -32,6 +32,8 @@ from swarmfold.averaging.matchmaking import (
 from swarmfold.averaging.messages import (
     Answer,
     Cancel,
+    DirectOffer,
+    DirectRequest,
     Final,
     Hello,
     HelloReply,
@@ -107,6 +109,7 @@ EXAMPLES = [
     SpanResult(group_id="g", span=1, included=("a", "b"), complete=True, rejected={"c": "nonfinite: x"},
                weights={"a": 1.0, "b": 2.0}, steps={"a": 3, "b": 5}),
     ReduceError(reason="unknown group"), Vote(group_id="g", ok=True, digest="d"),
+    DirectRequest(proto="p"), DirectOffer(addrs=("127.0.0.1:9",), ticket=b"t" * 16, key=b"k" * 32),
     StateRequest(spec_hash="s"), StateHeader(round=2, model_sha256="m", outer_sha256="o", numel=2,
                                              outer_names=("momentum",), chunk_bytes=8),
 ]

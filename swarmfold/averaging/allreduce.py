@@ -312,7 +312,7 @@ class AllReduce:
         """Stream our part of `span` to its reducer while its aggregate streams back into `out`."""
         payload = msg.pop("payload")
         header = {**msg, "payload_bytes": len(payload), "chunk": CHUNK_ELEMENTS}
-        reader, writer = await self.net.open(reducer, REDUCE)
+        reader, writer = await self.net.open_bulk(reducer, REDUCE)
         wire.widen(reader, writer)
         try:
             stats["sent"] += await wire.send(writer, header)

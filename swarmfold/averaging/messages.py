@@ -100,6 +100,24 @@ class Hello(Message):
 
 
 @dataclass(frozen=True)
+class DirectRequest(Message):
+    """'May I stream `proto` to you directly?' (averaging/direct.py)"""
+
+    KIND: ClassVar[str] = "direct_request"
+    proto: str
+
+
+@dataclass(frozen=True)
+class DirectOffer(Message):
+    """Where to connect, with a one-time ticket and the stream's session key; no addresses: use libp2p."""
+
+    KIND: ClassVar[str] = "direct_offer"
+    addrs: tuple[str, ...]
+    ticket: bytes
+    key: bytes
+
+
+@dataclass(frozen=True)
 class HelloReply(Message):
     KIND: ClassVar[str] = "hello_reply"
     ok: bool

@@ -30,6 +30,7 @@ PROTOCOL = "swarmfold/7"  # 2: spans stream in chunks; 3: typed messages (averag
 HELLO, PROPOSE, REDUCE, VOTE, STATE, TREE = (f"{PROTOCOL}/{name}" for name in
                                              ("hello", "propose", "reduce", "vote", "state", "tree"))
 DATA = f"{PROTOCOL}/data"  # the public data's manifest and files (averaging/datashare.py)
+DIRECT = f"{PROTOCOL}/direct"  # an offer of a direct TCP stream for bulk bytes (averaging/direct.py)
 
 DTYPE_OF_CODEC = {"none": "float32", "fp16": "float16", "int8": "int8-absmax",
                   **{name: f"{name}-2bit" for name in codec.CODECS if codec.topk_size(name)}, "sign1": "sign1-mean"}

@@ -125,7 +125,7 @@ class Swarm:
                  host_maddrs: list[str] | None = None, announce_maddrs: list[str] | None = None,
                  client_mode: bool = False, use_relay: bool = True, use_auto_relay: bool = False,
                  on_phase: Callable[[str, str], None] | None = None, stop_event: threading.Event | None = None,
-                 verifier: SwarmVerifier | None = None):
+                 verifier: SwarmVerifier | None = None, announce_data: list[str] | None = None):
         self.spec = spec
         self.identity = identity
         self.peer_id = identity.peer_id
@@ -137,7 +137,7 @@ class Swarm:
         self.timeouts = RoundTimeouts.from_spec(spec)
         self.transport = Transport(spec, identity, self.timeouts, initial_peers=initial_peers,
                                    host_maddrs=host_maddrs, announce_maddrs=announce_maddrs, client_mode=client_mode,
-                                   use_relay=use_relay, use_auto_relay=use_auto_relay)
+                                   use_relay=use_relay, use_auto_relay=use_auto_relay, announce_data=announce_data)
         self.directory = Directory(self.transport, spec, identity)
         self.matchmaker = Matchmaker(self.transport, self.directory, spec, self.timeouts, client_mode=client_mode,
                                      maddrs=lambda: self.transport.maddrs, stopping=self._stopping,
@@ -179,7 +179,7 @@ class Swarm:
         handlers: dict[str, Handler] = {PROPOSE: self.matchmaker.on_propose, REDUCE: self.allreduce.on_reduce,
                                         VOTE: self.committer.on_vote, STATE: self.statesync.on_state,
                                         TREE: self.climb.on_tree}
-        self.transport.start(handlers)
+        self.transport.start(handlers, direct=(REDUCE,))
         self._heartbeat = asyncio.run_coroutine_threadsafe(self.directory.heartbeat(), self.transport.loop)
         logger.info("[%s] joined swarm %s; others can join with: %s", self.peer_id[-8:], self.swarm_id,
                     " ".join(self.maddrs))

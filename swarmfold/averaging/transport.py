@@ -25,10 +25,11 @@ import hivemind
 from hivemind.p2p import P2P, PeerID
 
 from swarmfold.averaging import wire
+from swarmfold.averaging.direct import DirectStreams, listen_host
 from swarmfold.averaging.hivemind_adapter import connect
 from swarmfold.averaging.identity import Identity
 from swarmfold.averaging.messages import Hello, HelloReply
-from swarmfold.averaging.protocol import HELLO, AveragingError, Rejected, SpecMismatch
+from swarmfold.averaging.protocol import DIRECT, HELLO, AveragingError, Rejected, SpecMismatch
 from swarmfold.averaging.records import make_validator
 from swarmfold.averaging.timeouts import RoundTimeouts
 from swarmfold.spec import Spec
@@ -85,12 +86,14 @@ class Net(Protocol):
                       max_reply: int = SMALL_MESSAGE, maddrs: list[str] | None = None,
                       after_send: Callable[[], None] | None = None) -> tuple[dict[str, Any], int, int]: ...
 
+    async def open_bulk(self, peer: str, proto: str) -> tuple[Any, Any]: ...
+
 
 class Transport:
     def __init__(self, spec: Spec, identity: Identity, timeouts: RoundTimeouts, *,
                  initial_peers: list[str] | None = None, host_maddrs: list[str] | None = None,
                  announce_maddrs: list[str] | None = None, client_mode: bool = False, use_relay: bool = True,
-                 use_auto_relay: bool = False):
+                 use_auto_relay: bool = False, announce_data: list[str] | None = None):
         self.spec = spec
         self.identity = identity
         self.peer_id = identity.peer_id
@@ -107,10 +110,21 @@ class Transport:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="swarmfold-net", daemon=True)
         self._handlers: dict[str, Handler] = {HELLO: self._on_hello}
+        self.direct = DirectStreams(self.peer_id, self.request, listen=self._direct_listen(),
+                                    announce=list(announce_data or []), timeout=timeouts.join)
+
+    def _direct_listen(self) -> tuple[str, int] | None:
+        """Where direct streams are accepted: libp2p's listen IP with network.data_port, unless the spec turns
+        them off or this peer accepts no connections (client mode)."""
+        host = listen_host(self.host_maddrs)
+        if not self.spec.network.direct_streams or self.client_mode or host is None:
+            return None
+        return host, self.spec.network.data_port
 
     # ---- lifecycle ------------------------------------------------------------------------
-    def start(self, handlers: dict[str, Handler]) -> None:
-        """Join the DHT (JoinError on unreachable initial peers) and serve `handlers` (protocol -> handler)."""
+    def start(self, handlers: dict[str, Handler], direct: tuple[str, ...] = ()) -> None:
+        """Join the DHT (JoinError on unreachable initial peers) and serve `handlers` (protocol -> handler),
+        those named in `direct` on direct streams too (averaging/direct.py)."""
         try:
             self.dht = OrphanSafeDHT(
                 start=True, initial_peers=self.initial_peers or None, host_maddrs=self.host_maddrs,
@@ -125,13 +139,17 @@ class Transport:
         self.maddrs = [str(a) for a in self.dht.get_visible_maddrs()]
         self._thread.start()
         self._handlers.update(handlers)
-        self.call(self._setup(), timeout=self.timeouts.dht_call)
+        self._handlers[DIRECT] = self.direct.on_offer
+        self.call(self._setup({p: _quiet_on_cancel(handlers[p]) for p in direct}), timeout=self.timeouts.dht_call)
 
-    async def _setup(self) -> None:
+    async def _setup(self, direct: dict[str, Handler]) -> None:
         assert self.dht is not None  # start() set it
         self.p2p = await self.dht.replicate_p2p()
         for name, handler in self._handlers.items():
             await self.p2p.add_binary_stream_handler(name, handler)
+        # listening on every interface: announce the IPs libp2p sees, unless other addresses are announced
+        # for libp2p (a port forward, an emulated link): then only --announce-data says where to dial
+        await self.direct.start(direct, hosts=[] if self.announce_maddrs else _visible_ips(self.maddrs))
 
     def shutdown(self) -> None:
         if self._thread.is_alive():
@@ -154,6 +172,7 @@ class Transport:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self.direct.close()
         if self.p2p is not None:
             await self.p2p.shutdown()
             self.p2p = None
@@ -194,6 +213,10 @@ class Transport:
                 return reader, writer
             except Exception as e:  # the same errors, after dialing: the peer is unreachable
                 raise AveragingError(f"cannot reach {peer}: {first}; then dialing {maddrs}: {e}") from e
+
+    async def open_bulk(self, peer: str, proto: str) -> tuple[Any, Any]:
+        """A stream for bulk bytes (tensor chunks): a direct one where `peer` offers it, else through libp2p."""
+        return await self.direct.open(peer, proto) or await self.open(peer, proto)
 
     async def request(self, peer: str, proto: str, msg: dict[str, Any], *, timeout: float,
                       max_reply: int = SMALL_MESSAGE, maddrs: list[str] | None = None,
@@ -248,6 +271,13 @@ class Transport:
                     f"refused by {peer}: that swarm ('{reply.name}') runs spec {reply.spec_hash[:12]}…, but your "
                     f"spec hashes to {self.spec.spec_hash[:12]}…. Every peer of a swarm must use the same spec "
                     "file: get the swarm's spec and pass it with --spec")
+
+
+def _visible_ips(maddrs: list[str]) -> list[str]:
+    """The IPv4 addresses in `maddrs`, those other peers can reach first (loopback last)."""
+    ips = [m.split("/")[2] for m in maddrs if m.startswith("/ip4/")]
+    ips = [ip for ip in dict.fromkeys(ips) if ip != "0.0.0.0"]
+    return sorted(ips, key=lambda ip: ip.startswith("127."))
 
 
 def _quiet_on_cancel(handler: Handler) -> Handler:

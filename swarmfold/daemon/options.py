@@ -17,6 +17,7 @@ class PeerOptions:
     initial_peers: list[str] = field(default_factory=list)
     host_maddrs: list[str] = field(default_factory=lambda: ["/ip4/0.0.0.0/tcp/0"])
     announce_maddrs: list[str] = field(default_factory=list)
+    announce_data: list[str] = field(default_factory=list)  # HOST:PORT where peers dial our direct streams
     rounds: int | None = None  # stop after this many rounds are done (None: run until stopped)
     threads: int = 2
     client_mode: bool = False
@@ -93,6 +94,10 @@ def add_peer_arguments(p: argparse.ArgumentParser) -> None:
                    help="where to listen (default /ip4/0.0.0.0/tcp/0; use /ip4/127.0.0.1/tcp/0 for local only)")
     p.add_argument("--announce-maddrs", nargs="*", default=[], metavar="MULTIADDR",
                    help="public addresses to announce (behind NAT with port forwarding)")
+    p.add_argument("--announce-data", nargs="*", default=[], type=_host_port, metavar="HOST:PORT",
+                   help="where other peers dial this peer's direct streams (the all-reduce's bulk bytes; "
+                        "network.data_port is where it listens): needed with --announce-maddrs, else those "
+                        "streams go through libp2p")
     p.add_argument("--rounds", type=int, default=None, help="stop after this many rounds (default: run until stopped)")
     p.add_argument("--threads", type=int, action=_Explicit, default=int(os.environ.get("SWARMFOLD_THREADS", "2")),
                    help="intra-op CPU threads; part of the determinism contract "
@@ -126,6 +131,15 @@ def add_peer_arguments(p: argparse.ArgumentParser) -> None:
     add_data_arguments(p)
 
 
+def _host_port(text: str) -> str:
+    from swarmfold.averaging.direct import parse_addr
+    try:
+        parse_addr(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 class _Explicit(argparse.Action):
     """Stores the value and notes that it was given, so settings.toml may fill in only what was not."""
 
@@ -138,7 +152,8 @@ class _Explicit(argparse.Action):
 def options_from_args(args: argparse.Namespace) -> PeerOptions:
     return PeerOptions(spec=args.spec, data=list(args.data), workdir=args.workdir,
                        initial_peers=list(args.initial_peers), host_maddrs=list(args.host_maddrs),
-                       announce_maddrs=list(args.announce_maddrs), rounds=args.rounds, threads=args.threads,
+                       announce_maddrs=list(args.announce_maddrs), announce_data=list(args.announce_data),
+                       rounds=args.rounds, threads=args.threads,
                        client_mode=args.client_mode, use_relay=args.use_relay,
                        use_auto_relay=args.use_auto_relay, keep_checkpoints=args.keep_checkpoints,
                        api_port=args.api_port, api_host=args.api_host, allow_remote_api=args.allow_remote_api,
@@ -159,7 +174,8 @@ def options_to_argv(o: PeerOptions) -> list[str]:
     if o.data:
         argv += ["--data", *[os.path.abspath(d) for d in o.data]]
     for flag, values in (("--initial-peers", o.initial_peers), ("--host-maddrs", o.host_maddrs),
-                         ("--announce-maddrs", o.announce_maddrs), ("--initial-peers-from", o.initial_peers_from)):
+                         ("--announce-maddrs", o.announce_maddrs), ("--announce-data", o.announce_data),
+                         ("--initial-peers-from", o.initial_peers_from)):
         if values:
             argv += [flag, *values]
     if o.threads_explicit:

@@ -156,7 +156,8 @@ class PeerRunner:
         peer = self._make_peer(spec, o.data, identity.peer_id) if o.data else None
         self.swarm = self.swarm_cls(
             spec, identity, initial_peers=list(o.initial_peers) + list(spec.network.bootstrap_peers),
-            host_maddrs=o.host_maddrs, announce_maddrs=o.announce_maddrs, client_mode=o.client_mode,
+            host_maddrs=o.host_maddrs, announce_maddrs=o.announce_maddrs, announce_data=o.announce_data,
+            client_mode=o.client_mode,
             use_relay=o.use_relay, use_auto_relay=o.use_auto_relay, on_phase=self._on_phase,
             stop_event=self.controls.stop,
             verifier=make_swarm_verifier(peer) if verifying and peer is not None else None)

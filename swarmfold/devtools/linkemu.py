@@ -19,8 +19,11 @@ port for it, so that every connection a peer accepts crosses the emulated networ
   leaves through A's uplink and then enters through B's downlink, in FIFO order, so all
   of a peer's connections share its link, as on a home connection. Which peer dialled is
   known from the connection's source port: libp2p dials from its listen port
-  (SO_REUSEPORT), and the emulator knows every peer's real port. A connection from an
-  unknown port gets a link of its own and is counted in `unattributed_connections`.
+  (SO_REUSEPORT), and the emulator knows every peer's real port. A peer on a loopback
+  address of its own (`--data`: 127.0.1.N) is also known by its source IP, which is how
+  its direct streams (swarmfold/averaging/direct.py; they dial from the peer's listen IP
+  on loopback, from any port) are charged to its link. A connection from an unknown
+  port gets a link of its own and is counted in `unattributed_connections`.
 - **Loss.** A TCP stream cannot lose bytes, so loss is modelled as the receiver sees it.
   The stream is cut into segments of `mss` bytes; each is lost with probability `loss`
   and then arrives only after a retransmission timeout RTO = max(`rto_min`, 2*rtt), and
@@ -191,19 +194,29 @@ class NodeStats:
 
 
 class Node:
-    """One peer's access link: its real address, the port it announces, its two buckets."""
+    """One peer's access link: its real address, the port it announces, its two buckets; with `data_port`,
+    also the real and announced ports of its direct streams (swarmfold/averaging/direct.py)."""
 
-    def __init__(self, name: str, real_port: int, announce_port: int, spec: LinkSpec):
+    def __init__(self, name: str, real_port: int, announce_port: int, spec: LinkSpec, *, ip: str = "127.0.0.1",
+                 data_port: int = 0, data_announce_port: int = 0):
         self.name = name
+        self.ip = ip
         self.real_port = real_port
         self.announce_port = announce_port
+        self.data_port = data_port
+        self.data_announce_port = data_announce_port
         self.up = TokenBucket(spec.up, spec.burst)
         self.down = TokenBucket(spec.down, spec.burst)
         self.stats = NodeStats()
 
     @property
     def host_maddr(self) -> str:
-        return f"/ip4/127.0.0.1/tcp/{self.real_port}"
+        return f"/ip4/{self.ip}/tcp/{self.real_port}"
+
+    @property
+    def announce_data(self) -> str:
+        """What the peer passes as --announce-data (empty: the node has no direct-stream ports)."""
+        return f"127.0.0.1:{self.data_announce_port}" if self.data_announce_port else ""
 
     @property
     def announce_maddr(self) -> str:
@@ -218,10 +231,10 @@ class EmulatorStats:
     nodes: dict[str, NodeStats] = field(default_factory=dict)
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (the kernel's choice)."""
+def free_port(ip: str = "127.0.0.1") -> int:
+    """A TCP port on `ip` that was free a moment ago (the kernel's choice)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((ip, 0))
         return int(s.getsockname()[1])
 
 
@@ -332,16 +345,27 @@ class LinkEmulator:
         self.nodes: list[Node] = []
         self.stats = EmulatorStats()
         self._by_real_port: dict[int, Node] = {}
+        self._by_ip: dict[str, Node] = {}  # nodes on an address of their own: who dialled, by source IP
         self._servers: list[asyncio.Server] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._conn_seq = 0
 
-    def add_node(self, name: str, *, real_port: int = 0, announce_port: int = 0) -> Node:
-        node = Node(name, real_port or free_port(), announce_port or free_port(), self.spec)
+    def add_node(self, name: str, *, real_port: int = 0, announce_port: int = 0, ip: str = "127.0.0.1",
+                 data: bool = False) -> Node:
+        """A peer's link. `ip`: its own loopback address (127.x.y.z), on which it listens and dials, so that
+        connections whose source port says nothing (direct streams) are still told apart. `data`: also
+        proxy its direct streams (it listens on `node.data_port` and passes --announce-data
+        `node.announce_data`)."""
+        if data and ip == "127.0.0.1":
+            raise ValueError("a node with direct-stream ports needs a loopback address of its own (ip=127.0.0.N)")
+        node = Node(name, real_port or free_port(ip), announce_port or free_port(), self.spec, ip=ip,
+                    data_port=free_port(ip) if data else 0, data_announce_port=free_port() if data else 0)
         self.nodes.append(node)
         self._by_real_port[node.real_port] = node
+        if ip != "127.0.0.1":
+            self._by_ip[ip] = node
         self.stats.nodes[name] = node.stats
         return node
 
@@ -349,9 +373,12 @@ class LinkEmulator:
         """Listen on every node's announce port (returns once listening; the loop keeps serving)."""
         self._loop = asyncio.get_running_loop()
         for node in self.nodes:
-            server = await asyncio.start_server(functools.partial(self._on_connection, callee=node),
-                                                "127.0.0.1", node.announce_port, reuse_address=True)
-            self._servers.append(server)
+            for announced, real in ((node.announce_port, node.real_port), (node.data_announce_port, node.data_port)):
+                if not announced:
+                    continue
+                server = await asyncio.start_server(functools.partial(self._on_connection, callee=node, port=real),
+                                                    "127.0.0.1", announced, reuse_address=True)
+                self._servers.append(server)
         logger.info("link emulator: %s; %d node(s)", self.spec.describe(), len(self.nodes))
 
     def start(self) -> LinkEmulator:
@@ -402,17 +429,19 @@ class LinkEmulator:
     def stats_dict(self) -> dict[str, Any]:
         return {"link": asdict(self.spec), "describe": self.spec.describe(), **asdict(self.stats)}
 
-    def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, callee: Node) -> None:
-        task = asyncio.ensure_future(self._relay(reader, writer, callee))
+    def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, callee: Node,
+                       port: int) -> None:
+        task = asyncio.ensure_future(self._relay(reader, writer, callee, port))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _relay(self, c_reader: asyncio.StreamReader, c_writer: asyncio.StreamWriter, callee: Node) -> None:
+    async def _relay(self, c_reader: asyncio.StreamReader, c_writer: asyncio.StreamWriter, callee: Node,
+                     port: int) -> None:
         self._conn_seq += 1
         seq = self._conn_seq
         self.stats.connections += 1
-        src_port = int(c_writer.get_extra_info("peername")[1])
-        caller = self._by_real_port.get(src_port)
+        src_ip, src_port = c_writer.get_extra_info("peername")[:2]
+        caller = self._by_ip.get(src_ip) or self._by_real_port.get(int(src_port))
         if caller is None:
             self.stats.unattributed_connections += 1
             caller = Node(f"unknown:{src_port}", src_port, 0, self.spec)
@@ -421,7 +450,7 @@ class LinkEmulator:
         try:
             await asyncio.sleep(self.spec.rtt)  # the handshake: nothing moves before it
             try:
-                s_reader, s_writer = await asyncio.open_connection("127.0.0.1", callee.real_port)
+                s_reader, s_writer = await asyncio.open_connection(callee.ip, port)
             except OSError:
                 self.stats.failed_upstream_connects += 1
                 return
@@ -450,6 +479,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ports", type=Path, required=True,
                    help="write the peers' host and announce multiaddrs here (JSON) once listening")
     p.add_argument("--stats", type=Path, default=None, help="write byte and connection counters here on exit")
+    p.add_argument("--data", action="store_true",
+                   help="also proxy each peer's direct streams: peer i listens on its own address 127.0.1.(i+1) "
+                        "(host_maddr, data_port) and announces announce_data")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s linkemu %(message)s", datefmt="%H:%M:%S")
     try:
@@ -458,11 +490,15 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(e))  # exits with 2
     emu = LinkEmulator(spec)
     for i in range(args.peers):
-        emu.add_node(f"peer-{i}")
+        if args.data:
+            emu.add_node(f"peer-{i}", ip=f"127.0.1.{i + 1}", data=True)
+        else:
+            emu.add_node(f"peer-{i}")
 
     async def run() -> None:
         await emu.serve()
-        ports = [{"name": n.name, "host_maddr": n.host_maddr, "announce_maddr": n.announce_maddr}
+        ports = [{"name": n.name, "host_maddr": n.host_maddr, "announce_maddr": n.announce_maddr,
+                  **({"data_port": n.data_port, "announce_data": n.announce_data} if n.data_port else {})}
                  for n in emu.nodes]
         tmp = args.ports.with_name(f".{args.ports.name}.tmp")
         tmp.write_text(json.dumps(ports, indent=1))

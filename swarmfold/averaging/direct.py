@@ -1,0 +1,401 @@
+"""Direct streams: the all-reduce's bulk bytes over a plain TCP connection beside the libp2p daemon.
+
+Through libp2p every byte crosses hivemind's daemon twice per peer (a unix socket to p2pd,
+then libp2p's multiplexing and encryption over TCP). For the all-reduce's tensor chunks
+that costs as much CPU as swarmfold's own work (docs/results.md, section 7). A direct
+stream carries them over one TCP connection between the two peer processes instead, and
+libp2p keeps what it is good at: discovery, NAT traversal and authentication.
+
+How a member opens a direct stream to a reducer:
+
+1. It asks the reducer, over libp2p (authenticated: each side knows the other's peer id),
+   for an offer (`DirectRequest` -> `DirectOffer`): the reducer's direct addresses, a
+   one-time ticket and a fresh 32-byte session key. The reducer remembers (ticket -> the
+   asking peer's id, the protocol, the key) for `TICKET_TTL` seconds.
+2. It dials one of the addresses and sends MAGIC + ticket. The reducer pops the ticket
+   (each is good for one connection), answers with a sealed ACK, and serves the protocol's
+   handler as if the stream had come through libp2p from that peer.
+3. From then on every byte in both directions travels in records: length, HMAC-SHA256 tag
+   over (direction, sequence number, length, payload), payload. A record that was changed,
+   dropped, replayed or reordered in transit fails its tag and ends the stream.
+
+So a direct stream is as authenticated as the libp2p stream it replaces (the key came over
+libp2p, to the peer libp2p authenticated) and tamper-evident, but not encrypted: what
+flows on it is the swarm's pseudo-gradients, which every member of the swarm receives
+anyway. Anything that fails before the ACK (no offer, an old peer, an unreachable
+address, a firewall) falls back to the libp2p stream, and the peer is not tried directly
+again for `RETRY_AFTER` seconds; nothing on this path can fail a round that libp2p
+would have carried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import ipaddress
+import logging
+import secrets
+import socket
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from swarmfold.averaging import wire
+from swarmfold.averaging.messages import DirectOffer, DirectRequest
+from swarmfold.averaging.protocol import DIRECT, AveragingError, Rejected
+
+logger = logging.getLogger(__name__)
+
+MAGIC = b"SFD1"  # the first bytes of a direct connection: the format's version
+TICKET_BYTES = 16
+KEY_BYTES = 32
+TAG_BYTES = 32  # HMAC-SHA256
+RECORD_HEAD = 4 + TAG_BYTES  # length, tag
+MAX_RECORD = 1 << 20  # a write is cut into records of at most this many bytes
+TICKET_TTL = 60.0  # seconds an offer's ticket stays good (the member dials it at once)
+MAX_TICKETS = 1024  # offers outstanding at once, over all peers (the oldest is dropped)
+MAX_TICKETS_PER_PEER = 32  # a peer asking for more loses its oldest (a flood costs only itself)
+MAX_ADDRS = 4  # addresses an offer may carry
+MAX_PENDING = 64  # connections that have not shown a ticket yet (more are closed at once: no fd exhaustion)
+RETRY_AFTER = 600.0  # seconds before a peer whose direct path failed is tried directly again
+ACK = b"ok"
+BUFFER = 4 << 20  # stream reader limit and socket buffers: a chunk moves without stalls
+StreamPair = tuple[Any, Any]  # (reader, writer): SealedReader/SealedWriter, or asyncio's
+Handler = Callable[[Any, Any, Any], Awaitable[None]]
+
+
+class DirectStreamError(ConnectionError):
+    """A direct stream broke its format or failed its integrity check: it ends like a reset connection."""
+
+
+# ---- the record layer -------------------------------------------------------------------------------
+
+def _directional_keys(key: bytes) -> tuple[bytes, bytes]:
+    """(caller -> server key, server -> caller key): a record cannot be reflected back to its sender."""
+    return (hmac.new(key, b"swarmfold direct c2s", hashlib.sha256).digest(),
+            hmac.new(key, b"swarmfold direct s2c", hashlib.sha256).digest())
+
+
+def _tag(key: bytes, seq: int, payload: bytes | memoryview) -> bytes:
+    mac = hmac.new(key, seq.to_bytes(8, "big") + len(payload).to_bytes(4, "big"), hashlib.sha256)
+    mac.update(payload)
+    return mac.digest()
+
+
+class SealedWriter:
+    """An asyncio StreamWriter whose writes travel as authenticated records (what wire.py needs of one)."""
+
+    def __init__(self, writer: asyncio.StreamWriter, key: bytes):
+        self._w = writer
+        self._key = key
+        self._seq = 0
+        self.transport = writer.transport
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        for pos in range(0, len(view), MAX_RECORD):
+            piece = view[pos:pos + MAX_RECORD]
+            self._w.write(len(piece).to_bytes(4, "big") + _tag(self._key, self._seq, piece))
+            self._w.write(piece)
+            self._seq += 1
+
+    async def drain(self) -> None:
+        await self._w.drain()
+
+    def close(self) -> None:
+        self._w.close()
+
+    def is_closing(self) -> bool:
+        return self._w.is_closing()
+
+    async def wait_closed(self) -> None:
+        await self._w.wait_closed()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._w.get_extra_info(name, default)
+
+
+class SealedReader:
+    """An asyncio StreamReader over authenticated records: `readexactly` and `read` as asyncio's, raising
+    DirectStreamError when a record fails its tag or the stream ends inside one."""
+
+    def __init__(self, reader: asyncio.StreamReader, key: bytes):
+        self._r = reader
+        self._key = key
+        self._seq = 0
+        self._buf = bytearray()
+        self._eof = False
+
+    async def _fill(self) -> bool:
+        """Read and check one record into the buffer; False at a clean end of the stream."""
+        if self._eof:
+            return False
+        try:
+            head = await self._r.readexactly(RECORD_HEAD)
+        except asyncio.IncompleteReadError as e:
+            if e.partial:
+                raise DirectStreamError("direct stream cut inside a record header") from e
+            self._eof = True
+            return False
+        n = int.from_bytes(head[:4], "big")
+        if not 0 < n <= MAX_RECORD:
+            raise DirectStreamError(f"direct stream record of {n} bytes (at most {MAX_RECORD})")
+        try:
+            body = await self._r.readexactly(n)
+        except asyncio.IncompleteReadError as e:
+            raise DirectStreamError("direct stream cut inside a record") from e
+        if not hmac.compare_digest(_tag(self._key, self._seq, body), head[4:]):
+            raise DirectStreamError(f"direct stream record {self._seq} failed its integrity check")
+        self._seq += 1
+        self._buf += body
+        return True
+
+    def _take(self, n: int) -> bytes:
+        view = memoryview(self._buf)
+        try:
+            out = bytes(view[:n])
+        finally:
+            view.release()
+        del self._buf[:n]
+        return out
+
+    async def readexactly(self, n: int) -> bytes:
+        while len(self._buf) < n:
+            if not await self._fill():
+                raise asyncio.IncompleteReadError(bytes(self._buf), n)
+        return self._take(n)
+
+    async def read(self, n: int = -1) -> bytes:
+        if not self._buf:
+            await self._fill()
+        return self._take(len(self._buf) if n < 0 else min(n, len(self._buf)))
+
+
+# ---- addresses -----------------------------------------------------------------------------------------
+
+def parse_addr(text: str) -> tuple[str, int]:
+    """'HOST:PORT' (an IPv4 or bracketed IPv6 literal) as (host, port); ValueError says what is wrong."""
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{text!r} is not HOST:PORT (for example 203.0.113.5:31340)")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError as e:
+        raise ValueError(f"{text!r}: the host must be an IP address, not a name") from e
+    return host, int(port)
+
+
+def format_addr(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def listen_host(host_maddrs: list[str]) -> str | None:
+    """The IP the peer's libp2p listens on (the first /ip4/ or /ip6/ of its host multiaddrs)."""
+    for maddr in host_maddrs:
+        parts = maddr.split("/")
+        if len(parts) > 2 and parts[1] in ("ip4", "ip6"):
+            return parts[2]
+    return None
+
+
+@dataclass(frozen=True)
+class DirectInfo:
+    """What a handler gets to know of a direct stream's caller: the peer id libp2p authenticated."""
+
+    peer_id: str
+
+
+@dataclass
+class _Ticket:
+    peer: str
+    proto: str
+    key: bytes
+    expires: float
+
+
+# ---- both sides ------------------------------------------------------------------------------------------
+
+class DirectStreams:
+    """This peer's direct streams: the server that accepts them and the client side that opens them.
+
+    `request(peer, proto, msg, timeout=...)` is the transport's libp2p request (for the offer);
+    `protos` maps each protocol that may travel directly to its handler."""
+
+    def __init__(self, peer_id: str, request: Callable[..., Awaitable[tuple[dict[str, Any], int, int]]], *,
+                 listen: tuple[str, int] | None, announce: list[str], timeout: float):
+        self.peer_id = peer_id
+        self._request = request
+        self._listen = listen
+        self._announce = list(announce)
+        self.timeout = timeout
+        self.protos: dict[str, Handler] = {}
+        self.addrs: list[str] = []  # what our offers carry (empty: we accept no direct streams)
+        self._server: asyncio.Server | None = None
+        self._tickets: OrderedDict[bytes, _Ticket] = OrderedDict()
+        self._failed: dict[str, float] = {}  # peer -> when its direct path may be tried again
+        self._pending = 0
+        self.opened = 0  # direct streams this peer opened, and fell back from (for tests and benches)
+        self.fell_back = 0
+
+    async def start(self, protos: dict[str, Handler], hosts: list[str]) -> None:
+        """Listen (if a listen address was given) and serve `protos` on direct streams. Offers carry the
+        announced addresses, else the listen address, else (listening on every interface) `hosts`."""
+        self.protos = dict(protos)
+        if self._listen is None:
+            return
+        host, port = self._listen
+        self._server = await asyncio.start_server(self._on_connection, host, port, limit=BUFFER,
+                                                  reuse_address=True)
+        real_port = self._server.sockets[0].getsockname()[1]
+        everywhere = ipaddress.ip_address(host).is_unspecified
+        self.addrs = (self._announce or [format_addr(h, real_port) for h in (hosts if everywhere else [host])]
+                      )[:MAX_ADDRS]
+        logger.info("[%s] direct streams on %s, announced as %s", self.peer_id[-8:], format_addr(host, real_port),
+                    ", ".join(self.addrs) or "nothing (set --announce-data HOST:PORT)")
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):  # connections still open end with the loop
+                await asyncio.wait_for(self._server.wait_closed(), 1.0)
+            self._server = None
+
+    # ---- the server side --------------------------------------------------------------------------
+    async def on_offer(self, info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """The libp2p handler of DIRECT: answer a DirectRequest with an offer (no addresses: go through libp2p)."""
+        peer = str(info.peer_id)
+        try:
+            msg, _ = await wire.recv(reader, 4096)
+            req = DirectRequest.from_wire(msg)
+            if req.proto not in self.protos or not self.addrs:
+                await wire.send(writer, DirectOffer(addrs=(), ticket=b"", key=b"").to_wire())
+                return
+            ticket, key = secrets.token_bytes(TICKET_BYTES), secrets.token_bytes(KEY_BYTES)
+            self._remember(ticket, _Ticket(peer, req.proto, key, time.monotonic() + TICKET_TTL))
+            await wire.send(writer, DirectOffer(addrs=tuple(self.addrs), ticket=ticket, key=key).to_wire())
+        except (wire.WireError, Rejected, ConnectionError) as e:
+            logger.info("bad direct-stream request from %s: %s", peer[-8:], e)
+        finally:
+            await wire.finish(reader, writer, self.timeout)
+
+    def _remember(self, ticket: bytes, t: _Ticket) -> None:
+        now = time.monotonic()
+        for old in [k for k, v in self._tickets.items() if v.expires < now]:
+            del self._tickets[old]
+        mine = [k for k, v in self._tickets.items() if v.peer == t.peer]
+        for old in mine[:max(0, len(mine) - MAX_TICKETS_PER_PEER + 1)]:
+            del self._tickets[old]
+        while len(self._tickets) >= MAX_TICKETS:
+            self._tickets.popitem(last=False)
+        self._tickets[ticket] = t
+
+    async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._pending >= MAX_PENDING:
+            writer.close()
+            return
+        self._pending += 1
+        try:
+            hello = await asyncio.wait_for(reader.readexactly(len(MAGIC) + TICKET_BYTES), self.timeout)
+        except (asyncio.IncompleteReadError, TimeoutError, ConnectionError, OSError):
+            writer.close()
+            return
+        finally:
+            self._pending -= 1
+        t = self._tickets.pop(hello[len(MAGIC):], None) if hello.startswith(MAGIC) else None
+        if t is None or t.expires < time.monotonic():
+            peer = writer.get_extra_info("peername")
+            logger.info("[%s] refused a direct connection from %s: %s", self.peer_id[-8:], peer,
+                        "not a swarmfold direct stream" if not hello.startswith(MAGIC) else "unknown or expired ticket")
+            writer.close()
+            return
+        _tune(writer)
+        c2s, s2c = _directional_keys(t.key)
+        sealed_writer = SealedWriter(writer, s2c)
+        sealed_writer.write(ACK)
+        try:
+            await sealed_writer.drain()
+            await self.protos[t.proto](DirectInfo(t.peer), SealedReader(reader, c2s), sealed_writer)
+        except (ConnectionError, OSError) as e:  # handlers log their own failures; this is the ACK's
+            logger.info("direct stream from %s ended: %s", t.peer[-8:], e)
+        except asyncio.CancelledError:
+            wire.close(writer)
+
+    # ---- the client side --------------------------------------------------------------------------
+    async def open(self, peer: str, proto: str) -> StreamPair | None:
+        """A direct stream to `peer`'s `proto`, or None when there is none to have (then use libp2p)."""
+        if self._failed.get(peer, 0.0) > time.monotonic():
+            return None
+        try:
+            pair = await asyncio.wait_for(self._open(peer, proto), self.timeout)
+        except (AveragingError, Rejected, wire.WireError, TimeoutError, ConnectionError, OSError) as e:
+            self._fail(peer)
+            self.fell_back += 1
+            logger.info("[%s] no direct stream to %s (%s); using libp2p, and not trying directly for %.0fs",
+                        self.peer_id[-8:], peer[-8:], e, RETRY_AFTER)
+            return None
+        if pair is None:  # it offers no direct streams: not an error
+            self._fail(peer)
+            return None
+        self.opened += 1
+        return pair
+
+    def _source_for(self, host: str) -> tuple[str, int] | None:
+        """Dial from our own listen IP when both ends are loopback addresses (peers in a lab, each on its own
+        127.x address: swarmfold.devtools.linkemu tells who dialled by the source IP); elsewhere the kernel
+        picks the source, as for any outgoing connection."""
+        if self._listen is None:
+            return None
+        mine = ipaddress.ip_address(self._listen[0])
+        return (str(mine), 0) if mine.is_loopback and ipaddress.ip_address(host).is_loopback else None
+
+    def _fail(self, peer: str) -> None:
+        now = time.monotonic()
+        self._failed = {p: t for p, t in self._failed.items() if t > now}
+        self._failed[peer] = now + RETRY_AFTER
+
+    async def _open(self, peer: str, proto: str) -> StreamPair | None:
+        raw, _, _ = await self._request(peer, DIRECT, DirectRequest(proto=proto).to_wire(),
+                                        timeout=self.timeout)
+        offer = DirectOffer.from_wire(raw)
+        if not offer.addrs:
+            return None
+        if len(offer.ticket) != TICKET_BYTES or len(offer.key) != KEY_BYTES:
+            raise AveragingError(f"malformed direct-stream offer from {peer[-8:]}")
+        errors = []
+        for text in offer.addrs[:MAX_ADDRS]:
+            try:
+                host, port = parse_addr(text)
+                reader, writer = await asyncio.open_connection(host, port, limit=BUFFER,
+                                                               local_addr=self._source_for(host))
+            except (ValueError, ConnectionError, OSError) as e:
+                errors.append(f"{text}: {e}")
+                continue
+            try:
+                _tune(writer)
+                writer.write(MAGIC + offer.ticket)
+                c2s, s2c = _directional_keys(offer.key)
+                sealed_reader = SealedReader(reader, s2c)
+                if await sealed_reader.readexactly(len(ACK)) != ACK:
+                    raise DirectStreamError("no acknowledgement")
+                return sealed_reader, SealedWriter(writer, c2s)
+            except (asyncio.IncompleteReadError, ConnectionError, OSError) as e:
+                writer.close()
+                errors.append(f"{text}: {e or type(e).__name__}")
+        raise AveragingError("; ".join(errors) or "no usable address in its offer")
+
+
+def _tune(writer: asyncio.StreamWriter) -> None:
+    """Large socket buffers and no Nagle delay on the small frames between chunks."""
+    writer.transport.set_write_buffer_limits(high=BUFFER)
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return
+    for level, opt, value in ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1), (socket.SOL_SOCKET, socket.SO_SNDBUF, BUFFER),
+                              (socket.SOL_SOCKET, socket.SO_RCVBUF, BUFFER)):
+        with contextlib.suppress(OSError):  # the kernel may cap or refuse it; the defaults still work
+            sock.setsockopt(level, opt, value)
