@@ -39,6 +39,8 @@ def test_bench_allreduce_smoke(tmp_path: Path) -> None:
     assert sf["max_abs_error_vs_float64_mean"] < 1e-6
     row = report["runs"]["swarmfold"][0]
     assert all(p["status"] == "committed" and p["included"] == 4 and p["group_size"] == 4 for p in row["peers"])
+    # each sent its spans to the 3 other reducers on direct streams, none through libp2p
+    assert all(p["direct_streams_opened"] >= 3 and p["direct_streams_fell_back"] == 0 for p in row["peers"])
     for p in row["peers"]:  # the phases lie inside the call they were measured in
         assert 0 < p["timings"]["allreduce"] and sum(p["timings"].values()) <= p["seconds"]
     assert sf["mbps_after_matchmaking"] >= sf["mbps_whole_call"] > 0

@@ -74,7 +74,7 @@ async def _send_big(w: SealedWriter) -> None:
     w.write(wire.pack({"kind": "chunk", "k": 0, "data": BIG}))
 
 
-def test_messages_cross_sealed_streams_whole_in_both_directions() -> None:
+def test_messages_cross_sealed_streams_whole_and_encrypted() -> None:
     async def run() -> None:
         w, r, _, raw_w = await _sealed_pair()
         await wire.send(w, {"kind": "header", "n": 1})
@@ -84,6 +84,7 @@ def test_messages_cross_sealed_streams_whole_in_both_directions() -> None:
         frame, n = await wire.recv(r, 1 << 24)
         assert frame["data"] == BIG and n == wire.chunk_frame_size(0, len(BIG))
         assert await r.read(10) == b"", "a clean end of the stream reads as EOF"
+        assert BIG[:4096] not in await _raw(_send_big), "the payload does not travel in the clear"
         with pytest.raises(asyncio.IncompleteReadError):
             await r.readexactly(1)
         raw_w.close()
@@ -94,14 +95,14 @@ def test_messages_cross_sealed_streams_whole_in_both_directions() -> None:
                                     "swap two records", "cut inside a record", "other direction's key"])
 def test_a_record_changed_in_transit_ends_the_stream(change: str) -> None:
     raw = asyncio.run(_raw(_send_big))
-    size = direct.RECORD_HEAD + MAX_RECORD
+    size = 4 + MAX_RECORD + direct.TAG_BYTES  # length, sealed payload, tag
     records = [raw[i:i + size] for i in range(0, len(raw), size)]
     assert len(records) == 4
     key = KEY
     if change == "flip a payload byte":
         raw = raw[:5000] + bytes([raw[5000] ^ 1]) + raw[5001:]
     elif change == "flip a tag byte":
-        raw = raw[:10] + bytes([raw[10] ^ 1]) + raw[11:]
+        raw = raw[:size - 3] + bytes([raw[size - 3] ^ 1]) + raw[size - 2:]
     elif change == "drop a record":
         raw = b"".join(records[:1] + records[2:])
     elif change == "repeat a record":
@@ -118,7 +119,7 @@ def test_a_record_changed_in_transit_ends_the_stream(change: str) -> None:
 
 
 def test_a_record_longer_than_the_limit_is_refused_before_it_is_read() -> None:
-    head = (MAX_RECORD + 1).to_bytes(4, "big") + b"\0" * direct.TAG_BYTES
+    head = (MAX_RECORD + direct.TAG_BYTES + 1).to_bytes(4, "big") + b"\0" * 64
     with pytest.raises(DirectStreamError, match="record of"):
         asyncio.run(_read_raw(head))
 
@@ -205,7 +206,7 @@ async def _dial(addr: str, hello: bytes, *, accepted: bool = False) -> bytes:
     await writer.drain()
     try:
         if accepted:
-            return await asyncio.wait_for(reader.readexactly(direct.RECORD_HEAD + len(direct.ACK)), 5.0)
+            return await asyncio.wait_for(reader.readexactly(4 + len(direct.ACK) + direct.TAG_BYTES), 5.0)
         return await asyncio.wait_for(reader.read(), 5.0)
     finally:
         writer.close()
@@ -236,7 +237,8 @@ def test_a_ticket_is_good_for_one_connection_and_strangers_get_nothing() -> None
             assert await _dial(addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n") == b"", "not a direct stream: closed, no answer"
             assert await _dial(addr, MAGIC + b"\0" * 16) == b"", "an unknown ticket: closed, no answer"
             first = await _dial(addr, MAGIC + ticket, accepted=True)
-            assert first.startswith(len(direct.ACK).to_bytes(4, "big")), "the ticket's first use is acknowledged"
+            assert first.startswith((len(direct.ACK) + direct.TAG_BYTES).to_bytes(4, "big")), \
+                "the ticket's first use is acknowledged"
             assert await _dial(addr, MAGIC + ticket) == b"", "its second use is refused"
             raw, _, _ = await p._ask("server-id", DIRECT, {"kind": "direct_request", "proto": "proto/bulk"},
                                      timeout=5)
