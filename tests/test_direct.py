@@ -332,3 +332,27 @@ def test_a_live_all_reduce_rides_direct_streams_with_the_bits_of_libp2p(tmp_path
         assert fell_back == [0, 0]
         assert opened == ([1, 1] if direct_on else [0, 0]), "each sends its span to the other reducer directly"
     assert digests[True] == digests[False], "the direct path carries the same bits as libp2p"
+
+
+def test_offers_name_the_listen_ip_or_what_is_announced_never_a_bypass_of_announced_addresses(tmp_path: Path
+                                                                                             ) -> None:
+    """A peer behind an announced address (a port forward, an emulated WAN) offers only --announce-data:
+    offering its real listen address would let streams bypass the path its libp2p addresses go through."""
+    from swarmfold.averaging.identity import load_or_create_identity
+    from swarmfold.averaging.timeouts import RoundTimeouts
+    from swarmfold.averaging.transport import Transport
+
+    spec = fast_spec()
+    ident = load_or_create_identity(tmp_path / "id.key")
+
+    def hosts(**kw: Any) -> list[str]:
+        t = Transport(spec, ident, RoundTimeouts.from_spec(spec), **kw)
+        t.maddrs = ["/ip4/127.0.0.1/tcp/5/p2p/x", "/ip4/10.1.2.3/tcp/5/p2p/x"]
+        t.loop.close()  # never started
+        return t._direct_hosts()
+    assert hosts(host_maddrs=["/ip4/127.0.0.1/tcp/0"]) == ["127.0.0.1"]
+    assert hosts(host_maddrs=["/ip4/0.0.0.0/tcp/0"]) == ["10.1.2.3", "127.0.0.1"], "reachable ones first"
+    assert hosts(host_maddrs=["/ip4/127.0.0.1/tcp/0"], announce_maddrs=["/ip4/127.0.0.1/tcp/9"]) == []
+    no_direct = Transport(spec.replace(network={"direct_streams": False}), ident, RoundTimeouts.from_spec(spec))
+    no_direct.loop.close()
+    assert no_direct.direct._listen is None

@@ -266,7 +266,7 @@ class DirectStreams:
 
     async def start(self, protos: dict[str, Handler], hosts: list[str]) -> None:
         """Listen (if a listen address was given) and serve `protos` on direct streams. Offers carry the
-        announced addresses, else the listen address, else (listening on every interface) `hosts`."""
+        announced addresses, else `hosts` with the port we listen on (none: we offer nothing)."""
         self.protos = dict(protos)
         if self._listen is None:
             return
@@ -274,9 +274,7 @@ class DirectStreams:
         self._server = await asyncio.start_server(self._on_connection, host, port, limit=BUFFER,
                                                   reuse_address=True)
         real_port = self._server.sockets[0].getsockname()[1]
-        everywhere = ipaddress.ip_address(host).is_unspecified
-        self.addrs = (self._announce or [format_addr(h, real_port) for h in (hosts if everywhere else [host])]
-                      )[:MAX_ADDRS]
+        self.addrs = (self._announce or [format_addr(h, real_port) for h in hosts])[:MAX_ADDRS]
         logger.info("[%s] direct streams on %s, announced as %s", self.peer_id[-8:], format_addr(host, real_port),
                     ", ".join(self.addrs) or "nothing (set --announce-data HOST:PORT)")
 

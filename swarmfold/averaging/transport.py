@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import ipaddress
 import logging
 import os
 import threading
@@ -122,6 +123,15 @@ class Transport:
         return host, self.spec.network.data_port
 
     # ---- lifecycle ------------------------------------------------------------------------
+    def _direct_hosts(self) -> list[str]:
+        """The IPs our direct-stream offers name (with --announce-data, that is used instead): none when
+        libp2p announces other addresses (a port forward, an emulated link: only --announce-data knows
+        where to dial then); the IPs libp2p sees when listening on every interface; else the listen IP."""
+        host = listen_host(self.host_maddrs)
+        if self.announce_maddrs or host is None:
+            return []
+        return _visible_ips(self.maddrs) if ipaddress.ip_address(host).is_unspecified else [host]
+
     def start(self, handlers: dict[str, Handler], direct: tuple[str, ...] = ()) -> None:
         """Join the DHT (JoinError on unreachable initial peers) and serve `handlers` (protocol -> handler),
         those named in `direct` on direct streams too (averaging/direct.py)."""
@@ -147,9 +157,7 @@ class Transport:
         self.p2p = await self.dht.replicate_p2p()
         for name, handler in self._handlers.items():
             await self.p2p.add_binary_stream_handler(name, handler)
-        # listening on every interface: announce the IPs libp2p sees, unless other addresses are announced
-        # for libp2p (a port forward, an emulated link): then only --announce-data says where to dial
-        await self.direct.start(direct, hosts=[] if self.announce_maddrs else _visible_ips(self.maddrs))
+        await self.direct.start(direct, hosts=self._direct_hosts())
 
     def shutdown(self) -> None:
         if self._thread.is_alive():
