@@ -315,6 +315,12 @@ class DirectStreams:
         self._tickets[ticket] = t
 
     async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await self._serve(reader, writer)
+        except asyncio.CancelledError:  # shutdown with a stream open: end it quietly (transport._quiet_on_cancel)
+            wire.close(writer)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self._pending >= MAX_PENDING:
             writer.close()
             return
@@ -342,8 +348,6 @@ class DirectStreams:
             await self.protos[t.proto](DirectInfo(t.peer), SealedReader(reader, c2s), sealed_writer)
         except (ConnectionError, OSError) as e:  # handlers log their own failures; this is the ACK's
             logger.info("direct stream from %s ended: %s", t.peer[-8:], e)
-        except asyncio.CancelledError:
-            wire.close(writer)
 
     # ---- the client side --------------------------------------------------------------------------
     async def open(self, peer: str, proto: str) -> StreamPair | None:

@@ -156,7 +156,7 @@ class Transport:
         assert self.dht is not None  # start() set it
         self.p2p = await self.dht.replicate_p2p()
         for name, handler in self._handlers.items():
-            await self.p2p.add_binary_stream_handler(name, handler)
+            await self.p2p.add_binary_stream_handler(name, _quiet_on_cancel(handler))
         await self.direct.start(direct, hosts=self._direct_hosts())
 
     def shutdown(self) -> None:
