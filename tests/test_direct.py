@@ -170,7 +170,7 @@ class _Pair:
         await wire.finish(reader, writer, 5.0)
 
     async def start(self) -> None:
-        await self.server.start({"proto/bulk": self.echo}, hosts=[])
+        await self.server.start({"proto/bulk": self.echo}, hosts=["127.0.0.1"])
 
     async def exchange(self, data: bytes) -> bytes | None:
         pair = await self.client.open("server-id", "proto/bulk")
