@@ -205,3 +205,10 @@ def test_a_nodes_direct_streams_cross_its_link_and_are_charged_to_it_by_source_i
     sink.close()
     with pytest.raises(ValueError, match="address of its own"):
         LinkEmulator(LinkSpec()).add_node("x", data=True)
+
+
+def test_the_in_flight_limit_is_twice_the_bandwidth_delay_product_by_default() -> None:
+    assert LinkSpec.parse("rtt=50ms,rate=100mbit").in_flight_limit == 1_250_000
+    assert LinkSpec.parse("rate=20mbit").in_flight_limit == 256 * 1024, "at least 256 KiB"
+    assert LinkSpec.parse("rtt=100ms").in_flight_limit == 4 * 1024 * 1024, "an unlimited link"
+    assert LinkSpec.parse("rate=20mbit,window=1048576").in_flight_limit == 1 << 20

@@ -35,9 +35,16 @@ port for it, so that every connection a peer accepts crosses the emulated networ
   about one RTT; only a tail loss waits a full RTO) and optimistic on throughput.
 - **Buffers.** At most `window` bytes per connection and direction are in the emulated
   network at once (read from the sender, not yet written to the receiver); beyond that the
-  proxy stops reading and the sender's socket fills, as a TCP receive window does. The
-  default (4 MiB) is above the bandwidth-delay product of the links used here (50 ms at
-  100 Mbit/s is 625 kB), so it does not limit throughput by itself.
+  proxy stops reading and the sender's socket fills, as a TCP congestion window and the
+  bottleneck's queue do. The default is twice the bandwidth-delay product (the BDP in
+  flight and a router buffer of one BDP, the classic sizing), at least 256 KiB: 1.25 MB at
+  50 ms and 100 Mbit/s, 256 KiB on a 20 Mbit/s link without latency; 4 MiB on an
+  unlimited link. It never limits a connection's throughput below the link's rate. It
+  used to be 4 MiB everywhere: at 20 Mbit/s that let each connection book 1.7 s of its
+  peer's uplink ahead, in FIFO order, which no real TCP does (its window stays near the
+  BDP plus the queue), and starved whichever connections came later. Many parallel
+  connections (direct streams, one per span) suffered most: 0.65x the libp2p path's
+  speed with 4 MiB, 1.02x with 256 KiB (docs/results.md, section 7).
 
 Loss draws come from one seeded `random.Random` per connection direction (seed, connection
 number, direction), so a run is repeatable up to the order in which connections arrive.
@@ -68,6 +75,8 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 READ_CHUNK = 64 * 1024
+MIN_WINDOW = 256 * 1024  # the default in-flight limit of a link with a rate: at least this
+UNLIMITED_WINDOW = 4 * 1024 * 1024
 
 _UNITS_S = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
 _UNITS_BPS = {"bit": 1.0, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "bps": 8.0, "kbps": 8e3, "mbps": 8e6}
@@ -107,8 +116,19 @@ class LinkSpec:
     mss: int = 1448  # bytes per segment (Ethernet MTU minus IP/TCP headers and timestamps)
     rto_min: float = 0.2  # seconds, Linux's minimum retransmission timeout
     burst: int = 32 * 1024  # bytes a token bucket holds when idle
-    window: int = 4 * 1024 * 1024  # bytes in flight per connection and direction
+    window: int = 0  # bytes in flight per connection and direction; 0: `in_flight_limit`'s default
     seed: int = 0
+
+    @property
+    def in_flight_limit(self) -> int:
+        """`window`, or by default twice the bandwidth-delay product (a bottleneck buffer of one BDP beside
+        the BDP in flight: the classic router sizing), at least MIN_WINDOW; 4 MiB on an unlimited link."""
+        if self.window:
+            return self.window
+        rates = [r for r in (self.up, self.down) if r is not None]
+        if not rates:
+            return UNLIMITED_WINDOW
+        return max(MIN_WINDOW, int(2 * min(rates) / 8 * self.rtt))
 
     @property
     def rto(self) -> float:
@@ -146,7 +166,7 @@ class LinkSpec:
             rate = getattr(spec, name)
             if rate is not None and rate <= 0:
                 raise ValueError(f"--link {name}: the rate must be positive")
-        if spec.mss < 1 or spec.burst < 1 or spec.window < READ_CHUNK:
+        if spec.mss < 1 or spec.burst < 1 or (spec.window and spec.window < READ_CHUNK):
             raise ValueError(f"--link: mss and burst must be >= 1 and window >= {READ_CHUNK}")
         return spec
 
@@ -283,7 +303,7 @@ class _Direction:
         self.src.stats.bytes_up += len(data)
         self.dst.stats.bytes_down += len(data)
         self.have_data.set()
-        if self.in_flight >= spec.window:
+        if self.in_flight >= spec.in_flight_limit:
             self.room.clear()
 
     async def read_side(self, reader: asyncio.StreamReader) -> None:
@@ -323,7 +343,7 @@ class _Direction:
                 await writer.drain()
                 self.moved += len(blob)
                 self.in_flight -= len(blob)
-                if self.in_flight < self.emu.spec.window:
+                if self.in_flight < self.emu.spec.in_flight_limit:
                     self.room.set()
             if writer.can_write_eof():
                 writer.write_eof()
