@@ -288,6 +288,35 @@ def test_an_unreachable_offer_falls_back_to_libp2p_and_is_not_retried_at_once() 
     asyncio.run(run())
 
 
+def test_a_peer_that_libp2p_cannot_reach_is_asked_again_soon(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No offer because libp2p itself failed (the peer is restarting, or too old to know offers): that is
+    not a failed direct path, and the next exchange asks again once ASK_AGAIN_AFTER has passed."""
+    from types import SimpleNamespace
+
+    from swarmfold.averaging.protocol import AveragingError
+
+    clock = [1000.0]
+    monkeypatch.setattr(direct, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+
+    async def run() -> None:
+        p = _Pair()
+        await p.start()
+        ask = p._ask
+
+        async def unreachable(*a: Any, **k: Any) -> Any:
+            raise AveragingError("cannot reach server-id")
+        p.client._request = unreachable
+        try:
+            assert await p.exchange(b"x") is None and p.client.fell_back == 0
+            p.client._request = ask
+            assert await p.exchange(b"x") is None and p.offers == 0, "not asked again at once"
+            clock[0] += direct.ASK_AGAIN_AFTER + 1
+            assert await p.exchange(b"again") == b"again", "asked again after ASK_AGAIN_AFTER, well before RETRY_AFTER"
+        finally:
+            await p.server.close()
+    asyncio.run(run())
+
+
 def test_a_peer_that_accepts_no_direct_streams_offers_none() -> None:
     async def run() -> None:
         p = _Pair(listen=False)

@@ -67,6 +67,7 @@ MAX_TICKETS_PER_PEER = 32  # a peer asking for more loses its oldest (a flood co
 MAX_ADDRS = 4  # addresses an offer may carry
 MAX_PENDING = 64  # connections that have not shown a ticket yet (more are closed at once: no fd exhaustion)
 RETRY_AFTER = 600.0  # seconds before a peer whose direct path failed is tried directly again
+ASK_AGAIN_AFTER = 30.0  # ... or that did not answer the offer request (gone, restarting, or too old to know it)
 ACK = b"ok"
 BUFFER = 4 << 20  # stream reader limit and socket buffers: a chunk moves without stalls
 StreamPair = tuple[Any, Any]  # (reader, writer): SealedReader/SealedWriter, or asyncio's
@@ -355,15 +356,24 @@ class DirectStreams:
         if self._failed.get(peer, 0.0) > time.monotonic():
             return None
         try:
-            pair = await asyncio.wait_for(self._open(peer, proto), self.timeout)
+            raw, _, _ = await self._request(peer, DIRECT, DirectRequest(proto=proto).to_wire(), timeout=self.timeout)
+            offer = DirectOffer.from_wire(raw)
         except (AveragingError, Rejected, wire.WireError, TimeoutError, ConnectionError, OSError) as e:
-            self._fail(peer)
+            # libp2p did not carry the offer: the libp2p stream will tell what is wrong; a restarted peer or
+            # an old one that has no offers is asked again soon, not after RETRY_AFTER
+            self._fail(peer, ASK_AGAIN_AFTER)
+            logger.debug("no direct-stream offer from %s: %s", peer[-8:], e)
+            return None
+        if not offer.addrs:  # it offers no direct streams: not an error
+            self._fail(peer, RETRY_AFTER)
+            return None
+        try:
+            pair = await asyncio.wait_for(self._dial(peer, offer), self.timeout)
+        except (AveragingError, TimeoutError, ConnectionError, OSError) as e:
+            self._fail(peer, RETRY_AFTER)
             self.fell_back += 1
             logger.info("[%s] no direct stream to %s (%s); using libp2p, and not trying directly for %.0fs",
                         self.peer_id[-8:], peer[-8:], e, RETRY_AFTER)
-            return None
-        if pair is None:  # it offers no direct streams: not an error
-            self._fail(peer)
             return None
         self.opened += 1
         return pair
@@ -377,17 +387,13 @@ class DirectStreams:
         mine = ipaddress.ip_address(self._listen[0])
         return (str(mine), 0) if mine.is_loopback and ipaddress.ip_address(host).is_loopback else None
 
-    def _fail(self, peer: str) -> None:
+    def _fail(self, peer: str, seconds: float) -> None:
         now = time.monotonic()
         self._failed = {p: t for p, t in self._failed.items() if t > now}
-        self._failed[peer] = now + RETRY_AFTER
+        self._failed[peer] = now + seconds
 
-    async def _open(self, peer: str, proto: str) -> StreamPair | None:
-        raw, _, _ = await self._request(peer, DIRECT, DirectRequest(proto=proto).to_wire(),
-                                        timeout=self.timeout)
-        offer = DirectOffer.from_wire(raw)
-        if not offer.addrs:
-            return None
+    async def _dial(self, peer: str, offer: DirectOffer) -> StreamPair:
+        """Connect to the first address of `offer` that answers and show its ticket; AveragingError if none."""
         if len(offer.ticket) != TICKET_BYTES or len(offer.key) != KEY_BYTES:
             raise AveragingError(f"malformed direct-stream offer from {peer[-8:]}")
         errors = []
@@ -410,6 +416,9 @@ class DirectStreams:
             except (asyncio.IncompleteReadError, ConnectionError, OSError) as e:
                 writer.close()
                 errors.append(f"{text}: {e or type(e).__name__}")
+            except BaseException:  # cancelled (open()'s bound, shutdown): do not leave the socket open
+                writer.close()
+                raise
         raise AveragingError("; ".join(errors) or "no usable address in its offer")
 
 
