@@ -30,8 +30,9 @@ ENV HOME=/var/lib/swarmfold \
     XDG_CONFIG_HOME=/var/lib/swarmfold/config \
     SWARMFOLD_CACHE=/var/lib/swarmfold/cache
 VOLUME ["/var/lib/swarmfold"]
-# 8470: dashboard, control API and /metrics; 31337: libp2p (when run with --host-maddrs .../tcp/31337)
-EXPOSE 8470 31337
+# 8470: dashboard, control API and /metrics; 31337: libp2p (when run with --host-maddrs .../tcp/31337);
+# 31338: direct streams, the all-reduce's bulk bytes (when run with --data-port 31338)
+EXPOSE 8470 31337 31338
 
 # asks the peer's /api/status (the port is read from the workdir's api.json)
 HEALTHCHECK --interval=30s --timeout=15s --start-period=180s --retries=3 \

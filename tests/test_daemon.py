@@ -556,3 +556,24 @@ def test_wait_for_peers_goes_through_start_and_a_bad_count_is_refused(tmp_path: 
     out = subprocess.run([sys.executable, "-m", "swarmfold", "run", "--spec", "s.toml", "--workdir", str(tmp_path),
                           "--wait-for-peers", "-1"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "--wait-for-peers: must be at least 0 (0: do not wait), got -1" in out.stderr
+
+
+def test_direct_stream_options_go_through_start_and_bad_ones_are_refused(tmp_path: Path) -> None:
+    """`start` hands --data-port and --announce-data on to the background peer; a port or address that is
+    not one is a usage error naming what is wrong."""
+    import argparse
+
+    from swarmfold.daemon.options import add_peer_arguments, options_from_args, options_to_argv
+
+    parser = argparse.ArgumentParser()
+    add_peer_arguments(parser)
+    o = PeerOptions(spec=Path("s.toml"), data=["d"], workdir=tmp_path, data_port=31338,
+                    announce_data=["203.0.113.5:31338"])
+    back = options_from_args(parser.parse_args(options_to_argv(o)))
+    assert (back.data_port, back.announce_data) == (31338, ["203.0.113.5:31338"])
+    assert options_from_args(parser.parse_args(["--spec", "s", "--workdir", "w"])).data_port is None
+    for flag, value, says in (("--data-port", "70000", "is not a TCP port"),
+                              ("--announce-data", "example.org:80", "must be an IP address")):
+        out = subprocess.run([sys.executable, "-m", "swarmfold", "run", "--spec", "s.toml", "--workdir",
+                              str(tmp_path), flag, value], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2 and says in out.stderr, out.stderr

@@ -67,6 +67,7 @@ MAX_TICKETS_PER_PEER = 32  # a peer asking for more loses its oldest (a flood co
 MAX_ADDRS = 4  # addresses an offer may carry
 MAX_PENDING = 64  # connections that have not shown a ticket yet (more are closed at once: no fd exhaustion)
 RETRY_AFTER = 600.0  # seconds before a peer whose direct path failed is tried directly again
+DIAL_TIMEOUT = 3.0  # seconds to connect to an offered address (a firewall that drops packets never answers)
 ASK_AGAIN_AFTER = 30.0  # ... or that did not answer the offer request (gone, restarting, or too old to know it)
 ACK = b"ok"
 BUFFER = 4 << 20  # stream reader limit and socket buffers: a chunk moves without stalls
@@ -400,9 +401,9 @@ class DirectStreams:
         for text in offer.addrs[:MAX_ADDRS]:
             try:
                 host, port = parse_addr(text)
-                reader, writer = await asyncio.open_connection(host, port, limit=BUFFER,
-                                                               local_addr=self._source_for(host))
-            except (ValueError, ConnectionError, OSError) as e:
+                reader, writer = await asyncio.wait_for(asyncio.open_connection(
+                    host, port, limit=BUFFER, local_addr=self._source_for(host)), DIAL_TIMEOUT)
+            except (ValueError, ConnectionError, OSError, TimeoutError) as e:
                 errors.append(f"{text}: {e}")
                 continue
             try:

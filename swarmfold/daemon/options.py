@@ -18,6 +18,7 @@ class PeerOptions:
     host_maddrs: list[str] = field(default_factory=lambda: ["/ip4/0.0.0.0/tcp/0"])
     announce_maddrs: list[str] = field(default_factory=list)
     announce_data: list[str] = field(default_factory=list)  # HOST:PORT where peers dial our direct streams
+    data_port: int | None = None  # None: the spec's network.data_port
     rounds: int | None = None  # stop after this many rounds are done (None: run until stopped)
     threads: int = 2
     client_mode: bool = False
@@ -98,6 +99,9 @@ def add_peer_arguments(p: argparse.ArgumentParser) -> None:
                    help="where other peers dial this peer's direct streams (the all-reduce's bulk bytes; "
                         "network.data_port is where it listens): needed with --announce-maddrs, else those "
                         "streams go through libp2p")
+    p.add_argument("--data-port", type=_port, default=None, metavar="PORT",
+                   help="TCP port of this peer's direct streams (default: the spec's network.data_port, 0 = any "
+                        "free port); give a fixed one to open in a firewall")
     p.add_argument("--rounds", type=int, default=None, help="stop after this many rounds (default: run until stopped)")
     p.add_argument("--threads", type=int, action=_Explicit, default=int(os.environ.get("SWARMFOLD_THREADS", "2")),
                    help="intra-op CPU threads; part of the determinism contract "
@@ -131,6 +135,12 @@ def add_peer_arguments(p: argparse.ArgumentParser) -> None:
     add_data_arguments(p)
 
 
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (0-65535; 0: any free port)")
+    return int(text)
+
+
 def _host_port(text: str) -> str:
     from swarmfold.averaging.direct import parse_addr
     try:
@@ -153,6 +163,7 @@ def options_from_args(args: argparse.Namespace) -> PeerOptions:
     return PeerOptions(spec=args.spec, data=list(args.data), workdir=args.workdir,
                        initial_peers=list(args.initial_peers), host_maddrs=list(args.host_maddrs),
                        announce_maddrs=list(args.announce_maddrs), announce_data=list(args.announce_data),
+                       data_port=args.data_port,
                        rounds=args.rounds, threads=args.threads,
                        client_mode=args.client_mode, use_relay=args.use_relay,
                        use_auto_relay=args.use_auto_relay, keep_checkpoints=args.keep_checkpoints,
@@ -186,7 +197,8 @@ def options_to_argv(o: PeerOptions) -> list[str]:
         argv += ["--activation-checkpointing"]
     if o.wait_for_peers:
         argv += ["--wait-for-peers", str(o.wait_for_peers)]
-    for flag, value in (("--rounds", o.rounds), ("--api-port", o.api_port), ("--api-host", o.api_host)):
+    for flag, value in (("--rounds", o.rounds), ("--api-port", o.api_port), ("--api-host", o.api_host),
+                        ("--data-port", o.data_port)):
         if value is not None:
             argv += [flag, str(value)]
     if o.text_field != "text":

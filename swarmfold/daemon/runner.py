@@ -143,6 +143,8 @@ class PeerRunner:
     def _setup(self) -> None:
         o = self.options
         self.spec = spec = load_spec(o.spec)
+        if o.data_port is not None:  # a local setting ([network], outside the swarm id): no fork
+            self.spec = spec = spec.replace(network={"data_port": o.data_port})
         set_threads(o.threads)
         resolve_device(o.device)  # a missing device fails before we join the swarm
         o.workdir.mkdir(parents=True, exist_ok=True)
