@@ -317,6 +317,22 @@ def test_a_peer_that_libp2p_cannot_reach_is_asked_again_soon(monkeypatch: pytest
     asyncio.run(run())
 
 
+def test_a_data_port_that_is_taken_leaves_the_peer_running_through_libp2p(caplog: pytest.LogCaptureFixture
+                                                                            ) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+
+        async def run() -> None:
+            streams = DirectStreams("p", _Pair()._no_request, listen=("127.0.0.1", port), announce=[], timeout=5.0)
+            await streams.start({"proto/bulk": _Pair().echo}, hosts=["127.0.0.1"])
+            assert streams.addrs == [] and streams._server is None, "it offers nothing, and runs on"
+            await streams.close()
+        asyncio.run(run())
+    assert f"cannot listen for direct streams on 127.0.0.1:{port}" in caplog.text and "--data-port" in caplog.text
+
+
 def test_a_peer_that_accepts_no_direct_streams_offers_none() -> None:
     async def run() -> None:
         p = _Pair(listen=False)

@@ -273,8 +273,14 @@ class DirectStreams:
         if self._listen is None:
             return
         host, port = self._listen
-        self._server = await asyncio.start_server(self._on_connection, host, port, limit=BUFFER,
-                                                  reuse_address=True)
+        try:
+            self._server = await asyncio.start_server(self._on_connection, host, port, limit=BUFFER,
+                                                      reuse_address=True)
+        except OSError as e:  # the port is taken, or not ours to bind: run on, through libp2p only
+            logger.warning("[%s] cannot listen for direct streams on %s (%s); this peer's all-reduce bytes "
+                           "come through libp2p (slower). Free that port, or pass another --data-port (0: any "
+                           "free port)", self.peer_id[-8:], format_addr(host, port), e)
+            return
         real_port = self._server.sockets[0].getsockname()[1]
         self.addrs = (self._announce or [format_addr(h, real_port) for h in hosts])[:MAX_ADDRS]
         logger.info("[%s] direct streams on %s, announced as %s", self.peer_id[-8:], format_addr(host, real_port),
