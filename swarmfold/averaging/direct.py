@@ -39,7 +39,6 @@ import hmac
 import ipaddress
 import logging
 import secrets
-import socket
 import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
@@ -70,7 +69,8 @@ RETRY_AFTER = 600.0  # seconds before a peer whose direct path failed is tried d
 DIAL_TIMEOUT = 3.0  # seconds to connect to an offered address (a firewall that drops packets never answers)
 ASK_AGAIN_AFTER = 30.0  # ... or that did not answer the offer request (gone, restarting, or too old to know it)
 ACK = b"ok"
-BUFFER = 4 << 20  # stream reader limit and socket buffers: a chunk moves without stalls
+BUFFER = 4 << 20  # stream reader limit and socket buffers (wire.widen): a chunk moves without stalls; asyncio
+# already turns Nagle off on TCP sockets
 StreamPair = tuple[Any, Any]  # (reader, writer): SealedReader/SealedWriter, or asyncio's
 Handler = Callable[[Any, Any, Any], Awaitable[None]]
 
@@ -347,7 +347,7 @@ class DirectStreams:
                         "not a swarmfold direct stream" if not hello.startswith(MAGIC) else "unknown or expired ticket")
             writer.close()
             return
-        _tune(writer)
+        wire.widen(reader, writer, BUFFER)
         c2s, s2c = _directional_keys(t.key)
         sealed_writer = SealedWriter(writer, s2c)
         sealed_writer.write(ACK)
@@ -413,7 +413,7 @@ class DirectStreams:
                 errors.append(f"{text}: {e}")
                 continue
             try:
-                _tune(writer)
+                wire.widen(reader, writer, BUFFER)
                 writer.write(MAGIC + offer.ticket)
                 c2s, s2c = _directional_keys(offer.key)
                 sealed_reader = SealedReader(reader, s2c)
@@ -427,15 +427,3 @@ class DirectStreams:
                 writer.close()
                 raise
         raise AveragingError("; ".join(errors) or "no usable address in its offer")
-
-
-def _tune(writer: asyncio.StreamWriter) -> None:
-    """Large socket buffers and no Nagle delay on the small frames between chunks."""
-    writer.transport.set_write_buffer_limits(high=BUFFER)
-    sock = writer.get_extra_info("socket")
-    if sock is None:
-        return
-    for level, opt, value in ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1), (socket.SOL_SOCKET, socket.SO_SNDBUF, BUFFER),
-                              (socket.SOL_SOCKET, socket.SO_RCVBUF, BUFFER)):
-        with contextlib.suppress(OSError):  # the kernel may cap or refuse it; the defaults still work
-            sock.setsockopt(level, opt, value)
