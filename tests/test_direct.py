@@ -163,6 +163,11 @@ class _Pair:
         answer, n = await wire.recv(reply, 1 << 20)
         return answer, 0, n
 
+    async def offer(self, proto: str = "proto/bulk") -> dict[str, Any]:
+        """What the server answers a DirectRequest for `proto` from `asker`."""
+        raw, _, _ = await self._ask("server-id", DIRECT, {"kind": "direct_request", "proto": proto}, timeout=5)
+        return raw
+
     async def echo(self, info: Any, reader: Any, writer: Any) -> None:
         msg, _ = await wire.recv(reader, 1 << 24)
         self.served.append((info.peer_id, msg["data"]))
@@ -212,62 +217,56 @@ async def _dial(addr: str, hello: bytes, *, accepted: bool = False) -> bytes:
         writer.close()
 
 
-def test_a_direct_stream_serves_the_handler_as_the_peer_that_asked_for_it() -> None:
+def _with_pair(body: Callable[[_Pair], Awaitable[None]], **kw: Any) -> None:
+    """Start a _Pair(**kw), run `body` on it, and close its server however the body ends."""
     async def run() -> None:
-        p = _Pair()
+        p = _Pair(**kw)
         await p.start()
         try:
-            assert await p.exchange(BIG) == BIG
-            assert p.served == [("client-id", BIG)], "the handler knows the caller by its libp2p-authenticated id"
-            assert p.client.opened == 1 and p.client.fell_back == 0
-            assert p.server.addrs == [f"127.0.0.1:{p.server._server.sockets[0].getsockname()[1]}"]  # type: ignore
+            await body(p)
         finally:
             await p.server.close()
     asyncio.run(run())
+
+
+def test_a_direct_stream_serves_the_handler_as_the_peer_that_asked_for_it() -> None:
+    async def body(p: _Pair) -> None:
+        assert await p.exchange(BIG) == BIG
+        assert p.served == [("client-id", BIG)], "the handler knows the caller by its libp2p-authenticated id"
+        assert p.client.opened == 1 and p.client.fell_back == 0
+        assert p.server.addrs == [f"127.0.0.1:{p.server._server.sockets[0].getsockname()[1]}"]  # type: ignore
+    _with_pair(body)
 
 
 def test_a_ticket_is_good_for_one_connection_and_strangers_get_nothing() -> None:
-    async def run() -> None:
-        p = _Pair()
-        await p.start()
-        try:
-            raw, _, _ = await p._ask("server-id", DIRECT, {"kind": "direct_request", "proto": "proto/bulk"},
-                                     timeout=5)
-            ticket, addr = raw["ticket"], raw["addrs"][0]
-            assert await _dial(addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n") == b"", "not a direct stream: closed, no answer"
-            assert await _dial(addr, MAGIC + b"\0" * 16) == b"", "an unknown ticket: closed, no answer"
-            first = await _dial(addr, MAGIC + ticket, accepted=True)
-            assert first.startswith((len(direct.ACK) + direct.TAG_BYTES).to_bytes(4, "big")), \
-                "the ticket's first use is acknowledged"
-            assert await _dial(addr, MAGIC + ticket) == b"", "its second use is refused"
-            raw, _, _ = await p._ask("server-id", DIRECT, {"kind": "direct_request", "proto": "proto/bulk"},
-                                     timeout=5)
-            for t in p.server._tickets.values():
-                t.expires = time.monotonic() - 1
-            assert await _dial(raw["addrs"][0], MAGIC + raw["ticket"]) == b"", "an expired ticket is refused"
-            assert await p.exchange(b"still serving") == b"still serving"
-        finally:
-            await p.server.close()
-    asyncio.run(run())
+    async def body(p: _Pair) -> None:
+        raw = await p.offer()
+        ticket, addr = raw["ticket"], raw["addrs"][0]
+        assert await _dial(addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n") == b"", "not a direct stream: closed, no answer"
+        assert await _dial(addr, MAGIC + b"\0" * 16) == b"", "an unknown ticket: closed, no answer"
+        first = await _dial(addr, MAGIC + ticket, accepted=True)
+        assert first.startswith((len(direct.ACK) + direct.TAG_BYTES).to_bytes(4, "big")), \
+            "the ticket's first use is acknowledged"
+        assert await _dial(addr, MAGIC + ticket) == b"", "its second use is refused"
+        raw = await p.offer()
+        for t in p.server._tickets.values():
+            t.expires = time.monotonic() - 1
+        assert await _dial(raw["addrs"][0], MAGIC + raw["ticket"]) == b"", "an expired ticket is refused"
+        assert await p.exchange(b"still serving") == b"still serving"
+    _with_pair(body)
 
 
 def test_a_peer_asking_for_offers_without_end_holds_a_bounded_number_of_tickets() -> None:
-    async def run() -> None:
-        p = _Pair()
-        await p.start()
-        try:
-            p.asker = "honest"
-            await p._ask("server-id", DIRECT, {"kind": "direct_request", "proto": "proto/bulk"}, timeout=5)
-            p.asker = "flooder"
-            for _ in range(10 * MAX_TICKETS_PER_PEER):
-                await p._ask("server-id", DIRECT, {"kind": "direct_request", "proto": "proto/bulk"}, timeout=5)
-            owners = [t.peer for t in p.server._tickets.values()]
-            assert owners.count("flooder") == MAX_TICKETS_PER_PEER and owners.count("honest") == 1
-            raw, _, _ = await p._ask("server-id", DIRECT, {"kind": "direct_request", "proto": "other"}, timeout=5)
-            assert raw["addrs"] == [], "a protocol that does not travel directly gets no offer"
-        finally:
-            await p.server.close()
-    asyncio.run(run())
+    async def body(p: _Pair) -> None:
+        p.asker = "honest"
+        await p.offer()
+        p.asker = "flooder"
+        for _ in range(10 * MAX_TICKETS_PER_PEER):
+            await p.offer()
+        owners = [t.peer for t in p.server._tickets.values()]
+        assert owners.count("flooder") == MAX_TICKETS_PER_PEER and owners.count("honest") == 1
+        assert (await p.offer("other"))["addrs"] == [], "a protocol that does not travel directly gets no offer"
+    _with_pair(body)
 
 
 def test_an_unreachable_offer_falls_back_to_libp2p_and_is_not_retried_at_once() -> None:
@@ -275,17 +274,12 @@ def test_an_unreachable_offer_falls_back_to_libp2p_and_is_not_retried_at_once() 
         s.bind(("127.0.0.1", 0))
         closed = f"127.0.0.1:{s.getsockname()[1]}"
 
-    async def run() -> None:
-        p = _Pair(announce=[closed])
-        await p.start()
-        try:
-            assert await p.exchange(b"x") is None
-            assert p.client.fell_back == 1 and p.offers == 1
-            assert await p.exchange(b"x") is None
-            assert p.offers == 1, "a peer whose direct path failed is not asked again for RETRY_AFTER"
-        finally:
-            await p.server.close()
-    asyncio.run(run())
+    async def body(p: _Pair) -> None:
+        assert await p.exchange(b"x") is None
+        assert p.client.fell_back == 1 and p.offers == 1
+        assert await p.exchange(b"x") is None
+        assert p.offers == 1, "a peer whose direct path failed is not asked again for RETRY_AFTER"
+    _with_pair(body, announce=[closed])
 
 
 def test_a_peer_that_libp2p_cannot_reach_is_asked_again_soon(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -298,23 +292,17 @@ def test_a_peer_that_libp2p_cannot_reach_is_asked_again_soon(monkeypatch: pytest
     clock = [1000.0]
     monkeypatch.setattr(direct, "time", SimpleNamespace(monotonic=lambda: clock[0]))
 
-    async def run() -> None:
-        p = _Pair()
-        await p.start()
-        ask = p._ask
+    async def unreachable(*a: Any, **k: Any) -> Any:
+        raise AveragingError("cannot reach server-id")
 
-        async def unreachable(*a: Any, **k: Any) -> Any:
-            raise AveragingError("cannot reach server-id")
+    async def body(p: _Pair) -> None:
         p.client._request = unreachable
-        try:
-            assert await p.exchange(b"x") is None and p.client.fell_back == 0
-            p.client._request = ask
-            assert await p.exchange(b"x") is None and p.offers == 0, "not asked again at once"
-            clock[0] += direct.ASK_AGAIN_AFTER + 1
-            assert await p.exchange(b"again") == b"again", "asked again after ASK_AGAIN_AFTER, well before RETRY_AFTER"
-        finally:
-            await p.server.close()
-    asyncio.run(run())
+        assert await p.exchange(b"x") is None and p.client.fell_back == 0
+        p.client._request = p._ask
+        assert await p.exchange(b"x") is None and p.offers == 0, "not asked again at once"
+        clock[0] += direct.ASK_AGAIN_AFTER + 1
+        assert await p.exchange(b"again") == b"again", "asked again after ASK_AGAIN_AFTER, well before RETRY_AFTER"
+    _with_pair(body)
 
 
 def test_a_data_port_that_is_taken_leaves_the_peer_running_through_libp2p(caplog: pytest.LogCaptureFixture
@@ -334,11 +322,9 @@ def test_a_data_port_that_is_taken_leaves_the_peer_running_through_libp2p(caplog
 
 
 def test_a_peer_that_accepts_no_direct_streams_offers_none() -> None:
-    async def run() -> None:
-        p = _Pair(listen=False)
-        await p.start()
+    async def body(p: _Pair) -> None:
         assert await p.exchange(b"x") is None and p.client.fell_back == 0 and p.server.addrs == []
-    asyncio.run(run())
+    _with_pair(body, listen=False)
 
 
 # ---- a live all-reduce between real peers ----------------------------------------------------------------
